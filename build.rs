@@ -1,0 +1,12 @@
+//! Compiles `proto/csi.proto` (CSI spec v1.12.0) with protox, so no `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/csi.proto");
+    let descriptors = protox::compile(["proto/csi.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .generate_default_stubs(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

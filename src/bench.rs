@@ -1,0 +1,210 @@
+//! `stowage bench`: CreateVolume+DeleteVolume pairs per second and CreateVolume latency
+//! over the CSI socket against the NFS backend, printed beside the raw MKDIR round trip
+//! to the same server measured the same way, so the overhead over the wire is visible.
+//! Benchmarks live here, never as timed assertions in tests.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::backend::nfs::client::{ClientConfig, NfsClient, NfsTarget};
+use crate::backend::nfs::server::EmbeddedServer;
+use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
+use crate::backend::{Backend, Backends};
+use crate::csi::channel;
+use crate::csi::proto::{self, controller_client::ControllerClient, volume_capability as vc};
+use crate::node::SystemMounter;
+use crate::run::{Plan, start};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// NFS server (IP) to measure against; without it an embedded server in a temp dir.
+    #[arg(long, requires = "nfs_share")]
+    pub nfs_server: Option<IpAddr>,
+    /// Export path on --nfs-server.
+    #[arg(long, requires = "nfs_server")]
+    pub nfs_share: Option<String>,
+    /// Measured operations per series.
+    #[arg(long, default_value_t = 2000)]
+    pub count: usize,
+    /// Unmeasured operations before each series (connections, caches).
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+}
+
+/// Latency samples of one series.
+struct Series {
+    name: &'static str,
+    samples: Vec<Duration>,
+    pairs_per_second: f64,
+}
+
+impl Series {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.samples.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted.get(index).copied().unwrap_or_default()
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (embedded, target, label) = match (args.nfs_server, &args.nfs_share) {
+        (Some(server), Some(share)) => {
+            let target = NfsTarget {
+                server,
+                share: share.clone(),
+                port: None,
+            };
+            (None, target, format!("{server}:{share}"))
+        }
+        _ => {
+            let dir = scratch.path().join("export");
+            let server = EmbeddedServer::start(dir, "127.0.0.1:0".parse()?).await?;
+            let target = NfsTarget {
+                server: server.local_addr().ip(),
+                share: server.export_path().to_owned(),
+                port: Some(server.local_addr().port()),
+            };
+            (Some(server), target, "embedded nfs3_server".to_owned())
+        }
+    };
+    let client_config = ClientConfig {
+        privileged_port: nix::unistd::geteuid().is_root(),
+        ..ClientConfig::default()
+    };
+    let raw = raw_mkdir(&target, &client_config, &args).await?;
+
+    let backend = NfsBackend::new(NfsConfig {
+        default_export: Some(DefaultExport {
+            target: target.clone(),
+            local_dir: None,
+        }),
+        client: client_config,
+        resolve_timeout: Duration::from_secs(5),
+    });
+    let running = start(Plan {
+        socket: scratch.path().join("csi.sock"),
+        driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
+        backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
+        controller: true,
+        node_id: None,
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: None,
+    })
+    .await?;
+    let csi = csi_pairs(&running.socket, &args).await;
+    running.stop().await?;
+    if let Some(server) = embedded {
+        server.shutdown().await;
+    }
+    let csi = csi?;
+
+    println!(
+        "stowage bench: {label}, {} measured ops per series after {} warm-up",
+        args.count, args.warmup
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>12}",
+        "series", "p50", "p99", "pairs/s"
+    );
+    for series in [&raw, &csi] {
+        println!(
+            "{:<34} {:>10.1?} {:>10.1?} {:>12.0}",
+            series.name,
+            series.percentile(0.50),
+            series.percentile(0.99),
+            series.pairs_per_second
+        );
+    }
+    let ratio = csi.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64();
+    println!("CreateVolume p50 / MKDIR p50 = {ratio:.2}");
+    Ok(())
+}
+
+/// One MKDIR RPC (+ RMDIR, unmeasured) per sample, on one pooled connection.
+async fn raw_mkdir(
+    target: &NfsTarget,
+    config: &ClientConfig,
+    args: &BenchArgs,
+) -> anyhow::Result<Series> {
+    let client = NfsClient::new(target.clone(), config.clone());
+    client
+        .mkdir_all(&["stowage-bench-raw"], 0o755, None)
+        .await?;
+    let mut samples = Vec::with_capacity(args.count);
+    let started = Instant::now();
+    for i in 0..args.warmup + args.count {
+        if i == args.warmup {
+            samples.clear();
+        }
+        let name = format!("d{i}");
+        let path = ["stowage-bench-raw", name.as_str()];
+        let t = Instant::now();
+        client
+            .create_dir(&path, 0o755, None)
+            .await
+            .context("MKDIR")?;
+        samples.push(t.elapsed());
+        client.remove_dir(&path).await.context("RMDIR")?;
+    }
+    let measured = started
+        .elapsed()
+        .mul_f64(args.count as f64 / (args.warmup + args.count) as f64);
+    client.remove_all(&["stowage-bench-raw"]).await?;
+    Ok(Series {
+        name: "NFS MKDIR (raw RPC)",
+        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
+        samples,
+    })
+}
+
+/// CreateVolume (measured) + DeleteVolume over the CSI socket.
+async fn csi_pairs(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
+    let mut client = ControllerClient::new(channel::connect(socket).await?);
+    let capability = proto::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let mut samples = Vec::with_capacity(args.count);
+    let mut measured = Duration::ZERO;
+    for i in 0..args.warmup + args.count {
+        let request = proto::CreateVolumeRequest {
+            name: format!("bench-{i}"),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability.clone()],
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let volume = client
+            .create_volume(request)
+            .await?
+            .into_inner()
+            .volume
+            .context("no volume")?;
+        let create = t.elapsed();
+        client
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: volume.volume_id,
+                ..Default::default()
+            })
+            .await?;
+        if i >= args.warmup {
+            samples.push(create);
+            measured += t.elapsed();
+        }
+    }
+    Ok(Series {
+        name: "CSI CreateVolume (socket)",
+        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
+        samples,
+    })
+}

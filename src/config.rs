@@ -1,0 +1,155 @@
+//! Command line: subcommands and flags (clap derive), each flag with an environment
+//! fallback so the Helm chart can set them either way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The default CSI driver name (the StorageClass `provisioner`).
+pub const DEFAULT_DRIVER_NAME: &str = "stowage.csi.dev";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stowage",
+    version,
+    about = "Kubernetes CSI driver and dynamic provisioner: NFS sub-directories and EBS volumes in one binary"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// CSI Identity + Controller on a unix socket (runs as a Deployment).
+    Controller(ControllerArgs),
+    /// CSI Identity + Node on the kubelet plugin socket (runs as a DaemonSet).
+    Node(NodeArgs),
+    /// Controller and node on one socket with an embedded NFS server: no cluster,
+    /// no AWS, no NFS server needed.
+    Local(LocalArgs),
+    /// Measure CreateVolume/DeleteVolume over a socket against the NFS backend.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Flags every serving role has.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// CSI endpoint (unix socket), e.g. unix:///csi/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// CSI driver name: the StorageClass `provisioner`.
+    #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+
+    /// Address for /metrics and /healthz (e.g. 0.0.0.0:9808); off when unset.
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// NFS client settings and the optional default export.
+#[derive(Debug, Clone, Args)]
+pub struct NfsArgs {
+    /// Default NFS server for StorageClasses that name none.
+    #[arg(long, env = "NFS_SERVER", requires = "nfs_share")]
+    pub nfs_server: Option<String>,
+
+    /// Default NFS share (export path) for StorageClasses that name none.
+    #[arg(long, env = "NFS_SHARE", requires = "nfs_server")]
+    pub nfs_share: Option<String>,
+
+    /// Timeout of each NFS call; a connection that timed out is dropped.
+    #[arg(long, env = "NFS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub nfs_timeout: Duration,
+
+    /// Connections per NFS export.
+    #[arg(long, env = "NFS_CONNECTIONS", default_value_t = 8)]
+    pub nfs_connections: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub nfs: NfsArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub nfs: NfsArgs,
+    /// This node's id (the Kubernetes node name).
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub nfs: NfsArgs,
+    /// This node's id; defaults to the host name.
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    /// Directory the embedded NFS server exports; volumes are directories in it.
+    #[arg(long, env = "STOWAGE_DATA_DIR", default_value = "./stowage-data")]
+    pub data_dir: PathBuf,
+    /// Address of the embedded NFS server.
+    #[arg(long, env = "STOWAGE_NFS_BIND", default_value = "127.0.0.1:0")]
+    pub nfs_bind: SocketAddr,
+}
+
+/// Default sockets per role.
+pub fn default_endpoint(role: &str, driver_name: &str) -> String {
+    match role {
+        "node" => format!("unix:///var/lib/kubelet/plugins/{driver_name}/csi.sock"),
+        "local" => "unix:///tmp/stowage/csi.sock".into(),
+        _ => "unix:///csi/csi.sock".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_local_with_defaults() {
+        let cli = Cli::try_parse_from(["stowage", "local"]).unwrap();
+        let Command::Local(args) = cli.command else {
+            panic!("not local")
+        };
+        assert_eq!(args.data_dir, PathBuf::from("./stowage-data"));
+        assert_eq!(args.common.driver_name, DEFAULT_DRIVER_NAME);
+        assert_eq!(args.nfs.nfs_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn nfs_server_needs_share() {
+        assert!(
+            Cli::try_parse_from(["stowage", "controller", "--nfs-server", "10.0.0.1"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! stowage: a Kubernetes CSI driver and dynamic provisioner in one binary.
+//!
+//! # Layout
+//!
+//! - [`config`]: the command line (`controller`, `node`, `local`, `bench`).
+//! - [`run`]: wiring only: build backends, bind sockets, spawn tasks, shut down.
+//! - [`telemetry`], [`metrics`]: logs; Prometheus `/metrics` and `/healthz`.
+//! - [`volume`]: domain types, free of tonic/kube/backend crates.
+//! - [`csi`]: the gRPC layer, one file per CSI service; validation, the in-flight
+//!   guard and the one error mapping. Never calls NFS/AWS/Kubernetes directly.
+//! - [`backend`]: the `Backend` trait and the NFS backend (with the embedded NFS
+//!   server of `stowage local`).
+//! - [`node`]: mounting and filesystem statistics on the node.
+//! - [`bench`]: `stowage bench`, CreateVolume/DeleteVolume throughput and latency.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod csi;
+pub mod metrics;
+pub mod node;
+pub mod run;
+pub mod telemetry;
+pub mod volume;

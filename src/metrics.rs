@@ -1,0 +1,125 @@
+//! Prometheus metrics and the HTTP endpoint that serves them with `/healthz`.
+//! Names follow the CSI sidecars where they overlap
+//! (`csi_sidecar_operations_seconds{driver_name,method_name,grpc_status_code}`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    driver_name: String,
+    method_name: String,
+    grpc_status_code: String,
+}
+
+type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
+
+/// The process's metrics registry.
+pub struct Metrics {
+    driver_name: String,
+    registry: Mutex<Registry>,
+    operations: HistogramFamily,
+}
+
+fn operation_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new(driver_name: &str) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let operations: HistogramFamily = Family::new_with_constructor(operation_histogram);
+        registry.register(
+            "csi_sidecar_operations_seconds",
+            "Duration of CSI operations, by method and gRPC status code",
+            operations.clone(),
+        );
+        Arc::new(Self {
+            driver_name: driver_name.to_owned(),
+            registry: Mutex::new(registry),
+            operations,
+        })
+    }
+
+    /// Record one CSI call: `method` like `/csi.v1.Controller/CreateVolume`,
+    /// `status_code` like `OK` or `NotFound`.
+    pub fn observe_operation(&self, method: &str, status_code: &str, elapsed: Duration) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                driver_name: self.driver_name.clone(),
+                method_name: method.to_owned(),
+                grpc_status_code: status_code.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Serve `/metrics` and `/healthz` on a bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                        .into_response()
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_are_exported_with_sidecar_labels() {
+        let metrics = Metrics::new("stowage.csi.dev");
+        metrics.observe_operation(
+            "/csi.v1.Controller/CreateVolume",
+            "OK",
+            Duration::from_millis(3),
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Controller/CreateVolume",grpc_status_code="OK"} 1"#),
+            "{text}"
+        );
+    }
+}

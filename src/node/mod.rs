@@ -1,0 +1,10 @@
+//! Node-side OS work: mounting, bind-mounting, unmounting, mount-table lookups and
+//! filesystem statistics. Owns every `mount`/`umount` the plugin runs, behind the
+//! [`Mounter`] trait so handlers can be tested against a recording fake where the
+//! kernel can't do the real thing (NFS here). Knows nothing about CSI or backends.
+
+mod mounter;
+mod stats;
+
+pub use mounter::{MountError, Mounter, SystemMounter, mount_args, mount_points};
+pub use stats::usage;

@@ -1,0 +1,282 @@
+//! Wiring only: build the backends for a role, bind the socket, serve, and shut down
+//! cleanly on SIGINT/SIGTERM (in-flight calls finish, the socket file is removed).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::nfs::client::{ClientConfig, NfsTarget};
+use crate::backend::nfs::server::EmbeddedServer;
+use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
+use crate::backend::{Backend, Backends};
+use crate::config::{
+    Command, CommonArgs, ControllerArgs, LocalArgs, NfsArgs, NodeArgs, default_endpoint,
+};
+use crate::csi::PluginInfo;
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::server::{self, Services};
+use crate::metrics::Metrics;
+use crate::node::{Mounter, SystemMounter};
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Controller(args) => controller(args).await,
+        Command::Node(args) => node(args).await,
+        Command::Local(args) => local(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+/// What one serving process runs.
+pub struct Plan {
+    pub socket: PathBuf,
+    pub driver_name: String,
+    pub backends: Backends,
+    pub controller: bool,
+    /// Serve the Node service as this node id.
+    pub node_id: Option<String>,
+    pub mounter: Arc<dyn Mounter>,
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+/// A serving process: stop it to shut down and remove the socket.
+pub struct Running {
+    pub socket: PathBuf,
+    pub http_addr: Option<std::net::SocketAddr>,
+    stop: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Bind and serve a plan.
+pub async fn start(plan: Plan) -> anyhow::Result<Running> {
+    let metrics = Metrics::new(&plan.driver_name);
+    let info = PluginInfo {
+        name: plan.driver_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let services = Services {
+        identity: IdentityService::new(info, plan.controller, Arc::clone(&metrics)),
+        controller: plan
+            .controller
+            .then(|| ControllerService::new(plan.backends.clone(), Arc::clone(&metrics))),
+        node: plan.node_id.clone().map(|node_id| {
+            NodeService::new(
+                node_id,
+                plan.backends.clone(),
+                Arc::clone(&plan.mounter),
+                Arc::clone(&metrics),
+            )
+        }),
+    };
+    let (stop, rx) = watch::channel(false);
+    let (http, http_addr) = match plan.http_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --http-addr {addr}"))?;
+            let bound = listener.local_addr()?;
+            let task = tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(&metrics),
+                stopped(rx.clone()),
+            ));
+            (Some(task), Some(bound))
+        }
+        None => (None, None),
+    };
+    let listener = server::bind(&plan.socket)
+        .with_context(|| format!("binding CSI socket {}", plan.socket.display()))?;
+    let grpc = tokio::spawn(server::serve(listener, services, stopped(rx)));
+    Ok(Running {
+        socket: plan.socket,
+        http_addr,
+        stop,
+        grpc,
+        http,
+    })
+}
+
+impl Running {
+    /// Stop serving, wait for in-flight calls, remove the socket.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.grpc.await?.context("CSI server")?;
+        if let Some(http) = self.http {
+            http.await?.context("metrics server")?;
+        }
+        match std::fs::remove_file(&self.socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Serve until SIGINT/SIGTERM, then stop.
+    pub async fn until_signal(self) -> anyhow::Result<()> {
+        shutdown_signal().await?;
+        tracing::info!("shutting down");
+        self.stop().await
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn client_config(nfs: &NfsArgs) -> ClientConfig {
+    ClientConfig {
+        call_timeout: nfs.nfs_timeout,
+        max_connections: nfs.nfs_connections,
+        privileged_port: nix::unistd::geteuid().is_root(),
+        ..ClientConfig::default()
+    }
+}
+
+/// The NFS backend with an optional default export from flags.
+async fn nfs_backend(
+    nfs: &NfsArgs,
+    local: Option<(NfsTarget, PathBuf)>,
+) -> anyhow::Result<NfsBackend> {
+    let default_export = match (local, &nfs.nfs_server, &nfs.nfs_share) {
+        (Some((target, dir)), _, _) => Some(DefaultExport {
+            target,
+            local_dir: Some(dir),
+        }),
+        (None, Some(server), Some(share)) => {
+            let address = tokio::net::lookup_host((server.as_str(), 0))
+                .await
+                .with_context(|| format!("resolving --nfs-server {server}"))?
+                .next()
+                .with_context(|| format!("--nfs-server {server} has no address"))?
+                .ip();
+            Some(DefaultExport {
+                target: NfsTarget {
+                    server: address,
+                    share: share.clone(),
+                    port: None,
+                },
+                local_dir: None,
+            })
+        }
+        _ => None,
+    };
+    Ok(NfsBackend::new(NfsConfig {
+        default_export,
+        client: client_config(nfs),
+        resolve_timeout: Duration::from_secs(5),
+    }))
+}
+
+fn socket(common: &CommonArgs, role: &str) -> anyhow::Result<PathBuf> {
+    let endpoint = common
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| default_endpoint(role, &common.driver_name));
+    server::socket_path(&endpoint).map_err(anyhow::Error::msg)
+}
+
+fn backends(nfs: NfsBackend) -> Backends {
+    Backends::new(vec![Arc::new(nfs) as Arc<dyn Backend>])
+}
+
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let running = start(Plan {
+        socket: socket(&args.common, "controller")?,
+        driver_name: args.common.driver_name.clone(),
+        backends: backends(nfs_backend(&args.nfs, None).await?),
+        controller: true,
+        node_id: None,
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: args.common.http_addr,
+    })
+    .await?;
+    tracing::info!(socket = %running.socket.display(), "controller serving");
+    running.until_signal().await
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let running = start(Plan {
+        socket: socket(&args.common, "node")?,
+        driver_name: args.common.driver_name.clone(),
+        backends: backends(nfs_backend(&args.nfs, None).await?),
+        controller: false,
+        node_id: Some(args.node_id.clone()),
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: args.common.http_addr,
+    })
+    .await?;
+    tracing::info!(socket = %running.socket.display(), node = %args.node_id, "node plugin serving");
+    running.until_signal().await
+}
+
+/// `stowage local` up and running: the CSI socket plus the embedded NFS server.
+pub struct LocalStack {
+    pub running: Running,
+    pub nfs: EmbeddedServer,
+}
+
+/// Start `stowage local` (used by `main` and by the tests).
+pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let nfs = EmbeddedServer::start(data_dir.clone(), args.nfs_bind)
+        .await
+        .with_context(|| format!("starting the embedded NFS server on {}", args.nfs_bind))?;
+    let target = NfsTarget {
+        server: nfs.local_addr().ip(),
+        share: nfs.export_path().to_owned(),
+        port: Some(nfs.local_addr().port()),
+    };
+    let mut client_args = args.nfs.clone();
+    client_args.nfs_server = None;
+    let backend = nfs_backend(&client_args, Some((target, data_dir))).await?;
+    let node_id = match args.node_id.clone() {
+        Some(id) => id,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let running = start(Plan {
+        socket: socket(&args.common, "local")?,
+        driver_name: args.common.driver_name.clone(),
+        backends: backends(backend),
+        controller: true,
+        node_id: Some(node_id),
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: args.common.http_addr,
+    })
+    .await?;
+    Ok(LocalStack { running, nfs })
+}
+
+async fn local(args: LocalArgs) -> anyhow::Result<()> {
+    let stack = start_local(args).await?;
+    println!(
+        "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {})",
+        stack.running.socket.display(),
+        stack.nfs.local_addr(),
+        stack.nfs.export_path(),
+        stack.nfs.dir().display()
+    );
+    if let Some(addr) = stack.running.http_addr {
+        println!("stowage local: metrics on http://{addr}/metrics");
+    }
+    let result = stack.running.until_signal().await;
+    stack.nfs.shutdown().await;
+    result
+}

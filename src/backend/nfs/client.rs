@@ -37,6 +37,7 @@
 //! `onDelete`, `mountPermissions` parsing): callers translate those into plain
 //! component paths, modes and owners, and map [`NfsError`] to their own errors.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -51,9 +52,9 @@ use nfs3_client::net::Connector;
 use nfs3_client::{ConnectError, MountError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use nfs3_types::nfs3::{
     CREATE3args, FSSTAT3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result,
-    READ3args, READDIR3args, READDIRPLUS3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
-    WRITE3args, cookieverf3, createhow3, diropargs3, fattr3, filename3, ftype3, nfs_fh3, nfsstat3,
-    sattr3, stable_how,
+    READ3args, READDIR3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args,
+    SETATTR3args, SYMLINK3args, WRITE3args, cookieverf3, createhow3, diropargs3, fattr3, filename3,
+    ftype3, nfs_fh3, nfspath3, nfsstat3, sattr3, stable_how, symlinkdata3,
 };
 use nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_types::xdr_codec::Opaque;
@@ -462,6 +463,8 @@ struct Conn {
     /// timeout: only a reusable connection goes back to the pool. A call whose
     /// future is dropped mid-flight leaves it cleared as well.
     reusable: bool,
+    /// Shared with the pool: see [`DirCache`].
+    dirs: DirCache,
 }
 
 /// Run one RPC under the call timeout and keep the connection's state honest.
@@ -604,16 +607,29 @@ impl Conn {
         }
     }
 
-    /// Walk to an existing directory; `NotFound` names the first missing prefix.
+    /// Walk to an existing directory (from the cache when it was walked to before);
+    /// `NotFound` names the first missing prefix.
     async fn walk_dir(&mut self, path: &[&str]) -> Result<nfs_fh3, NfsError> {
+        if path.is_empty() {
+            return Ok(self.root.clone());
+        }
+        let display = join(path);
+        if let Some(fh) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&display)
+        {
+            return Ok(fh.clone());
+        }
         match self.walk(path).await? {
             Ok((fh, attrs)) => {
-                if path.is_empty() {
-                    return Ok(fh);
-                }
-                let display = join(path);
                 let attr = self.attr_of(&fh, attrs, &display).await?;
                 if attr.is_dir() {
+                    self.dirs
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(display, fh.clone());
                     Ok(fh)
                 } else {
                     Err(NfsError::NotADirectory { path: display })
@@ -1203,7 +1219,12 @@ struct Frame {
     emptied: u32,
 }
 
+/// Handles of directories already walked to, by path (`a/b`). Directory handles are
+/// server-wide, so every connection shares them; a STALE answer clears the cache.
+type DirCache = Arc<Mutex<HashMap<String, nfs_fh3>>>;
+
 struct Inner {
+    dirs: DirCache,
     target: NfsTarget,
     config: ClientConfig,
     credential: opaque_auth<'static>,
@@ -1285,6 +1306,7 @@ impl NfsClient {
                 credential,
                 permits,
                 idle: Mutex::new(Vec::new()),
+                dirs: DirCache::default(),
             }),
         }
     }
@@ -1314,7 +1336,7 @@ impl NfsClient {
     /// (and `owner` as `(uid, gid)` if given). The parent must exist
     /// (`NotFound` names the first missing prefix). An existing directory is
     /// `Existed` and left untouched; an existing non-directory is `NotADirectory`.
-    pub async fn mkdir(
+    async fn mkdir_once(
         &self,
         path: &[&str],
         mode: u32,
@@ -1378,6 +1400,7 @@ impl NfsClient {
         };
         let attr = conn.attr_of(&fh, attrs, &display).await?;
         if attr.is_dir() {
+            self.forget(path);
             conn.remove_tree(dir, name.to_vec(), fh, display).await?;
         } else {
             conn.unlink(&dir, name, false, &display).await?;
@@ -1389,6 +1412,7 @@ impl NfsClient {
     /// `to` exists (NFS would silently replace it) and `NotFound` if `from`
     /// or `to`'s parent doesn't.
     pub async fn rename(&self, from: &[&str], to: &[&str]) -> Result<(), NfsError> {
+        self.forget(from);
         validate_non_root(from)?;
         validate_non_root(to)?;
         let (from_parent, from_name) = from.split_at(from.len() - 1);
@@ -1430,7 +1454,7 @@ impl NfsClient {
     /// the mode made exact like [`mkdir`](Self::mkdir). An existing entry is
     /// `AlreadyExists` — as far as the server says so: prefer `mkdir`, which
     /// looks up first, wherever idempotency matters.
-    pub async fn create_dir(
+    async fn create_dir_once(
         &self,
         path: &[&str],
         mode: u32,
@@ -1452,7 +1476,7 @@ impl NfsClient {
 
     /// `RMDIR` one empty directory. `NotFound` if it (or a parent) is missing;
     /// a non-empty directory is `Server { status: "NFS3ERR_NOTEMPTY" }`.
-    pub async fn remove_dir(&self, path: &[&str]) -> Result<(), NfsError> {
+    async fn remove_dir_once(&self, path: &[&str]) -> Result<(), NfsError> {
         validate_non_root(path)?;
         let (parent, name) = path.split_at(path.len() - 1);
         let display = join(path);
@@ -1631,6 +1655,180 @@ impl NfsClient {
         Ok(())
     }
 
+    /// Like the private `mkdir_once`: see [`Mkdir`]. Looks the name up before
+    /// MKDIR, so a server that answers MKDIR of an existing name with success
+    /// creates no duplicate.
+    pub async fn mkdir(
+        &self,
+        path: &[&str],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Mkdir, NfsError> {
+        self.stale_checked(self.mkdir_once(path, mode, owner).await)
+    }
+
+    /// One plain `MKDIR` of the last component (the parent must exist, its handle
+    /// cached after the first walk), with the mode made exact like
+    /// [`mkdir`](Self::mkdir). An existing entry is `AlreadyExists` — as far as the
+    /// server says so: callers that need idempotency look the name up themselves.
+    pub async fn create_dir(
+        &self,
+        path: &[&str],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Attr, NfsError> {
+        self.stale_checked(self.create_dir_once(path, mode, owner).await)
+    }
+
+    /// `RMDIR` one empty directory. `NotFound` if it (or a parent) is missing;
+    /// a non-empty directory is `Server { status: "NFS3ERR_NOTEMPTY" }`.
+    pub async fn remove_dir(&self, path: &[&str]) -> Result<(), NfsError> {
+        self.forget(path);
+        self.stale_checked(self.remove_dir_once(path).await)
+    }
+
+    /// Create the symbolic link `path` pointing at `target` (any bytes but NUL, at
+    /// most 1024): one `SYMLINK` call, atomic, so it doubles as a small record.
+    /// `AlreadyExists` when the name exists.
+    pub async fn symlink(&self, path: &[&str], target: &str) -> Result<(), NfsError> {
+        validate_non_root(path)?;
+        if target.is_empty() || target.len() > 1024 || target.contains('\0') {
+            return Err(NfsError::Protocol(format!(
+                "symlink target for `{}` must be 1..=1024 bytes without NUL",
+                join(path)
+            )));
+        }
+        let result = async {
+            let (parent, name) = path.split_at(path.len() - 1);
+            let display = join(path);
+            let mut conn = self.lease().await?;
+            let dir = conn.walk_dir(parent).await?;
+            let args = SYMLINK3args {
+                where_: dirop(&dir, name[0].as_bytes()),
+                symlink: symlinkdata3 {
+                    symlink_attributes: sattr3 {
+                        mode: Nfs3Option::Some(0o777),
+                        ..sattr3::default()
+                    },
+                    symlink_data: nfspath3(Opaque::borrowed(target.as_bytes())),
+                },
+            };
+            let conn = &mut *conn;
+            let res = guarded(
+                &mut conn.reusable,
+                conn.call_timeout,
+                "SYMLINK",
+                conn.nfs.symlink(&args),
+            )
+            .await?;
+            match status_of(&res) {
+                nfsstat3::NFS3_OK => Ok(()),
+                stat => Err(status_error("SYMLINK", &display, stat)),
+            }
+        }
+        .await;
+        self.stale_checked(result)
+    }
+
+    /// The target of symbolic link `path`; `None` if it doesn't exist.
+    pub async fn readlink(&self, path: &[&str]) -> Result<Option<String>, NfsError> {
+        validate_non_root(path)?;
+        let result = async {
+            let (parent, name) = path.split_at(path.len() - 1);
+            let display = join(path);
+            let mut conn = self.lease().await?;
+            let dir = match conn.walk_dir(parent).await {
+                Ok(dir) => dir,
+                Err(NfsError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let Some((fh, _)) = conn
+                .lookup(&dir, name[0].as_bytes(), &display, &join(parent))
+                .await?
+            else {
+                return Ok(None);
+            };
+            let conn = &mut *conn;
+            let res = guarded(
+                &mut conn.reusable,
+                conn.call_timeout,
+                "READLINK",
+                conn.nfs.readlink(&READLINK3args { symlink: fh }),
+            )
+            .await?;
+            match res {
+                Nfs3Result::Ok(ok) => String::from_utf8(ok.data.0.to_vec())
+                    .map(Some)
+                    .map_err(|_| NfsError::Protocol(format!("`{display}` is not UTF-8"))),
+                Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT, _)) => Ok(None),
+                Nfs3Result::Err((stat, _)) => Err(status_error("READLINK", &display, stat)),
+            }
+        }
+        .await;
+        self.stale_checked(result)
+    }
+
+    /// `REMOVE` one non-directory entry (file, symlink); `Ok(false)` if it was
+    /// not there.
+    pub async fn remove_file(&self, path: &[&str]) -> Result<bool, NfsError> {
+        validate_non_root(path)?;
+        let result = async {
+            let (parent, name) = path.split_at(path.len() - 1);
+            let display = join(path);
+            let mut conn = self.lease().await?;
+            let dir = match conn.walk_dir(parent).await {
+                Ok(dir) => dir,
+                Err(NfsError::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let args = REMOVE3args {
+                object: dirop(&dir, name[0].as_bytes()),
+            };
+            let conn = &mut *conn;
+            let res = guarded(
+                &mut conn.reusable,
+                conn.call_timeout,
+                "REMOVE",
+                conn.nfs.remove(&args),
+            )
+            .await?;
+            match status_of(&res) {
+                nfsstat3::NFS3_OK => Ok(true),
+                nfsstat3::NFS3ERR_NOENT => Ok(false),
+                stat => Err(status_error("REMOVE", &display, stat)),
+            }
+        }
+        .await;
+        self.stale_checked(result)
+    }
+
+    /// Drop cached handles of `path` and everything below it (it is going away).
+    fn forget(&self, path: &[&str]) {
+        let prefix = join(path);
+        let below = format!("{prefix}/");
+        self.inner
+            .dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| k != &prefix && !k.starts_with(&below));
+    }
+
+    /// A STALE answer means a cached handle outlived its directory (removed or
+    /// replaced behind our back): forget them all; the next call walks again.
+    fn stale_checked<T>(&self, result: Result<T, NfsError>) -> Result<T, NfsError> {
+        if let Err(NfsError::Server { status, .. }) = &result
+            && status.contains("STALE")
+        {
+            tracing::info!(export = %self.inner.target, "stale directory handle; clearing the handle cache");
+            self.inner
+                .dirs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        result
+    }
+
     /// Take an idle connection that is still alive, or open a new one.
     async fn lease(&self) -> Result<Lease<'_>, NfsError> {
         let inner = &*self.inner;
@@ -1719,6 +1917,7 @@ impl NfsClient {
             root,
             call_timeout: config.call_timeout,
             reusable: true,
+            dirs: Arc::clone(&inner.dirs),
         })
     }
 

@@ -3,16 +3,20 @@
 //!
 //! - `params`: StorageClass parameters → a checked [`params::Placement`].
 //! - `volume_id`: the id format that carries everything delete and the node need.
+//! - `records`: per-export record index that makes CreateVolume idempotent by name.
 //! - `client`: connection pool, timeouts, traversal-proof path walking.
 //! - `server`: the embedded NFSv3 server behind `stowage local`.
 //!
-//! Idempotency does not trust the server: each volume has a small JSON record under
-//! `<share>/.stowage/<name>` (capacity and placement, written before the directory), so
-//! a repeated CreateVolume finds the volume by name and a different size or placement is
-//! ALREADY_EXISTS. This module must not import tonic or kube.
+//! CreateVolume looks the name up in the record index first (no round trip). For a new
+//! name the record and the directory are created concurrently — one round trip — and an
+//! EXIST answer to either is verified, never trusted. A crash between the two leaves a
+//! record or a directory that the retry adopts; DeleteVolume removes the directory first
+//! and the record last, so a half-deleted volume is still listed and retried.
+//! This module must not import tonic or kube.
 
 pub mod client;
 pub mod params;
+mod records;
 pub mod server;
 pub mod volume_id;
 
@@ -23,10 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use self::client::{ClientConfig, NfsClient, NfsError, NfsTarget};
-use self::params::{OnDelete, Placement, RECORDS_DIR};
+use self::params::{OnDelete, Placement};
+use self::records::{Export, Record};
 use self::volume_id::NfsVolumeId;
 use super::{Backend, BackendError, NodeSource};
 use crate::volume::{AccessType, Bytes, Capability, CreateRequest, Volume};
@@ -49,61 +53,57 @@ pub struct NfsConfig {
     pub resolve_timeout: Duration,
 }
 
-/// What `.stowage/<name>` holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Record {
-    name: String,
-    capacity_bytes: u64,
-    placement: Placement,
-}
-
 pub struct NfsBackend {
     config: NfsConfig,
-    default_client: Option<Arc<NfsClient>>,
-    /// One pool per (server, share) named by StorageClasses.
-    clients: Mutex<HashMap<(String, String), Arc<NfsClient>>>,
+    default_export: Option<Arc<Export>>,
+    /// One pool and index per (server, share) named by StorageClasses.
+    exports: Mutex<HashMap<(String, String), Arc<Export>>>,
 }
 
 impl NfsBackend {
     pub fn new(config: NfsConfig) -> Self {
-        let default_client = config
-            .default_export
-            .as_ref()
-            .map(|d| Arc::new(NfsClient::new(d.target.clone(), config.client.clone())));
+        let default_export = config.default_export.as_ref().map(|d| {
+            Arc::new(Export::new(NfsClient::new(
+                d.target.clone(),
+                config.client.clone(),
+            )))
+        });
         Self {
             config,
-            default_client,
-            clients: Mutex::new(HashMap::new()),
+            default_export,
+            exports: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The pool for an export; an empty server means the default export.
-    async fn client(&self, server: &str, share: &str) -> Result<Arc<NfsClient>, BackendError> {
+    /// An export by name; an empty server means the default export.
+    async fn export(&self, server: &str, share: &str) -> Result<Arc<Export>, BackendError> {
         if server.is_empty() {
-            return self.default_client.clone().ok_or_else(|| {
+            return self.default_export.clone().ok_or_else(|| {
                 BackendError::InvalidParameter(
                     "this volume lives on the default NFS export, but none is configured (--nfs-server/--nfs-share)".into(),
                 )
             });
         }
         let key = (server.to_owned(), share.to_owned());
-        if let Some(client) = self
-            .clients
+        if let Some(export) = self
+            .exports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return Ok(Arc::clone(client));
+            return Ok(Arc::clone(export));
         }
-        let address = self.resolve(server).await?;
         let target = NfsTarget {
-            server: address,
+            server: self.resolve(server).await?,
             share: share.to_owned(),
             port: None,
         };
-        let client = Arc::new(NfsClient::new(target, self.config.client.clone()));
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(Arc::clone(clients.entry(key).or_insert(client)))
+        let export = Arc::new(Export::new(NfsClient::new(
+            target,
+            self.config.client.clone(),
+        )));
+        let mut exports = self.exports.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Arc::clone(exports.entry(key).or_insert(export)))
     }
 
     /// IP literals as they are; names through the resolver, IPv4 preferred.
@@ -137,41 +137,6 @@ impl NfsBackend {
         self.config.default_export.is_some()
     }
 
-    async fn read_record(
-        &self,
-        client: &NfsClient,
-        name: &str,
-    ) -> Result<Option<Record>, BackendError> {
-        let Some(bytes) = client
-            .read_file(&[RECORDS_DIR, name])
-            .await
-            .map_err(map_error)?
-        else {
-            return Ok(None);
-        };
-        match serde_json::from_slice::<Record>(&bytes) {
-            Ok(record) if record.name == name => Ok(Some(record)),
-            // An empty or torn record (crash while writing) counts as absent.
-            _ => {
-                tracing::warn!(name, "ignoring an unreadable volume record");
-                Ok(None)
-            }
-        }
-    }
-
-    async fn write_record(&self, client: &NfsClient, record: &Record) -> Result<(), BackendError> {
-        client
-            .mkdir_all(&[RECORDS_DIR], 0o700, None)
-            .await
-            .map_err(map_error)?;
-        let bytes =
-            serde_json::to_vec(record).map_err(|e| BackendError::Internal(e.to_string()))?;
-        client
-            .write_file(&[RECORDS_DIR, &record.name], &bytes, 0o600)
-            .await
-            .map_err(map_error)
-    }
-
     fn volume(id: &NfsVolumeId, capacity_bytes: u64) -> Volume {
         let mut context = BTreeMap::new();
         if !id.server.is_empty() {
@@ -184,6 +149,57 @@ impl NfsBackend {
             capacity_bytes,
             context,
         }
+    }
+
+    /// Make the volume's directory: one MKDIR when its parent exists. EXIST is
+    /// verified with a lookup; a missing parent (nested subDir) is created.
+    /// `Ok(true)` when this call created it.
+    async fn make_dir(client: &NfsClient, placement: &Placement) -> Result<bool, BackendError> {
+        let path = components(&placement.sub_dir);
+        match client
+            .create_dir(&path, placement.mode, placement.owner)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(NfsError::AlreadyExists { .. }) => {
+                match client.stat(&path).await.map_err(map_error)? {
+                    Some(attr) if attr.kind == client::FileKind::Dir => Ok(false),
+                    _ => Err(BackendError::AlreadyExists(format!(
+                        "{} exists on the export and is not a directory",
+                        path.join("/")
+                    ))),
+                }
+            }
+            Err(NfsError::NotFound { .. }) if path.len() > 1 => client
+                .mkdir_all(&path, placement.mode, placement.owner)
+                .await
+                .map(|made| made.created())
+                .map_err(map_error),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
+    /// A record that names the volume must match the request.
+    fn check_existing(
+        request: &CreateRequest,
+        placement: &Placement,
+        record: &Record,
+    ) -> Result<(), BackendError> {
+        if &record.placement != placement {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} already exists with other parameters (directory {}); delete it or use another name",
+                request.name,
+                record.placement.sub_dir.join("/")
+            )));
+        }
+        if !request.capacity.admits(record.capacity_bytes) {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} already exists with capacity {}, outside the requested range",
+                request.name,
+                Bytes(record.capacity_bytes)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -232,49 +248,51 @@ impl Backend for NfsBackend {
     async fn create_volume(&self, request: &CreateRequest) -> Result<Volume, BackendError> {
         let placement = params::placement(&request.name, &request.parameters, self.has_default())
             .map_err(BackendError::InvalidParameter)?;
-        let client = self.client(&placement.server, &placement.share).await?;
+        let export = self.export(&placement.server, &placement.share).await?;
         let id = NfsVolumeId::new(&request.name, &placement);
-        let capacity = match self.read_record(&client, &request.name).await? {
-            Some(record) => {
-                if record.placement != placement {
-                    return Err(BackendError::AlreadyExists(format!(
-                        "volume {} already exists with other parameters (directory {}); delete it or use another name",
-                        request.name,
-                        record.placement.sub_dir.join("/")
-                    )));
+        // Look up first: a known name is checked, never created again.
+        if let Some(record) = export.lookup(&request.name).await? {
+            Self::check_existing(request, &placement, &record)?;
+            Self::make_dir(&export.client, &placement).await?;
+            return Ok(Self::volume(&id, record.capacity_bytes));
+        }
+        let record = Record {
+            capacity_bytes: match request.capacity.required {
+                0 => request.capacity.limit.unwrap_or(0),
+                required => required,
+            },
+            placement: placement.clone(),
+        };
+        let (recorded, made) = tokio::join!(
+            export.create(&request.name, &record),
+            Self::make_dir(&export.client, &placement)
+        );
+        let existing = match recorded {
+            Ok(existing) => existing,
+            Err(e) => {
+                if let Ok(true) = made {
+                    // Don't leave a directory this call made without a record.
+                    let _ = export
+                        .client
+                        .remove_dir(&components(&placement.sub_dir))
+                        .await;
                 }
-                if !request.capacity.admits(record.capacity_bytes) {
-                    return Err(BackendError::AlreadyExists(format!(
-                        "volume {} already exists with capacity {}, outside the requested range",
-                        request.name,
-                        Bytes(record.capacity_bytes)
-                    )));
-                }
-                record.capacity_bytes
-            }
-            None => {
-                let capacity_bytes = match request.capacity.required {
-                    0 => request.capacity.limit.unwrap_or(0),
-                    required => required,
-                };
-                let record = Record {
-                    name: request.name.clone(),
-                    capacity_bytes,
-                    placement: placement.clone(),
-                };
-                self.write_record(&client, &record).await?;
-                capacity_bytes
+                return Err(e);
             }
         };
-        let created = client
-            .mkdir_all(
-                &components(&placement.sub_dir),
-                placement.mode,
-                placement.owner,
-            )
-            .await
-            .map_err(map_error)?;
-        tracing::debug!(?created, "directory ready");
+        if let Some(existing) = &existing
+            && let Err(e) = Self::check_existing(request, &placement, existing)
+        {
+            if let Ok(true) = made {
+                let _ = export
+                    .client
+                    .remove_dir(&components(&placement.sub_dir))
+                    .await;
+            }
+            return Err(e);
+        }
+        made?;
+        let capacity = existing.map_or(record.capacity_bytes, |e| e.capacity_bytes);
         Ok(Self::volume(&id, capacity))
     }
 
@@ -283,7 +301,8 @@ impl Backend for NfsBackend {
             tracing::info!(volume_id, "not a valid NFS volume id; nothing to delete");
             return Ok(());
         };
-        let client = self.client(&id.server, &id.share).await?;
+        let export = self.export(&id.server, &id.share).await?;
+        let client = &export.client;
         let dir = components(&id.sub_dir);
         match id.on_delete {
             OnDelete::Retain => {}
@@ -309,25 +328,23 @@ impl Backend for NfsBackend {
                 }
             }
         }
-        client
-            .remove_all(&[RECORDS_DIR, &id.name])
-            .await
-            .map_err(map_error)?;
-        Ok(())
+        // The record goes last: until then the volume is listed and can be retried.
+        export.remove(&id.name).await
     }
 
     async fn get_volume(&self, volume_id: &str) -> Result<Option<Volume>, BackendError> {
         let Ok(id) = NfsVolumeId::parse(volume_id) else {
             return Ok(None);
         };
-        let client = self.client(&id.server, &id.share).await?;
-        if let Some(record) = self.read_record(&client, &id.name).await?
-            && NfsVolumeId::new(&record.name, &record.placement) == id
+        let export = self.export(&id.server, &id.share).await?;
+        if let Some(record) = export.lookup(&id.name).await?
+            && NfsVolumeId::new(&id.name, &record.placement) == id
         {
             return Ok(Some(Self::volume(&id, record.capacity_bytes)));
         }
         // A directory without a record: a statically provisioned volume.
-        let found = client
+        let found = export
+            .client
             .stat(&components(&id.sub_dir))
             .await
             .map_err(map_error)?;
@@ -337,26 +354,19 @@ impl Backend for NfsBackend {
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>, BackendError> {
-        let mut clients: Vec<Arc<NfsClient>> = self.default_client.iter().cloned().collect();
-        clients.extend(
-            self.clients
+        let mut exports: Vec<Arc<Export>> = self.default_export.iter().cloned().collect();
+        exports.extend(
+            self.exports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
                 .cloned(),
         );
         let mut volumes = Vec::new();
-        for client in clients {
-            let names = client
-                .read_dir(&[RECORDS_DIR])
-                .await
-                .map_err(map_error)?
-                .unwrap_or_default();
-            for name in names {
-                if let Some(record) = self.read_record(&client, &name).await? {
-                    let id = NfsVolumeId::new(&record.name, &record.placement);
-                    volumes.push(Self::volume(&id, record.capacity_bytes));
-                }
+        for export in exports {
+            for (name, record) in export.all().await? {
+                let id = NfsVolumeId::new(&name, &record.placement);
+                volumes.push(Self::volume(&id, record.capacity_bytes));
             }
         }
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -366,8 +376,8 @@ impl Backend for NfsBackend {
     async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64, BackendError> {
         let (server, share) = params::export(parameters, self.has_default())
             .map_err(BackendError::InvalidParameter)?;
-        let client = self.client(&server, &share).await?;
-        let stat = client.fsstat().await.map_err(map_error)?;
+        let export = self.export(&server, &share).await?;
+        let stat = export.client.fsstat().await.map_err(map_error)?;
         Ok(stat.avail_bytes)
     }
 

@@ -14,7 +14,10 @@ use crate::backend::nfs::server::EmbeddedServer;
 use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use crate::backend::{Backend, Backends};
 use crate::csi::channel;
-use crate::csi::proto::{self, controller_client::ControllerClient, volume_capability as vc};
+use crate::csi::proto::{
+    self, controller_client::ControllerClient, identity_client::IdentityClient,
+    volume_capability as vc,
+};
 use crate::node::SystemMounter;
 use crate::run::{Plan, start};
 
@@ -76,7 +79,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         privileged_port: nix::unistd::geteuid().is_root(),
         ..ClientConfig::default()
     };
-    let raw = raw_mkdir(&target, &client_config, &args).await?;
+    let raw = {
+        let (target, config, args) = (target.clone(), client_config.clone(), args.clone());
+        on_client_thread(async move { raw_mkdir(&target, &config, &args).await }).await?
+    };
 
     let backend = NfsBackend::new(NfsConfig {
         default_export: Some(DefaultExport {
@@ -94,14 +100,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         node_id: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
+        shutdown_grace: Duration::from_secs(5),
     })
     .await?;
-    let csi = csi_pairs(&running.socket, &args).await;
+    let (socket, bench_args) = (running.socket.clone(), args.clone());
+    let measured = on_client_thread(async move {
+        let probe = csi_probe(&socket, &bench_args).await?;
+        let csi = csi_pairs(&socket, &bench_args).await?;
+        anyhow::Ok((probe, csi))
+    })
+    .await;
     running.stop().await?;
     if let Some(server) = embedded {
         server.shutdown().await;
     }
-    let csi = csi?;
+    let (probe, csi) = measured?;
 
     println!(
         "stowage bench: {label}, {} measured ops per series after {} warm-up",
@@ -111,7 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>10} {:>10} {:>12}",
         "series", "p50", "p99", "pairs/s"
     );
-    for series in [&raw, &csi] {
+    for series in [&raw, &probe, &csi] {
         println!(
             "{:<34} {:>10.1?} {:>10.1?} {:>12.0}",
             series.name,
@@ -123,6 +136,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ratio = csi.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64();
     println!("CreateVolume p50 / MKDIR p50 = {ratio:.2}");
     Ok(())
+}
+
+/// Run a measurement like a separate client process would: on its own thread with its
+/// own single-threaded runtime, so every series pays the same client-side costs.
+async fn on_client_thread<T: Send + 'static>(
+    work: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work)
+    })
+    .await?
 }
 
 /// One MKDIR RPC (+ RMDIR, unmeasured) per sample, on one pooled connection.
@@ -157,6 +184,29 @@ async fn raw_mkdir(
     client.remove_all(&["stowage-bench-raw"]).await?;
     Ok(Series {
         name: "NFS MKDIR (raw RPC)",
+        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
+        samples,
+    })
+}
+
+/// The floor of any CSI call here: Identity Probe over the same socket.
+async fn csi_probe(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
+    let mut client = IdentityClient::new(channel::connect(socket).await?);
+    let mut samples = Vec::with_capacity(args.count);
+    let started = Instant::now();
+    for i in 0..args.warmup + args.count {
+        if i == args.warmup {
+            samples.clear();
+        }
+        let t = Instant::now();
+        client.probe(proto::ProbeRequest {}).await?;
+        samples.push(t.elapsed());
+    }
+    let measured = started
+        .elapsed()
+        .mul_f64(args.count as f64 / (args.warmup + args.count) as f64);
+    Ok(Series {
+        name: "CSI Probe (socket, no storage)",
         pairs_per_second: args.count as f64 / measured.as_secs_f64(),
         samples,
     })

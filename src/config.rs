@@ -58,6 +58,10 @@ pub struct CommonArgs {
     /// Address for /metrics and /healthz (e.g. 0.0.0.0:9808); off when unset.
     #[arg(long, env = "HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+
+    /// How long shutdown waits for connected CSI clients before exiting anyway.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
 }
 
 /// NFS client settings and the optional default export.

@@ -43,6 +43,8 @@ pub struct Plan {
     pub node_id: Option<String>,
     pub mounter: Arc<dyn Mounter>,
     pub http_addr: Option<std::net::SocketAddr>,
+    /// How long shutdown waits for connected clients.
+    pub shutdown_grace: Duration,
 }
 
 /// A serving process: stop it to shut down and remove the socket.
@@ -50,12 +52,64 @@ pub struct Running {
     pub socket: PathBuf,
     pub http_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    shutdown_grace: Duration,
+    /// Resolves with the CSI server's result when its thread ends.
+    grpc: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The CSI server gets a thread with its own single-threaded runtime: a request's
+/// decoding, backend calls and reply run on one thread and never wait for another
+/// worker to wake up. Backend calls are I/O-bound, so one thread serves many requests
+/// at once; handlers must not block (blocking work goes to `spawn_blocking`).
+/// Returns once the socket is bound.
+async fn spawn_csi_thread(
+    socket: PathBuf,
+    services: Services,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>> {
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("csi-server".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(
+                        anyhow::Error::new(e).context("building the CSI runtime")
+                    ));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match server::bind(&socket) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let context = format!("binding CSI socket {}", socket.display());
+                        let _ = bound_tx.send(Err(anyhow::Error::new(e).context(context)));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(Ok(()));
+                let result = server::serve(listener, services, stopped(stop)).await;
+                let _ = done_tx.send(result);
+            })
+        })?;
+    match bound_rx.await {
+        Ok(Ok(())) => Ok(done_rx),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!(
+            "the CSI server thread exited before binding"
+        )),
+    }
 }
 
 /// Bind and serve a plan.
@@ -95,10 +149,9 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         }
         None => (None, None),
     };
-    let listener = server::bind(&plan.socket)
-        .with_context(|| format!("binding CSI socket {}", plan.socket.display()))?;
-    let grpc = tokio::spawn(server::serve(listener, services, stopped(rx)));
+    let grpc = spawn_csi_thread(plan.socket.clone(), services, rx).await?;
     Ok(Running {
+        shutdown_grace: plan.shutdown_grace,
         socket: plan.socket,
         http_addr,
         stop,
@@ -111,9 +164,21 @@ impl Running {
     /// Stop serving, wait for in-flight calls, remove the socket.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.grpc.await?.context("CSI server")?;
+        // Graceful shutdown waits for clients to hang up; one that never does must
+        // not keep the process from exiting (the thread is left to die with it).
+        match tokio::time::timeout(self.shutdown_grace, self.grpc).await {
+            Ok(done) => done
+                .map_err(|_| anyhow::anyhow!("the CSI server thread ended without a result"))?
+                .context("CSI server")?,
+            Err(_) => {
+                tracing::warn!(grace = ?self.shutdown_grace, "CSI clients still connected after the grace period; stopping anyway")
+            }
+        }
         if let Some(http) = self.http {
-            http.await?.context("metrics server")?;
+            match tokio::time::timeout(self.shutdown_grace, http).await {
+                Ok(joined) => joined?.context("metrics server")?,
+                Err(_) => tracing::warn!("metrics clients still connected; stopping anyway"),
+            }
         }
         match std::fs::remove_file(&self.socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -204,6 +269,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         node_id: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
+        shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), "controller serving");
@@ -219,6 +285,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         node_id: Some(args.node_id.clone()),
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
+        shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), node = %args.node_id, "node plugin serving");
@@ -259,6 +326,7 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
         node_id: Some(node_id),
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
+        shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
     Ok(LocalStack { running, nfs })

@@ -94,6 +94,7 @@ impl Fixture {
             node_id: Some("node-1".into()),
             mounter,
             http_addr: None,
+            shutdown_grace: Duration::from_secs(5),
         })
         .await
         .unwrap();

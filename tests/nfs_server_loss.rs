@@ -53,6 +53,7 @@ async fn killed_server_fails_fast_without_spinning_and_recovers() {
         node_id: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
+        shutdown_grace: Duration::from_secs(5),
     })
     .await
     .unwrap();

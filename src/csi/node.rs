@@ -13,8 +13,11 @@ use super::status::busy;
 use super::{observe, validate};
 use crate::backend::{Backends, NodeSource};
 use crate::metrics::Metrics;
-use crate::node::{Mounter, usage};
+use crate::node::{Mounter, usage_within};
 use crate::volume::AccessType;
+
+/// How long NodeGetVolumeStats waits for statvfs (a hung NFS server blocks it).
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct NodeService {
     node_id: String,
@@ -86,7 +89,7 @@ impl NodeService {
                 "block volumes are not supported by this backend",
             ));
         }
-        let created = !target.exists();
+        let created = !tokio::fs::try_exists(&target).await.unwrap_or(false);
         tokio::fs::create_dir_all(&target)
             .await
             .map_err(|e| internal(&format!("creating target {}", target.display()), e))?;
@@ -164,10 +167,13 @@ impl NodeService {
                 request.volume_path
             ))
         };
-        if self.backends.for_volume(volume_id).is_none() || !path.is_absolute() || !path.exists() {
+        let exists = path.is_absolute() && tokio::fs::try_exists(path).await.unwrap_or(false);
+        if self.backends.for_volume(volume_id).is_none() || !exists {
             return Err(not_found());
         }
-        let usage = usage(path).map_err(|e| internal(&format!("statvfs {}", path.display()), e))?;
+        let usage = usage_within(path, STATS_TIMEOUT)
+            .await
+            .map_err(|e| internal(&format!("statvfs {}", path.display()), e))?;
         let unit = |unit: proto::volume_usage::Unit, available: u64, total: u64, used: u64| {
             proto::VolumeUsage {
                 available: available as i64,

@@ -7,4 +7,4 @@ mod mounter;
 mod stats;
 
 pub use mounter::{MountError, Mounter, SystemMounter, mount_args, mount_points};
-pub use stats::usage;
+pub use stats::{usage, usage_within};

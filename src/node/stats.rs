@@ -1,10 +1,28 @@
 //! Filesystem usage of a mounted volume, from statvfs(2).
 
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::statvfs::statvfs;
 
 use crate::volume::Usage;
+
+/// [`usage`] off the async threads, bounded by `timeout`: statvfs on a hung NFS
+/// mount blocks, and must not block the CSI server with it.
+pub async fn usage_within(path: &Path, timeout: Duration) -> std::io::Result<Usage> {
+    let owned = path.to_owned();
+    let work = tokio::task::spawn_blocking(move || usage(&owned));
+    match tokio::time::timeout(timeout, work).await {
+        Ok(joined) => joined.map_err(std::io::Error::other)?,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "statvfs {} did not answer within {timeout:?}",
+                path.display()
+            ),
+        )),
+    }
+}
 
 /// Bytes and inodes of the filesystem holding `path`.
 pub fn usage(path: &Path) -> std::io::Result<Usage> {

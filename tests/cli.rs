@@ -72,6 +72,60 @@ async fn a_client_that_never_hangs_up_does_not_block_shutdown() {
     drop(identity);
 }
 
+/// GET `path` from `addr` with a plain HTTP/1.0 request; (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[tokio::test]
+async fn http_serves_healthz_and_csi_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args([
+            "local",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _banner = lines.next().unwrap().unwrap();
+    let metrics_line = lines.next().unwrap().unwrap();
+    let addr = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in {metrics_line:?}"))
+        .to_owned();
+
+    let (status, body) = http_get(&addr, "/healthz");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "ok");
+
+    let mut identity = IdentityClient::new(channel::connect(&socket).await.unwrap());
+    identity.probe(proto::ProbeRequest {}).await.unwrap();
+    drop(identity);
+    let (status, body) = http_get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        body.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Identity/Probe",grpc_status_code="OK"} 1"#),
+        "{body}"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 #[test]
 fn bad_flags_fail_with_a_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_stowage"))

@@ -1768,34 +1768,20 @@ impl NfsClient {
         self.stale_checked(result)
     }
 
-    /// `REMOVE` one non-directory entry (file, symlink); `Ok(false)` if it was
-    /// not there.
-    pub async fn remove_file(&self, path: &[&str]) -> Result<bool, NfsError> {
+    /// `REMOVE` one non-directory entry (file, symlink); one that is not there (or
+    /// whose directory is not) counts as removed.
+    pub async fn remove_file(&self, path: &[&str]) -> Result<(), NfsError> {
         validate_non_root(path)?;
         let result = async {
             let (parent, name) = path.split_at(path.len() - 1);
-            let display = join(path);
             let mut conn = self.lease().await?;
-            let dir = match conn.walk_dir(parent).await {
-                Ok(dir) => dir,
-                Err(NfsError::NotFound { .. }) => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            let args = REMOVE3args {
-                object: dirop(&dir, name[0].as_bytes()),
-            };
-            let conn = &mut *conn;
-            let res = guarded(
-                &mut conn.reusable,
-                conn.call_timeout,
-                "REMOVE",
-                conn.nfs.remove(&args),
-            )
-            .await?;
-            match status_of(&res) {
-                nfsstat3::NFS3_OK => Ok(true),
-                nfsstat3::NFS3ERR_NOENT => Ok(false),
-                stat => Err(status_error("REMOVE", &display, stat)),
+            match conn.walk_dir(parent).await {
+                Ok(dir) => {
+                    conn.unlink(&dir, name[0].as_bytes(), false, &join(path))
+                        .await
+                }
+                Err(NfsError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
             }
         }
         .await;

@@ -267,32 +267,21 @@ impl Backend for NfsBackend {
             export.create(&request.name, &record),
             Self::make_dir(&export.client, &placement)
         );
-        let existing = match recorded {
-            Ok(existing) => existing,
-            Err(e) => {
-                if let Ok(true) = made {
-                    // Don't leave a directory this call made without a record.
-                    let _ = export
-                        .client
-                        .remove_dir(&components(&placement.sub_dir))
-                        .await;
-                }
-                return Err(e);
-            }
+        let capacity = match recorded {
+            Ok(None) => Ok(record.capacity_bytes),
+            Ok(Some(existing)) => Self::check_existing(request, &placement, &existing)
+                .map(|()| existing.capacity_bytes),
+            Err(e) => Err(e),
         };
-        if let Some(existing) = &existing
-            && let Err(e) = Self::check_existing(request, &placement, existing)
-        {
-            if let Ok(true) = made {
-                let _ = export
-                    .client
-                    .remove_dir(&components(&placement.sub_dir))
-                    .await;
-            }
-            return Err(e);
+        if capacity.is_err() && matches!(made, Ok(true)) {
+            // Don't leave a directory this call made for a volume it can't record.
+            let _ = export
+                .client
+                .remove_dir(&components(&placement.sub_dir))
+                .await;
         }
+        let capacity = capacity?;
         made?;
-        let capacity = existing.map_or(record.capacity_bytes, |e| e.capacity_bytes);
         Ok(Self::volume(&id, capacity))
     }
 

@@ -35,6 +35,15 @@ pub struct BenchArgs {
     /// Unmeasured operations before each series (connections, caches).
     #[arg(long, default_value_t = 200)]
     pub warmup: usize,
+
+    /// Measure the EBS backend instead: concurrent CreateVolume against this EC2
+    /// endpoint (an emulator such as moto; credentials from the AWS environment).
+    #[arg(long)]
+    pub ebs_endpoint: Option<String>,
+
+    /// With --ebs-endpoint: how many CreateVolume calls run at once.
+    #[arg(long, default_value_t = 50)]
+    pub volumes: usize,
 }
 
 /// Latency samples of one series.
@@ -54,6 +63,9 @@ impl Series {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(endpoint) = args.ebs_endpoint.clone() {
+        return ebs(&endpoint, args.volumes).await;
+    }
     let scratch = tempfile::tempdir()?;
     let (embedded, target, label) = match (args.nfs_server, &args.nfs_share) {
         (Some(server), Some(share)) => {
@@ -97,7 +109,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
         backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
         controller: true,
-        node_id: None,
+        node: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),
@@ -257,4 +269,79 @@ async fn csi_pairs(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result
         pairs_per_second: args.count as f64 / measured.as_secs_f64(),
         samples,
     })
+}
+
+/// N concurrent CreateVolume over the socket against an EC2 endpoint: volumes/s and
+/// EC2 calls per volume by action (counted by the SDK interceptor). Deletes them after.
+async fn ebs(endpoint: &str, volumes: usize) -> anyhow::Result<()> {
+    use crate::backend::ebs::EbsBackend;
+    use crate::backend::ebs::cloud::{Cloud, Ec2Settings};
+    let scratch = tempfile::tempdir()?;
+    let cloud = Arc::new(
+        Cloud::new(Ec2Settings {
+            endpoint: Some(endpoint.to_owned()),
+            cluster_id: format!("stowage-bench-{}", std::process::id()),
+            ..Ec2Settings::default()
+        })
+        .await,
+    );
+    let backend = EbsBackend::new(Arc::clone(&cloud), Some("us-east-1a".into()));
+    let running = start(Plan {
+        socket: scratch.path().join("csi.sock"),
+        driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
+        backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
+        controller: true,
+        node: None,
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: None,
+        shutdown_grace: Duration::from_secs(5),
+    })
+    .await?;
+    let client = ControllerClient::new(channel::connect(&running.socket).await?);
+    let capability = proto::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let started = Instant::now();
+    let calls = (0..volumes).map(|i| {
+        let mut client = client.clone();
+        let request = proto::CreateVolumeRequest {
+            name: format!("bench-{i}"),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability.clone()],
+            ..Default::default()
+        };
+        async move { client.create_volume(request).await }
+    });
+    let created = futures::future::join_all(calls).await;
+    let elapsed = started.elapsed();
+    let counts = cloud.call_counts();
+    let mut ids = Vec::new();
+    for result in created {
+        ids.push(result?.into_inner().volume.context("no volume")?.volume_id);
+    }
+    println!(
+        "stowage bench ebs: {volumes} concurrent CreateVolume against {endpoint}: {:.2?}, {:.0} volumes/s",
+        elapsed,
+        volumes as f64 / elapsed.as_secs_f64()
+    );
+    println!("{:<24} {:>8} {:>14}", "EC2 action", "calls", "per volume");
+    for (action, n) in &counts {
+        println!("{action:<24} {n:>8} {:>14.2}", *n as f64 / volumes as f64);
+    }
+    let mut client = client;
+    for volume_id in ids {
+        client
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id,
+                ..Default::default()
+            })
+            .await?;
+    }
+    running.stop().await
 }

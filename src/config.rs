@@ -84,31 +84,118 @@ pub struct NfsArgs {
     pub nfs_connections: usize,
 }
 
+/// Which storage backends to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Nfs,
+    Ebs,
+}
+
+/// EBS settings: where EC2 is, this cluster's id, and (on nodes) this instance.
+#[derive(Debug, Clone, Args)]
+pub struct EbsArgs {
+    /// AWS region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
+
+    /// EC2 endpoint override, e.g. an emulator (http://127.0.0.1:5000).
+    #[arg(long, env = "AWS_ENDPOINT_URL_EC2")]
+    pub ebs_endpoint: Option<String>,
+
+    /// Value of the cluster tag on volumes this cluster creates (and lists).
+    #[arg(long, env = "CLUSTER_ID", default_value = "stowage")]
+    pub cluster_id: String,
+
+    /// Zone for volumes whose request names none (controller); this node's zone (node).
+    /// From instance metadata when unset on a node.
+    #[arg(long, env = "ZONE")]
+    pub zone: Option<String>,
+
+    /// This node's EC2 instance id (from instance metadata when unset).
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// This node's EC2 instance type, for the attach limit (from instance metadata when unset).
+    #[arg(long, env = "INSTANCE_TYPE")]
+    pub instance_type: Option<String>,
+
+    /// Volumes this node can attach, overriding the instance type's limit.
+    #[arg(long, env = "MAX_VOLUMES")]
+    pub max_volumes: Option<i64>,
+
+    /// Where attached volumes appear by serial.
+    #[arg(long, env = "BY_ID_DIR", default_value = "/dev/disk/by-id")]
+    pub by_id_dir: PathBuf,
+
+    /// Attempts per EC2 call (standard retries with backoff).
+    #[arg(long, env = "EC2_MAX_ATTEMPTS", default_value_t = 3)]
+    pub ec2_max_attempts: u32,
+
+    /// Timeout of one EC2 call attempt.
+    #[arg(long, env = "EC2_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub ec2_timeout: Duration,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Storage backends to serve (repeatable); the first is the default.
+    #[arg(
+        long = "backend",
+        env = "BACKENDS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nfs"
+    )]
+    pub backends: Vec<BackendKind>,
     #[command(flatten)]
     pub nfs: NfsArgs,
+    #[command(flatten)]
+    pub ebs: EbsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Storage backends to serve (repeatable); the first is the default.
+    #[arg(
+        long = "backend",
+        env = "BACKENDS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nfs"
+    )]
+    pub backends: Vec<BackendKind>,
     #[command(flatten)]
     pub nfs: NfsArgs,
-    /// This node's id (the Kubernetes node name).
+    #[command(flatten)]
+    pub ebs: EbsArgs,
+    /// This node's id: the Kubernetes node name for NFS; with EBS it must be the
+    /// instance id (defaults to it).
     #[arg(long, env = "NODE_ID")]
-    pub node_id: String,
+    pub node_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Storage backends to serve (repeatable); the first is the default. EBS in local
+    /// mode needs --ebs-endpoint (an emulator) or AWS credentials.
+    #[arg(
+        long = "backend",
+        env = "BACKENDS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nfs"
+    )]
+    pub backends: Vec<BackendKind>,
     #[command(flatten)]
     pub nfs: NfsArgs,
+    #[command(flatten)]
+    pub ebs: EbsArgs,
     /// This node's id; defaults to the host name.
     #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,

@@ -9,19 +9,23 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backend::ebs::EbsBackend;
+use crate::backend::ebs::cloud::{Cloud, Ec2Settings};
 use crate::backend::nfs::client::{ClientConfig, NfsTarget};
 use crate::backend::nfs::server::EmbeddedServer;
 use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use crate::backend::{Backend, Backends};
 use crate::config::{
-    Command, CommonArgs, ControllerArgs, LocalArgs, NfsArgs, NodeArgs, default_endpoint,
+    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, LocalArgs, NfsArgs, NodeArgs,
+    default_endpoint,
 };
 use crate::csi::PluginInfo;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
-use crate::csi::node::NodeService;
+use crate::csi::node::{NodeConfig, NodeService};
 use crate::csi::server::{self, Services};
 use crate::metrics::Metrics;
+use crate::node::metadata::{InstanceMetadata, metadata};
 use crate::node::{Mounter, SystemMounter};
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -39,8 +43,8 @@ pub struct Plan {
     pub driver_name: String,
     pub backends: Backends,
     pub controller: bool,
-    /// Serve the Node service as this node id.
-    pub node_id: Option<String>,
+    /// Serve the Node service as this node.
+    pub node: Option<NodeConfig>,
     pub mounter: Arc<dyn Mounter>,
     pub http_addr: Option<std::net::SocketAddr>,
     /// How long shutdown waits for connected clients.
@@ -120,13 +124,19 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let services = Services {
-        identity: IdentityService::new(info, plan.controller, Arc::clone(&metrics)),
+        identity: IdentityService::new(
+            info,
+            plan.controller,
+            plan.backends.any_attach(),
+            plan.backends.any_expand(),
+            Arc::clone(&metrics),
+        ),
         controller: plan
             .controller
             .then(|| ControllerService::new(plan.backends.clone(), Arc::clone(&metrics))),
-        node: plan.node_id.clone().map(|node_id| {
+        node: plan.node.clone().map(|node| {
             NodeService::new(
-                node_id,
+                node,
                 plan.backends.clone(),
                 Arc::clone(&plan.mounter),
                 Arc::clone(&metrics),
@@ -256,17 +266,85 @@ fn socket(common: &CommonArgs, role: &str) -> anyhow::Result<PathBuf> {
     server::socket_path(&endpoint).map_err(anyhow::Error::msg)
 }
 
-fn backends(nfs: NfsBackend) -> Backends {
-    Backends::new(vec![Arc::new(nfs) as Arc<dyn Backend>])
+fn ec2_settings(ebs: &EbsArgs) -> Ec2Settings {
+    Ec2Settings {
+        region: ebs.region.clone(),
+        endpoint: ebs.ebs_endpoint.clone(),
+        cluster_id: ebs.cluster_id.clone(),
+        max_attempts: ebs.ec2_max_attempts,
+        call_timeout: ebs.ec2_timeout,
+        ..Ec2Settings::default()
+    }
+}
+
+/// The backends a role serves, in the order given (the first is the default).
+async fn backends(
+    kinds: &[BackendKind],
+    nfs: Option<NfsBackend>,
+    ebs: &EbsArgs,
+) -> anyhow::Result<Backends> {
+    let mut nfs = nfs;
+    let mut list: Vec<Arc<dyn Backend>> = Vec::new();
+    for kind in kinds {
+        match kind {
+            BackendKind::Nfs => {
+                if let Some(backend) = nfs.take() {
+                    list.push(Arc::new(backend));
+                }
+            }
+            BackendKind::Ebs => {
+                let cloud = Arc::new(Cloud::new(ec2_settings(ebs)).await);
+                list.push(Arc::new(EbsBackend::new(cloud, ebs.zone.clone())));
+            }
+        }
+    }
+    anyhow::ensure!(
+        !list.is_empty(),
+        "no backend configured (--backend nfs|ebs)"
+    );
+    Ok(Backends::new(list))
+}
+
+/// Node identity and limits: with EBS, the instance (flags first, then IMDSv2).
+async fn node_config(
+    kinds: &[BackendKind],
+    node_id: Option<String>,
+    ebs: &EbsArgs,
+) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::new(node_id.clone().unwrap_or_default());
+    config.by_id_dir = ebs.by_id_dir.clone();
+    if kinds.contains(&BackendKind::Ebs) {
+        let instance = metadata(ebs)
+            .await
+            .context("reading this node's instance metadata")?;
+        let InstanceMetadata {
+            instance_id,
+            zone,
+            instance_type,
+        } = instance;
+        if node_id.is_none() {
+            config.node_id = instance_id;
+        }
+        config.topology = Some(crate::volume::Segments::from([(
+            crate::backend::ebs::ZONE_KEY.to_owned(),
+            zone,
+        )]));
+        config.max_volumes = ebs
+            .max_volumes
+            .unwrap_or_else(|| crate::node::metadata::attach_limit(&instance_type));
+    }
+    anyhow::ensure!(!config.node_id.is_empty(), "--node-id is required");
+    Ok(config)
 }
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let nfs = nfs_backend(&args.nfs, None).await?;
     let running = start(Plan {
         socket: socket(&args.common, "controller")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(nfs_backend(&args.nfs, None).await?),
+        backends: backends(&args.backends, Some(nfs), &args.ebs).await?,
         controller: true,
-        node_id: None,
+        node: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,
@@ -277,18 +355,21 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let nfs = nfs_backend(&args.nfs, None).await?;
+    let node = node_config(&args.backends, args.node_id.clone(), &args.ebs).await?;
+    let node_id = node.node_id.clone();
     let running = start(Plan {
         socket: socket(&args.common, "node")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(nfs_backend(&args.nfs, None).await?),
+        backends: backends(&args.backends, Some(nfs), &args.ebs).await?,
         controller: false,
-        node_id: Some(args.node_id.clone()),
+        node: Some(node),
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
-    tracing::info!(socket = %running.socket.display(), node = %args.node_id, "node plugin serving");
+    tracing::info!(socket = %running.socket.display(), node = %node_id, "node plugin serving");
     running.until_signal().await
 }
 
@@ -313,17 +394,19 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
     };
     let mut client_args = args.nfs.clone();
     client_args.nfs_server = None;
-    let backend = nfs_backend(&client_args, Some((target, data_dir))).await?;
+    let nfs_backend = nfs_backend(&client_args, Some((target, data_dir))).await?;
     let node_id = match args.node_id.clone() {
-        Some(id) => id,
-        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        Some(id) => Some(id),
+        None if args.backends.contains(&BackendKind::Ebs) => None,
+        None => Some(nix::unistd::gethostname()?.to_string_lossy().into_owned()),
     };
+    let node = node_config(&args.backends, node_id, &args.ebs).await?;
     let running = start(Plan {
         socket: socket(&args.common, "local")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(backend),
+        backends: backends(&args.backends, Some(nfs_backend), &args.ebs).await?,
         controller: true,
-        node_id: Some(node_id),
+        node: Some(node),
         mounter: Arc::new(SystemMounter::default()),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,

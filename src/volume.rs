@@ -61,6 +61,16 @@ impl CapacityRange {
     }
 }
 
+/// Topology segments, e.g. `{"topology.kubernetes.io/zone": "us-east-1a"}`.
+pub type Segments = BTreeMap<String, String>;
+
+/// Where a new volume may (requisite) and should (preferred) be reachable from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accessibility {
+    pub requisite: Vec<Segments>,
+    pub preferred: Vec<Segments>,
+}
+
 /// A validated CreateVolume request.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
@@ -70,6 +80,23 @@ pub struct CreateRequest {
     pub capabilities: Vec<Capability>,
     /// StorageClass parameters with stowage's own routing keys removed.
     pub parameters: BTreeMap<String, String>,
+    /// Accessibility requirements (WaitForFirstConsumer / allowedTopologies).
+    pub accessibility: Accessibility,
+    /// Credentials passed with the request (never logged).
+    pub secrets: BTreeMap<String, String>,
+    /// Create the volume from this snapshot id.
+    pub source_snapshot: Option<String>,
+}
+
+/// A point-in-time copy of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    /// Seconds and nanoseconds since the Unix epoch.
+    pub created: (i64, i32),
+    pub ready: bool,
 }
 
 /// A volume as a backend reports it.
@@ -79,6 +106,10 @@ pub struct Volume {
     pub capacity_bytes: u64,
     /// Handed back to the node in NodeStage/NodePublish (`volume_context`).
     pub context: BTreeMap<String, String>,
+    /// Where the volume can be used from; empty = everywhere.
+    pub topology: Vec<Segments>,
+    /// The snapshot the volume was created from.
+    pub source_snapshot: Option<String>,
 }
 
 /// Filesystem usage of a published volume.

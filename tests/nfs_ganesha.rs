@@ -91,7 +91,7 @@ impl Fixture {
             driver_name: "stowage.csi.dev".into(),
             backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
             controller: true,
-            node_id: Some("node-1".into()),
+            node: Some(stowage::csi::node::NodeConfig::new("node-1")),
             mounter,
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),

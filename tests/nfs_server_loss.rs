@@ -50,7 +50,7 @@ async fn killed_server_fails_fast_without_spinning_and_recovers() {
         driver_name: "stowage.csi.dev".into(),
         backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
         controller: true,
-        node_id: None,
+        node: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),

@@ -5,6 +5,7 @@
 //! in the domain types of [`crate::volume`] and reports [`BackendError`]s that know their
 //! meaning; `csi::status` turns them into gRPC codes. Backends never import tonic or kube.
 
+pub mod ebs;
 pub mod nfs;
 pub mod params;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::volume::{Capability, CreateRequest, Volume};
+use crate::volume::{Capability, CapacityRange, CreateRequest, Snapshot, Volume};
 
 /// What went wrong, in terms the CSI layer can map to a status code.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub enum BackendError {
     OutOfRange(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The volume is in a state that forbids the operation (attached elsewhere, in use).
+    #[error("{0}")]
+    InUse(String),
     #[error("{0}")]
     Exhausted(String),
     /// The storage system can't be reached right now; the caller should retry.
@@ -52,6 +56,19 @@ pub enum NodeSource {
         fs_type: String,
         options: Vec<String>,
     },
+    /// A block device attached to this node: NodeStage finds it (by serial under the
+    /// by-id directory, else the hint), formats it when blank and mounts it at the
+    /// staging path; NodePublish bind-mounts the staging path (or the device itself
+    /// for raw block access).
+    Device {
+        /// Serial as the by-id link shows it, e.g. `vol0abc` for `vol-0abc`.
+        serial: String,
+        /// Device name from ControllerPublish (`/dev/xvdba`), used when no by-id link.
+        hint: Option<String>,
+        fs_type: String,
+        mkfs_args: Vec<String>,
+        mount_options: Vec<String>,
+    },
 }
 
 /// One kind of storage. Implementations must be idempotent by volume name and must
@@ -63,6 +80,16 @@ pub trait Backend: Send + Sync {
 
     /// Does this volume id belong to this backend?
     fn owns(&self, volume_id: &str) -> bool;
+
+    /// Must ControllerPublish attach volumes to nodes?
+    fn needs_attach(&self) -> bool {
+        false
+    }
+
+    /// Must the node stage volumes (NodeStageVolume) before publishing them?
+    fn needs_stage(&self) -> bool {
+        false
+    }
 
     /// Can volumes of this backend serve the capability? `Err` says why not.
     fn supports(&self, capability: &Capability) -> Result<(), String>;
@@ -106,7 +133,74 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// What the node must mount to publish this volume. Pure: no I/O.
+    /// Can volumes of this backend grow (ControllerExpandVolume)?
+    fn can_expand(&self) -> bool {
+        false
+    }
+
+    /// Grow a volume to at least `capacity.required`; returns the new size in bytes and
+    /// whether the node must grow the filesystem too.
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        _capacity: CapacityRange,
+    ) -> Result<(u64, bool), BackendError> {
+        Err(BackendError::InvalidParameter(format!(
+            "volume {volume_id}: this backend cannot expand volumes"
+        )))
+    }
+
+    /// Can volumes of this backend change type/performance in place (ModifyVolume)?
+    fn can_modify(&self) -> bool {
+        false
+    }
+
+    /// Apply mutable parameters (a VolumeAttributesClass) to an existing volume.
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        _mutable: &BTreeMap<String, String>,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::InvalidParameter(format!(
+            "volume {volume_id}: this backend cannot modify volumes"
+        )))
+    }
+
+    /// Can this backend take snapshots?
+    fn can_snapshot(&self) -> bool {
+        false
+    }
+
+    /// Does this snapshot id belong to this backend?
+    fn owns_snapshot(&self, _snapshot_id: &str) -> bool {
+        false
+    }
+
+    /// Snapshot a volume, idempotent by `name`; a name already used for another
+    /// source volume is ALREADY_EXISTS.
+    async fn create_snapshot(
+        &self,
+        source_volume_id: &str,
+        _name: &str,
+        _parameters: &BTreeMap<String, String>,
+    ) -> Result<Snapshot, BackendError> {
+        Err(BackendError::InvalidParameter(format!(
+            "volume {source_volume_id}: this backend takes no snapshots"
+        )))
+    }
+
+    /// Delete a snapshot; an unknown one is not an error.
+    async fn delete_snapshot(&self, _snapshot_id: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Every snapshot this backend manages.
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>, BackendError> {
+        Ok(vec![])
+    }
+
+    /// What the node must mount to publish this volume. Pure: no I/O. `context` is the
+    /// volume context with the publish context merged in.
     fn node_source(
         &self,
         volume_id: &str,
@@ -164,6 +258,39 @@ impl Backends {
             .iter()
             .find(|b| b.owns(volume_id))
             .map(Arc::clone)
+    }
+
+    /// Does any configured backend attach volumes?
+    pub fn any_attach(&self) -> bool {
+        self.backends.iter().any(|b| b.needs_attach())
+    }
+
+    /// Can any configured backend modify volumes?
+    pub fn any_modify(&self) -> bool {
+        self.backends.iter().any(|b| b.can_modify())
+    }
+
+    /// Can any configured backend take snapshots?
+    pub fn any_snapshot(&self) -> bool {
+        self.backends.iter().any(|b| b.can_snapshot())
+    }
+
+    /// The backend that owns a snapshot id.
+    pub fn for_snapshot(&self, snapshot_id: &str) -> Option<Arc<dyn Backend>> {
+        self.backends
+            .iter()
+            .find(|b| b.owns_snapshot(snapshot_id))
+            .map(Arc::clone)
+    }
+
+    /// Can any configured backend expand volumes?
+    pub fn any_expand(&self) -> bool {
+        self.backends.iter().any(|b| b.can_expand())
+    }
+
+    /// Does any configured backend need NodeStage?
+    pub fn any_stage(&self) -> bool {
+        self.backends.iter().any(|b| b.needs_stage())
     }
 
     fn kinds(&self) -> String {

@@ -94,6 +94,93 @@ pub fn check_component(component: &str) -> Result<(), String> {
     Err(format!("path component {component:?} {problem}"))
 }
 
+/// The template variables: the `${…}` spelling (csi-driver-nfs `subDir`), the Go-template
+/// field aws-ebs-csi-driver documents for tag values (`{{ .PVCName }}`), and the parameter
+/// the provisioner fills with the value.
+const VARIABLES: [(&str, &str, &str); 3] = [
+    ("${pvc.metadata.name}", ".PVCName", PVC_NAME),
+    ("${pvc.metadata.namespace}", ".PVCNamespace", PVC_NAMESPACE),
+    ("${pv.metadata.name}", ".PVName", PV_NAME),
+];
+
+/// Which template spellings a renderer accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    /// `${pvc.metadata.name}` only.
+    Dollar,
+    /// `${pvc.metadata.name}` and `{{ .PVCName }}`.
+    DollarAndGo,
+}
+
+fn known_templates(syntax: Syntax) -> String {
+    let mut known: Vec<String> = VARIABLES.iter().map(|(v, _, _)| (*v).to_owned()).collect();
+    if syntax == Syntax::DollarAndGo {
+        known.extend(
+            VARIABLES
+                .iter()
+                .map(|(_, field, _)| format!("{{{{ {field} }}}}")),
+        );
+    }
+    known.join(", ")
+}
+
+/// Replaces every template variable in `template` with its value from `parameters`;
+/// `check` vets each substituted value. Anything that looks like a template but is not
+/// a known variable is an error naming `key`.
+fn substitute(
+    key: &str,
+    template: &str,
+    parameters: &BTreeMap<String, String>,
+    syntax: Syntax,
+    check: &dyn Fn(&str) -> Result<(), String>,
+) -> Result<String, String> {
+    let mut rendered = String::with_capacity(template.len());
+    let mut rest = template;
+    loop {
+        let go = (syntax == Syntax::DollarAndGo)
+            .then(|| rest.find("{{"))
+            .flatten();
+        let Some(start) = [rest.find("${"), go].into_iter().flatten().min() else {
+            break;
+        };
+        rendered.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let found = if tail.starts_with("${") {
+            VARIABLES
+                .iter()
+                .find(|(v, _, _)| tail.starts_with(v))
+                .map(|(v, _, source)| (*v, v.len(), *source))
+        } else {
+            tail.find("}}").and_then(|end| {
+                let field = tail[2..end].trim();
+                VARIABLES
+                    .iter()
+                    .find(|(_, f, _)| *f == field)
+                    .map(|(_, _, source)| (&tail[..end + 2], end + 2, *source))
+            })
+        };
+        let Some((variable, length, source)) = found else {
+            let close = if tail.starts_with("${") { "}" } else { "}}" };
+            let end = tail.find(close).map_or(tail.len(), |i| i + close.len());
+            return Err(format!(
+                "parameter `{key}`: {} is not a known template (known: {}; functions and pipelines are not supported)",
+                &tail[..end],
+                known_templates(syntax)
+            ));
+        };
+        let value = parameters.get(source).ok_or_else(|| {
+            format!(
+                "parameter `{key}` uses {variable} but the request has no `{source}` (the provisioner adds it; run external-provisioner with --extra-create-metadata)"
+            )
+        })?;
+        check(value).map_err(|e| format!("parameter `{key}`: {variable} = {e}"))?;
+        rendered.push_str(value);
+        rest = &tail[length..];
+    }
+    rendered.push_str(rest);
+    Ok(rendered)
+}
+
 /// Renders a path template such as `${pvc.metadata.namespace}/${pvc.metadata.name}`
 /// into checked components. Each substituted value must itself be a single valid
 /// component (a namespace with `/` cannot add a level); the result is split on `/`
@@ -103,33 +190,7 @@ pub fn render_path(
     template: &str,
     parameters: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, String> {
-    const VARIABLES: [(&str, &str); 3] = [
-        ("${pvc.metadata.name}", PVC_NAME),
-        ("${pvc.metadata.namespace}", PVC_NAMESPACE),
-        ("${pv.metadata.name}", PV_NAME),
-    ];
-    let mut rendered = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        rendered.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        let Some((variable, source)) = VARIABLES.iter().find(|(v, _)| tail.starts_with(v)) else {
-            let end = tail.find('}').map_or(tail.len(), |i| i + 1);
-            return Err(format!(
-                "parameter `{key}`: {} is not a known template (known: ${{pvc.metadata.name}}, ${{pvc.metadata.namespace}}, ${{pv.metadata.name}})",
-                &tail[..end]
-            ));
-        };
-        let value = parameters.get(*source).ok_or_else(|| {
-            format!(
-                "parameter `{key}` uses {variable} but the request has no `{source}` (the provisioner adds it; run external-provisioner with --extra-create-metadata)"
-            )
-        })?;
-        check_component(value).map_err(|e| format!("parameter `{key}`: {variable} = {e}"))?;
-        rendered.push_str(value);
-        rest = &tail[variable.len()..];
-    }
-    rendered.push_str(rest);
+    let rendered = substitute(key, template, parameters, Syntax::Dollar, &check_component)?;
     let components: Vec<String> = rendered
         .trim_matches('/')
         .split('/')
@@ -139,6 +200,20 @@ pub fn render_path(
         check_component(component).map_err(|e| format!("parameter `{key}` ({template:?}): {e}"))?;
     }
     Ok(components)
+}
+
+/// Renders a value template such as `team-${pvc.metadata.namespace}` (an EBS tag value)
+/// into a string. Besides the `${…}` variables of [`render_path`] it accepts the three
+/// Go-template fields aws-ebs-csi-driver documents for tags (`{{ .PVCName }}`,
+/// `{{ .PVCNamespace }}`, `{{ .PVName }}`), so StorageClasses written for that driver
+/// keep working; its template functions and pipelines are rejected. Values are not
+/// path-checked: the caller checks what its target allows.
+pub fn render_value(
+    key: &str,
+    template: &str,
+    parameters: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    substitute(key, template, parameters, Syntax::DollarAndGo, &|_| Ok(()))
 }
 
 #[cfg(test)]
@@ -215,6 +290,62 @@ mod tests {
         );
         let err = render_path("subDir", "${pvc.metadata.name}", &params(&[])).unwrap_err();
         assert!(err.contains(PVC_NAME), "{err}");
+    }
+
+    #[test]
+    fn renders_value_templates_in_both_spellings() {
+        let p = params(&[
+            (PVC_NAME, "data-db-0"),
+            (PVC_NAMESPACE, "prod"),
+            (PV_NAME, "pvc-1"),
+        ]);
+        let cases = [
+            ("plain", "plain"),
+            ("", ""),
+            (
+                "${pvc.metadata.namespace}/${pvc.metadata.name}",
+                "prod/data-db-0",
+            ),
+            ("{{ .PVCNamespace }}-{{.PVCName}}", "prod-data-db-0"),
+            ("pv={{  .PVName  }}", "pv=pvc-1"),
+            ("${pv.metadata.name}{{ .PVName }}", "pvc-1pvc-1"),
+            ("a $ { } b", "a $ { } b"),
+        ];
+        for (template, want) in cases {
+            assert_eq!(
+                render_value("tagSpecification_1", template, &p).unwrap(),
+                want,
+                "{template}"
+            );
+        }
+        // A value is substituted once: a PVC name that looks like a template stays literal.
+        let tricky = params(&[(PVC_NAME, "${pv.metadata.name}")]);
+        assert_eq!(
+            render_value("t", "{{ .PVCName }}", &tricky).unwrap(),
+            "${pv.metadata.name}"
+        );
+    }
+
+    #[test]
+    fn bad_value_templates_say_what_to_fix() {
+        let p = params(&[(PVC_NAMESPACE, "prod")]);
+        let cases = [
+            ("{{ .PVCNamespace | toUpper }}", "toUpper"),
+            ("{{ .Namespace }}", ".Namespace"),
+            ("{{ .PVCName", "{{ .PVCName"),
+            ("${pvc.metadata.uid}", "${pvc.metadata.uid}"),
+            ("{{ .PVCName }}", PVC_NAME),
+        ];
+        for (template, needle) in cases {
+            let err = render_value("tagSpecification_3", template, &p).unwrap_err();
+            assert!(
+                err.contains("tagSpecification_3") && err.contains(needle),
+                "{template}: {err}"
+            );
+        }
+        // render_path keeps to the `${…}` spelling.
+        let err = render_path("subDir", "{{ .PVCNamespace }}", &p);
+        assert_eq!(err.unwrap(), vec!["{{ .PVCNamespace }}"]);
     }
 
     #[derive(Debug, Deserialize, PartialEq)]

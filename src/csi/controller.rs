@@ -12,7 +12,7 @@ use super::status::busy;
 use super::{observe, validate};
 use crate::backend::{Backend, Backends};
 use crate::metrics::Metrics;
-use crate::volume::{Capability, Volume};
+use crate::volume::{Capability, Snapshot, Volume};
 
 pub struct ControllerService {
     backends: Backends,
@@ -34,12 +34,29 @@ impl ControllerService {
     }
 }
 
-/// The capabilities the driver advertises.
-const CAPABILITIES: [csc::rpc::Type; 3] = [
-    csc::rpc::Type::CreateDeleteVolume,
-    csc::rpc::Type::ListVolumes,
-    csc::rpc::Type::GetCapacity,
-];
+/// The capabilities advertised: always create/delete, list and capacity; publish when
+/// a configured backend attaches volumes to nodes.
+fn capabilities(backends: &Backends) -> Vec<csc::rpc::Type> {
+    let mut rpcs = vec![
+        csc::rpc::Type::CreateDeleteVolume,
+        csc::rpc::Type::ListVolumes,
+        csc::rpc::Type::GetCapacity,
+    ];
+    if backends.any_attach() {
+        rpcs.push(csc::rpc::Type::PublishUnpublishVolume);
+    }
+    if backends.any_expand() {
+        rpcs.push(csc::rpc::Type::ExpandVolume);
+    }
+    if backends.any_modify() {
+        rpcs.push(csc::rpc::Type::ModifyVolume);
+    }
+    if backends.any_snapshot() {
+        rpcs.push(csc::rpc::Type::CreateDeleteSnapshot);
+        rpcs.push(csc::rpc::Type::ListSnapshots);
+    }
+    rpcs
+}
 
 fn check_supported(backend: &dyn Backend, capabilities: &[Capability]) -> Result<(), Status> {
     for capability in capabilities {
@@ -50,13 +67,39 @@ fn check_supported(backend: &dyn Backend, capabilities: &[Capability]) -> Result
     Ok(())
 }
 
+fn snapshot_to_proto(snapshot: Snapshot) -> proto::Snapshot {
+    proto::Snapshot {
+        size_bytes: i64::try_from(snapshot.size_bytes).unwrap_or(i64::MAX),
+        snapshot_id: snapshot.id,
+        source_volume_id: snapshot.source_volume_id,
+        creation_time: Some(prost_types::Timestamp {
+            seconds: snapshot.created.0,
+            nanos: snapshot.created.1,
+        }),
+        ready_to_use: snapshot.ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
 fn to_proto(volume: Volume) -> proto::Volume {
+    use proto::volume_content_source::{SnapshotSource, Type};
+    let content_source = volume
+        .source_snapshot
+        .map(|snapshot_id| proto::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+        });
     proto::Volume {
         capacity_bytes: i64::try_from(volume.capacity_bytes).unwrap_or(i64::MAX),
         volume_id: volume.id,
         volume_context: volume.context.into_iter().collect(),
-        content_source: None,
-        accessible_topology: vec![],
+        content_source,
+        accessible_topology: volume
+            .topology
+            .into_iter()
+            .map(|segments| proto::Topology {
+                segments: segments.into_iter().collect(),
+            })
+            .collect(),
     }
 }
 
@@ -261,8 +304,192 @@ impl ControllerService {
     }
 }
 
+impl ControllerService {
+    #[tracing::instrument(skip_all, fields(name = %request.name, source = %request.source_volume_id))]
+    async fn create_snapshot_(
+        &self,
+        request: proto::CreateSnapshotRequest,
+    ) -> Result<proto::CreateSnapshotResponse, Status> {
+        let name = validate::required("name", &request.name)?;
+        let source = validate::required("source_volume_id", &request.source_volume_id)?;
+        let backend = self
+            .backend_for(source)
+            .ok_or_else(|| Status::not_found(format!("volume {source} does not exist")))?;
+        let _guard = self.inflight.try_claim(name).ok_or_else(|| busy(name))?;
+        let snapshot = backend
+            .create_snapshot(source, name, &validate::to_btree(&request.parameters))
+            .await?;
+        Ok(proto::CreateSnapshotResponse {
+            snapshot: Some(snapshot_to_proto(snapshot)),
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot_id = %request.snapshot_id))]
+    async fn delete_snapshot_(
+        &self,
+        request: proto::DeleteSnapshotRequest,
+    ) -> Result<proto::DeleteSnapshotResponse, Status> {
+        let id = validate::required("snapshot_id", &request.snapshot_id)?;
+        if let Some(backend) = self.backends.for_snapshot(id) {
+            let _guard = self.inflight.try_claim(id).ok_or_else(|| busy(id))?;
+            backend.delete_snapshot(id).await?;
+        }
+        Ok(proto::DeleteSnapshotResponse {})
+    }
+
+    async fn list_snapshots_(
+        &self,
+        request: proto::ListSnapshotsRequest,
+    ) -> Result<proto::ListSnapshotsResponse, Status> {
+        if request.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let after = match request.starting_token.as_str() {
+            "" => None,
+            token => Some(decode_token(token)?),
+        };
+        let mut snapshots = Vec::new();
+        for backend in self.backends.iter().filter(|b| b.can_snapshot()) {
+            snapshots.extend(backend.list_snapshots().await?);
+        }
+        snapshots.retain(|s| {
+            (request.snapshot_id.is_empty() || s.id == request.snapshot_id)
+                && (request.source_volume_id.is_empty()
+                    || s.source_volume_id == request.source_volume_id)
+        });
+        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
+        let start = after.map_or(0, |after| snapshots.partition_point(|s| s.id <= after));
+        let remaining = snapshots.len() - start;
+        let limit = match request.max_entries {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let page: Vec<Snapshot> = snapshots.drain(start..).take(limit).collect();
+        let next_token = match page.last() {
+            Some(last) if remaining > page.len() => encode_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(proto::ListSnapshotsResponse {
+            entries: page
+                .into_iter()
+                .map(|s| proto::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot_to_proto(s)),
+                })
+                .collect(),
+            next_token,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.volume_id))]
+    async fn modify(
+        &self,
+        request: proto::ControllerModifyVolumeRequest,
+    ) -> Result<proto::ControllerModifyVolumeResponse, Status> {
+        let volume_id = validate::required("volume_id", &request.volume_id)?;
+        let backend = self
+            .backend_for(volume_id)
+            .ok_or_else(|| Status::not_found(format!("volume {volume_id} does not exist")))?;
+        let _guard = self
+            .inflight
+            .try_claim(volume_id)
+            .ok_or_else(|| busy(volume_id))?;
+        backend
+            .modify_volume(volume_id, &validate::to_btree(&request.mutable_parameters))
+            .await?;
+        Ok(proto::ControllerModifyVolumeResponse {})
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.volume_id))]
+    async fn expand(
+        &self,
+        request: proto::ControllerExpandVolumeRequest,
+    ) -> Result<proto::ControllerExpandVolumeResponse, Status> {
+        let volume_id = validate::required("volume_id", &request.volume_id)?;
+        let range = request
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        let capacity = validate::capacity_range(Some(range))?;
+        if let Some(capability) = &request.volume_capability {
+            validate::capability(capability)?;
+        }
+        let backend = self
+            .backend_for(volume_id)
+            .ok_or_else(|| Status::not_found(format!("volume {volume_id} does not exist")))?;
+        let _guard = self
+            .inflight
+            .try_claim(volume_id)
+            .ok_or_else(|| busy(volume_id))?;
+        let (bytes, node_expansion_required) = backend.expand_volume(volume_id, capacity).await?;
+        Ok(proto::ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+            node_expansion_required,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
+    async fn controller_modify_volume(
+        &self,
+        request: Request<proto::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
+        observe(
+            &self.metrics,
+            "/csi.v1.Controller/ControllerModifyVolume",
+            self.modify(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
+        observe(
+            &self.metrics,
+            "/csi.v1.Controller/CreateSnapshot",
+            self.create_snapshot_(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+        observe(
+            &self.metrics,
+            "/csi.v1.Controller/DeleteSnapshot",
+            self.delete_snapshot_(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        observe(
+            &self.metrics,
+            "/csi.v1.Controller/ListSnapshots",
+            self.list_snapshots_(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<proto::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
+        observe(
+            &self.metrics,
+            "/csi.v1.Controller/ControllerExpandVolume",
+            self.expand(request.into_inner()),
+        )
+        .await
+    }
+
     async fn create_volume(
         &self,
         request: Request<proto::CreateVolumeRequest>,
@@ -356,10 +583,10 @@ impl Controller for ControllerService {
             "/csi.v1.Controller/ControllerGetCapabilities",
             async {
                 Ok(proto::ControllerGetCapabilitiesResponse {
-                    capabilities: CAPABILITIES
-                        .iter()
+                    capabilities: capabilities(&self.backends)
+                        .into_iter()
                         .map(|t| proto::ControllerServiceCapability {
-                            r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
+                            r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: t as i32 })),
                         })
                         .collect(),
                 })

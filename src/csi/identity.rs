@@ -11,15 +11,27 @@ use crate::metrics::Metrics;
 pub struct IdentityService {
     info: PluginInfo,
     controller: bool,
+    topology: bool,
+    expansion: bool,
     metrics: Arc<Metrics>,
 }
 
 impl IdentityService {
-    /// `controller`: advertise CONTROLLER_SERVICE (true where the Controller service runs).
-    pub fn new(info: PluginInfo, controller: bool, metrics: Arc<Metrics>) -> Self {
+    /// `controller`: advertise CONTROLLER_SERVICE (true where the Controller service runs);
+    /// `topology`: advertise VOLUME_ACCESSIBILITY_CONSTRAINTS (volumes tied to zones);
+    /// `expansion`: advertise online VolumeExpansion.
+    pub fn new(
+        info: PluginInfo,
+        controller: bool,
+        topology: bool,
+        expansion: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             info,
             controller,
+            topology,
+            expansion,
             metrics,
         }
     }
@@ -49,15 +61,23 @@ impl Identity for IdentityService {
             &self.metrics,
             "/csi.v1.Identity/GetPluginCapabilities",
             async {
-                let capabilities = self
-                    .controller
-                    .then(|| proto::PluginCapability {
-                        r#type: Some(pc::Type::Service(pc::Service {
-                            r#type: pc::service::Type::ControllerService as i32,
-                        })),
-                    })
-                    .into_iter()
-                    .collect();
+                let service = |t: pc::service::Type| proto::PluginCapability {
+                    r#type: Some(pc::Type::Service(pc::Service { r#type: t as i32 })),
+                };
+                let capabilities = [
+                    self.controller
+                        .then(|| service(pc::service::Type::ControllerService)),
+                    self.topology
+                        .then(|| service(pc::service::Type::VolumeAccessibilityConstraints)),
+                ]
+                .into_iter()
+                .flatten()
+                .chain(self.expansion.then(|| proto::PluginCapability {
+                    r#type: Some(pc::Type::VolumeExpansion(pc::VolumeExpansion {
+                        r#type: pc::volume_expansion::Type::Online as i32,
+                    })),
+                }))
+                .collect();
                 Ok(proto::GetPluginCapabilitiesResponse { capabilities })
             },
         )

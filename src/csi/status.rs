@@ -14,6 +14,7 @@ impl From<BackendError> for Status {
             BackendError::InvalidParameter(_) => Code::InvalidArgument,
             BackendError::OutOfRange(_) => Code::OutOfRange,
             BackendError::PermissionDenied(_) => Code::PermissionDenied,
+            BackendError::InUse(_) => Code::FailedPrecondition,
             BackendError::Exhausted(_) => Code::ResourceExhausted,
             BackendError::Unavailable(_) => Code::Unavailable,
             BackendError::Timeout(_) => Code::DeadlineExceeded,

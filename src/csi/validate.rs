@@ -97,6 +97,11 @@ pub fn capacity_range(range: Option<&proto::CapacityRange>) -> Result<CapacityRa
             "capacity_range bytes must not be negative",
         ));
     }
+    if range.required_bytes == 0 && range.limit_bytes == 0 {
+        return Err(Status::out_of_range(
+            "capacity_range must set required_bytes or limit_bytes (a volume of 0 bytes is not a volume); leave capacity_range out to get the default size",
+        ));
+    }
     let required = range.required_bytes as u64;
     let limit = (range.limit_bytes > 0).then_some(range.limit_bytes as u64);
     if let Some(limit) = limit
@@ -114,16 +119,54 @@ pub fn create_volume(request: &proto::CreateVolumeRequest) -> Result<CreateReque
     let name = required("name", &request.name)?.to_owned();
     let capabilities = capabilities(&request.volume_capabilities)?;
     let capacity = capacity_range(request.capacity_range.as_ref())?;
-    if request.volume_content_source.is_some() {
-        return Err(Status::invalid_argument(
-            "volume_content_source (snapshots and clones) is not supported by this driver",
-        ));
-    }
+    use proto::volume_content_source::Type as Source;
+    let source_snapshot = match request
+        .volume_content_source
+        .as_ref()
+        .and_then(|s| s.r#type.as_ref())
+    {
+        None if request.volume_content_source.is_none() => None,
+        Some(Source::Snapshot(snapshot)) => Some(
+            required(
+                "volume_content_source.snapshot.snapshot_id",
+                &snapshot.snapshot_id,
+            )?
+            .to_owned(),
+        ),
+        Some(Source::Volume(_)) => {
+            return Err(Status::invalid_argument(
+                "cloning volumes (volume_content_source.volume) is not supported; create a snapshot and a volume from it",
+            ));
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "volume_content_source has no type",
+            ));
+        }
+    };
+    let segments = |topologies: &[proto::Topology]| -> Vec<crate::volume::Segments> {
+        topologies.iter().map(|t| to_btree(&t.segments)).collect()
+    };
+    let accessibility = request
+        .accessibility_requirements
+        .as_ref()
+        .map(|a| crate::volume::Accessibility {
+            requisite: segments(&a.requisite),
+            preferred: segments(&a.preferred),
+        })
+        .unwrap_or_default();
+    // A VolumeAttributesClass at creation: its keys join the StorageClass parameters
+    // (and win), as they would after a ControllerModifyVolume.
+    let mut parameters = to_btree(&request.parameters);
+    parameters.extend(to_btree(&request.mutable_parameters));
     Ok(CreateRequest {
         name,
         capacity,
         capabilities,
-        parameters: to_btree(&request.parameters),
+        parameters,
+        accessibility,
+        secrets: to_btree(&request.secrets),
+        source_snapshot,
     })
 }
 
@@ -212,6 +255,11 @@ mod tests {
             limit_bytes,
         };
         assert_eq!(capacity_range(None).unwrap(), CapacityRange::default());
+        assert_eq!(
+            capacity_range(Some(&range(0, 0))).unwrap_err().code(),
+            Code::OutOfRange,
+            "a present range must set a size"
+        );
         assert_eq!(
             capacity_range(Some(&range(-1, 0))).unwrap_err().code(),
             Code::OutOfRange

@@ -3,8 +3,11 @@
 //! [`Mounter`] trait so handlers can be tested against a recording fake where the
 //! kernel can't do the real thing (NFS here). Knows nothing about CSI or backends.
 
+pub mod device;
+pub mod format;
+pub mod metadata;
 mod mounter;
 mod stats;
 
-pub use mounter::{MountError, Mounter, SystemMounter, mount_args, mount_points};
+pub use mounter::{MountError, Mounter, SystemMounter, mount_args, mount_entry, mount_points};
 pub use stats::{usage, usage_within};

@@ -59,6 +59,27 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Source and filesystem type of the mount at `target` in a `/proc/self/mountinfo` text
+/// (the last one, if stacked).
+pub fn mount_entry(mountinfo: &str, target: &Path) -> Option<(String, String)> {
+    mountinfo
+        .lines()
+        .rev()
+        .filter(|line| {
+            line.split(' ').nth(4).map(unescape_octal).as_deref()
+                == Some(&*target.to_string_lossy())
+        })
+        .filter_map(|line| {
+            // Fields after the " - " separator: fstype, source, super options.
+            let (_, rest) = line.split_once(" - ")?;
+            let mut fields = rest.split(' ');
+            let fs_type = fields.next()?.to_owned();
+            let source = unescape_octal(fields.next()?);
+            Some((source, fs_type))
+        })
+        .next()
+}
+
 fn unescape_octal(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -210,5 +231,10 @@ mod tests {
             mount_points(text),
             [PathBuf::from("/mnt/with space"), PathBuf::from("/proc")]
         );
+        assert_eq!(
+            mount_entry(text, Path::new("/mnt/with space")),
+            Some(("/dev/root".to_owned(), "ext3".to_owned()))
+        );
+        assert_eq!(mount_entry(text, Path::new("/nope")), None);
     }
 }

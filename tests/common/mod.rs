@@ -227,3 +227,7 @@ impl Ganesha {
         assert!(status.success(), "{} failed", script.display());
     }
 }
+
+pub mod fault_proxy;
+pub mod hypervisor;
+pub mod moto;

@@ -148,6 +148,8 @@ impl NfsBackend {
             id: id.encode(),
             capacity_bytes,
             context,
+            topology: vec![],
+            source_snapshot: None,
         }
     }
 
@@ -246,6 +248,11 @@ impl Backend for NfsBackend {
     }
 
     async fn create_volume(&self, request: &CreateRequest) -> Result<Volume, BackendError> {
+        if let Some(snapshot) = &request.source_snapshot {
+            return Err(BackendError::InvalidParameter(format!(
+                "NFS volumes can't be created from snapshots (asked for {snapshot})"
+            )));
+        }
         let placement = params::placement(&request.name, &request.parameters, self.has_default())
             .map_err(BackendError::InvalidParameter)?;
         let export = self.export(&placement.server, &placement.share).await?;

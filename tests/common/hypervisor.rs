@@ -1,0 +1,209 @@
+//! Plays the EC2 hypervisor of one instance on this host: volumes that the emulator
+//! says are attached to the instance become real loop devices, named the way a Nitro
+//! instance's udev names EBS volumes:
+//! `<by_id_dir>/nvme-Amazon_Elastic_Block_Store_vol0abc…` → `/dev/loopN`
+//! (serial = volume id without the dash).
+//!
+//! No background polling: the test calls [`Hypervisor::sync`] after whatever changed
+//! the attachments (ControllerPublish/Unpublish, raw AttachVolume …). Each volume is
+//! backed by a sparse image `<images_dir>/<volume id>.img` of the volume's size,
+//! kept across detach and re-attach (data survives, as on EBS), grown when the volume
+//! grows, and deleted when the volume is deleted or the hypervisor dropped. Drop
+//! detaches every loop device it made. Needs root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::moto::Ec2Query;
+
+pub const GIB: u64 = 1 << 30;
+
+/// `nvme-Amazon_Elastic_Block_Store_vol0abc` for `vol-0abc`.
+pub fn by_id_name(volume_id: &str) -> String {
+    format!(
+        "nvme-Amazon_Elastic_Block_Store_{}",
+        volume_id.replacen('-', "", 1)
+    )
+}
+
+pub struct Hypervisor {
+    ec2: Ec2Query,
+    instance_id: String,
+    by_id_dir: PathBuf,
+    images_dir: PathBuf,
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// volume id → loop device, for the volumes attached now.
+    devices: BTreeMap<String, PathBuf>,
+    /// Volumes whose image this hypervisor created (attached or not).
+    images: BTreeSet<String>,
+}
+
+impl Hypervisor {
+    /// Creates `by_id_dir` and `images_dir` if needed. `moto_endpoint` is where the
+    /// attachments are read: moto itself, not a fault proxy.
+    pub fn new(
+        moto_endpoint: impl Into<String>,
+        instance_id: impl Into<String>,
+        by_id_dir: PathBuf,
+        images_dir: PathBuf,
+    ) -> Hypervisor {
+        std::fs::create_dir_all(&by_id_dir).unwrap();
+        std::fs::create_dir_all(&images_dir).unwrap();
+        Hypervisor {
+            ec2: Ec2Query::new(moto_endpoint),
+            instance_id: instance_id.into(),
+            by_id_dir,
+            images_dir,
+            state: Default::default(),
+        }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn by_id_dir(&self) -> &Path {
+        &self.by_id_dir
+    }
+
+    /// Where the by-id symlink of `volume_id` is (or would be).
+    pub fn link(&self, volume_id: &str) -> PathBuf {
+        self.by_id_dir.join(by_id_name(volume_id))
+    }
+
+    /// The loop device `volume_id` is attached as, per its by-id symlink.
+    pub fn device(&self, volume_id: &str) -> Option<PathBuf> {
+        std::fs::read_link(self.link(volume_id)).ok()
+    }
+
+    /// The backing image of `volume_id`.
+    pub fn image(&self, volume_id: &str) -> PathBuf {
+        self.images_dir.join(format!("{volume_id}.img"))
+    }
+
+    /// volume id → loop device, for the volumes attached as of the last `sync`.
+    pub async fn devices(&self) -> BTreeMap<String, PathBuf> {
+        self.state.lock().await.devices.clone()
+    }
+
+    /// Makes the host match the emulator: a loop device + by-id symlink for every
+    /// volume attached (`attaching`/`attached`) to the instance, none for the others.
+    pub async fn sync(&self) {
+        let volumes = self.ec2.describe_volumes().await;
+        let mut state = self.state.lock().await;
+        let wanted: BTreeMap<&str, u64> = volumes
+            .iter()
+            .filter(|v| {
+                v.attachments.iter().any(|a| {
+                    a.instance_id == self.instance_id
+                        && matches!(a.state.as_str(), "attaching" | "attached")
+                })
+            })
+            .map(|v| (v.id.as_str(), v.size_gib))
+            .collect();
+
+        let detached: Vec<String> = state
+            .devices
+            .keys()
+            .filter(|id| !wanted.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        for id in detached {
+            let device = state.devices.remove(&id).unwrap();
+            remove_link(&self.link(&id));
+            losetup(&["-d", path_str(&device)]).await;
+        }
+
+        let deleted: Vec<String> = state
+            .images
+            .iter()
+            .filter(|id| !volumes.iter().any(|v| &v.id == *id))
+            .cloned()
+            .collect();
+        for id in deleted {
+            state.images.remove(&id);
+            std::fs::remove_file(self.image(&id)).unwrap();
+        }
+
+        for (id, size_gib) in wanted {
+            let image = self.image(id);
+            let bytes = size_gib * GIB;
+            if state.images.insert(id.to_string()) {
+                let file = std::fs::File::create_new(&image)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", image.display()));
+                file.set_len(bytes).unwrap(); // sparse
+            } else if std::fs::metadata(&image).unwrap().len() < bytes {
+                // ModifyVolume grew it: grow the image and tell the loop driver.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .unwrap()
+                    .set_len(bytes)
+                    .unwrap();
+                if let Some(device) = state.devices.get(id) {
+                    losetup(&["-c", path_str(device)]).await;
+                }
+            }
+            if !state.devices.contains_key(id) {
+                let device = losetup(&["-f", "--show", path_str(&image)]).await;
+                let device = PathBuf::from(device.trim());
+                // Recorded first, so that Drop detaches it whatever happens next.
+                state.devices.insert(id.to_string(), device.clone());
+                let link = self.link(id);
+                remove_link(&link);
+                std::os::unix::fs::symlink(&device, &link)
+                    .unwrap_or_else(|e| panic!("symlink {}: {e}", link.display()));
+            }
+        }
+    }
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        let state = self.state.get_mut();
+        for (id, device) in std::mem::take(&mut state.devices) {
+            remove_link(&self.by_id_dir.join(by_id_name(&id)));
+            let status = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&device)
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("hypervisor: losetup -d {} failed", device.display());
+            }
+        }
+        for id in std::mem::take(&mut state.images) {
+            let _ = std::fs::remove_file(self.images_dir.join(format!("{id}.img")));
+        }
+    }
+}
+
+fn remove_link(link: &Path) {
+    match std::fs::remove_file(link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove {}: {e}", link.display()),
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Runs `losetup args…`, panics on failure, returns its stdout.
+async fn losetup(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("losetup")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("losetup {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "losetup {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}

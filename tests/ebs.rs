@@ -1,0 +1,826 @@
+//! The EBS backend through the real CSI server against a real EC2 emulator (moto),
+//! with a fault-injecting proxy in front of it and a test "hypervisor" that turns
+//! attachments into loop devices: validation before any EC2 call, idempotency by name,
+//! topology, attach/stage/publish on real ext4/xfs, throttling, creating→available,
+//! batched waits for concurrent creates, timeouts, snapshots, expansion, and a
+//! controller killed between EC2's answer and the CSI reply. Needs root.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::fault_proxy::FaultProxy;
+use common::hypervisor::Hypervisor;
+use common::moto::Moto;
+use common::*;
+use stowage::backend::ebs::EbsBackend;
+use stowage::backend::ebs::cloud::{Cloud, Ec2Settings};
+use stowage::backend::{Backend, Backends};
+use stowage::csi::channel;
+use stowage::csi::node::NodeConfig;
+use stowage::csi::proto::{self, controller_client::ControllerClient, node_client::NodeClient};
+use stowage::node::SystemMounter;
+use stowage::run::{Plan, Running, start};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ZONE: &str = "us-east-1a";
+
+struct Ebs {
+    moto: Moto,
+    proxy: FaultProxy,
+    hv: Hypervisor,
+    instance: String,
+    cloud: Arc<Cloud>,
+    running: Running,
+    channel: Channel,
+    dir: tempfile::TempDir,
+}
+
+impl Ebs {
+    async fn start(test: &str, max_attempts: u32) -> Option<Ebs> {
+        let moto = Moto::start(test)?;
+        let instance = moto.ec2().run_instance(ZONE).await;
+        let proxy = FaultProxy::start(&moto.endpoint()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Arc::new(
+            Cloud::new(Ec2Settings {
+                endpoint: Some(proxy.endpoint()),
+                static_credentials: Some(("test".into(), "test".into())),
+                max_attempts,
+                call_timeout: Duration::from_secs(2),
+                wait_timeout: Duration::from_secs(20),
+                wait_interval: (Duration::from_millis(20), Duration::from_millis(200)),
+                ..Ec2Settings::default()
+            })
+            .await,
+        );
+        let backend = EbsBackend::new(Arc::clone(&cloud), Some(ZONE.into()));
+        let hv = Hypervisor::new(
+            moto.endpoint(),
+            &instance,
+            dir.path().join("by-id"),
+            dir.path().join("images"),
+        );
+        let mut node = NodeConfig::new(instance.clone());
+        node.by_id_dir = dir.path().join("by-id");
+        node.topology = Some(BTreeMap::from([(
+            stowage::backend::ebs::ZONE_KEY.to_owned(),
+            ZONE.to_owned(),
+        )]));
+        node.max_volumes = 26;
+        node.device_wait = Duration::from_millis(200);
+        let running = start(Plan {
+            socket: dir.path().join("csi.sock"),
+            driver_name: "stowage.csi.dev".into(),
+            backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
+            controller: true,
+            node: Some(node),
+            mounter: Arc::new(SystemMounter::default()),
+            http_addr: None,
+            shutdown_grace: Duration::from_secs(2),
+        })
+        .await
+        .unwrap();
+        let channel = channel::connect(&running.socket).await.unwrap();
+        Some(Ebs {
+            moto,
+            proxy,
+            hv,
+            instance,
+            cloud,
+            running,
+            channel,
+            dir,
+        })
+    }
+
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel.clone())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    async fn stop(self) {
+        self.running.stop().await.unwrap();
+    }
+}
+
+fn ebs_request(name: &str, bytes: i64, parameters: &[(&str, &str)]) -> proto::CreateVolumeRequest {
+    create_request(name, bytes, parameters)
+}
+
+#[tokio::test]
+async fn bad_parameters_are_rejected_before_any_ec2_call() {
+    let Some(e) = Ebs::start("bad_parameters_are_rejected_before_any_ec2_call", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let cases: Vec<(proto::CreateVolumeRequest, &str)> = vec![
+        (ebs_request("bad-type", GIB, &[("type", "gp9")]), "type"),
+        (
+            ebs_request("bad-iops", 100 * GIB, &[("type", "gp3"), ("iops", "99999")]),
+            "iops",
+        ),
+        (
+            proto::CreateVolumeRequest {
+                capacity_range: Some(proto::CapacityRange {
+                    required_bytes: 0,
+                    limit_bytes: 0,
+                }),
+                ..ebs_request("size-zero", 0, &[])
+            },
+            "capacity",
+        ),
+        (
+            ebs_request("kms", GIB, &[("kmsKeyId", "arn:aws:kms:us-east-1:1:key/x")]),
+            "kmsKeyId",
+        ),
+        (ebs_request("unknown", GIB, &[("tpye", "gp3")]), "tpye"),
+    ];
+    for (request, key) in cases {
+        let name = request.name.clone();
+        let err = c.create_volume(request).await.unwrap_err();
+        assert!(
+            matches!(err.code(), Code::InvalidArgument | Code::OutOfRange),
+            "{name}: {err:?}"
+        );
+        assert!(
+            err.message().contains(key),
+            "{name}: message names `{key}`: {}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        e.moto.ec2().count_volumes().await,
+        0,
+        "no volume was created"
+    );
+    assert_eq!(
+        e.proxy.count("CreateVolume"),
+        0,
+        "no CreateVolume reached EC2"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn create_is_idempotent_by_name_and_tagged() {
+    let Some(e) = Ebs::start("create_is_idempotent_by_name_and_tagged", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let request = ebs_request("pvc-idem", 3 * GIB / 2, &[("type", "gp3")]);
+    let first = c
+        .create_volume(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        first.capacity_bytes,
+        2 * GIB,
+        "rounded up to whole GiB and reported"
+    );
+    for _ in 0..10 {
+        let again = c
+            .create_volume(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(again.volume_id, first.volume_id);
+    }
+    let volumes = e.moto.ec2().describe_volumes().await;
+    assert_eq!(volumes.len(), 1, "exactly one EC2 volume");
+    assert_eq!(
+        volumes[0].tags.get("CSIVolumeName").map(String::as_str),
+        Some("pvc-idem")
+    );
+    assert_eq!(
+        volumes[0]
+            .tags
+            .get("stowage.csi.dev/cluster")
+            .map(String::as_str),
+        Some("stowage")
+    );
+    assert_eq!(e.proxy.count("CreateVolume"), 1);
+    let bigger = ebs_request("pvc-idem", 4 * GIB, &[("type", "gp3")]);
+    assert_eq!(
+        c.create_volume(bigger).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let other_type = ebs_request("pvc-idem", 3 * GIB / 2, &[("type", "gp2")]);
+    assert_eq!(
+        c.create_volume(other_type).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    delete(&mut c, &first.volume_id).await;
+    delete(&mut c, &first.volume_id).await;
+    assert_eq!(e.moto.ec2().count_volumes().await, 0);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn topology_requirements_pick_the_zone() {
+    let Some(e) = Ebs::start("topology_requirements_pick_the_zone", 1).await else {
+        return;
+    };
+    let zone = |z: &str| proto::Topology {
+        segments: [(stowage::backend::ebs::ZONE_KEY.to_owned(), z.to_owned())].into(),
+    };
+    let request = proto::CreateVolumeRequest {
+        accessibility_requirements: Some(proto::TopologyRequirement {
+            requisite: vec![zone("us-east-1a"), zone("us-east-1b")],
+            preferred: vec![zone("us-east-1b")],
+        }),
+        ..ebs_request("pvc-zone", GIB, &[])
+    };
+    let volume = e
+        .controller()
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(volume.accessible_topology, vec![zone("us-east-1b")]);
+    let info = e.moto.ec2().volume(&volume.volume_id).await.unwrap();
+    assert_eq!(info.zone.as_deref(), Some("us-east-1b"));
+    let node = e
+        .node()
+        .node_get_info(proto::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.node_id, e.instance);
+    assert_eq!(node.accessible_topology, Some(zone(ZONE)));
+    assert_eq!(node.max_volumes_per_node, 26);
+    e.stop().await;
+}
+
+async fn publish_and_stage(
+    e: &Ebs,
+    volume: &proto::Volume,
+    fs: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut c = e.controller();
+    let mut n = e.node();
+    let mut capability = mount_capability();
+    if let Some(proto::volume_capability::AccessType::Mount(m)) = &mut capability.access_type {
+        m.fs_type = fs.into();
+    }
+    let published = c
+        .controller_publish_volume(proto::ControllerPublishVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            node_id: e.instance.clone(),
+            volume_capability: Some(capability.clone()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        published
+            .publish_context
+            .get("devicePath")
+            .is_some_and(|d| d.starts_with("/dev/xvd"))
+    );
+    e.hv.sync().await;
+    let staging = e.dir.path().join(format!("staging-{}", volume.volume_id));
+    let target = e
+        .dir
+        .path()
+        .join(format!("pods/{}/mount", volume.volume_id));
+    for _ in 0..3 {
+        n.node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            publish_context: published.publish_context.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(capability.clone()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    n.node_publish_volume(proto::NodePublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context: published.publish_context.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(capability),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (staging, target)
+}
+
+async fn unpublish_and_unstage(
+    e: &Ebs,
+    volume_id: &str,
+    staging: &std::path::Path,
+    target: &std::path::Path,
+) {
+    let mut n = e.node();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume_id.into(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(!is_mount_point(staging) && !is_mount_point(target) && !target.exists());
+    e.controller()
+        .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            node_id: e.instance.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    e.hv.sync().await;
+}
+
+fn blkid_type(device: &std::path::Path) -> String {
+    let out = std::process::Command::new("blkid")
+        .args(["-o", "value", "-s", "TYPE"])
+        .arg(device)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn attach_stage_publish_on_real_filesystems_and_data_survives_reattach() {
+    let Some(e) = Ebs::start("attach_stage_publish_on_real_filesystems", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    for fs in ["ext4", "xfs"] {
+        let name = format!("pvc-{fs}");
+        let params = [("csi.storage.k8s.io/fstype", fs)];
+        let volume = c
+            .create_volume(ebs_request(&name, GIB, &params))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let (staging, target) = publish_and_stage(&e, &volume, fs).await;
+        assert!(is_mount_point(&staging) && is_mount_point(&target));
+        let device =
+            e.hv.device(&volume.volume_id)
+                .expect("attached as a loop device");
+        assert_eq!(blkid_type(&device), fs, "formatted as asked");
+        std::fs::write(target.join("data"), fs).unwrap();
+        unpublish_and_unstage(&e, &volume.volume_id, &staging, &target).await;
+        assert!(e.hv.device(&volume.volume_id).is_none(), "detached");
+        assert!(
+            e.moto
+                .ec2()
+                .volume(&volume.volume_id)
+                .await
+                .unwrap()
+                .attachments
+                .is_empty()
+        );
+
+        // Attach again: the filesystem is found, not re-made, and the data is there.
+        let (staging, target) = publish_and_stage(&e, &volume, fs).await;
+        assert_eq!(std::fs::read_to_string(target.join("data")).unwrap(), fs);
+        unpublish_and_unstage(&e, &volume.volume_id, &staging, &target).await;
+        delete(&mut c, &volume.volume_id).await;
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn publish_errors_and_in_use_deletes() {
+    let Some(e) = Ebs::start("publish_errors_and_in_use_deletes", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let volume = create(&mut c, "pvc-pub", &[]).await;
+    let publish = |node: &str| proto::ControllerPublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(mount_capability()),
+        ..Default::default()
+    };
+    let err = c
+        .controller_publish_volume(publish("i-0000000000000dead"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let first = c
+        .controller_publish_volume(publish(&e.instance))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = c
+        .controller_publish_volume(publish(&e.instance))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.publish_context, again.publish_context,
+        "publish is idempotent"
+    );
+    let other = e.moto.ec2().run_instance(ZONE).await;
+    let err = c
+        .controller_publish_volume(publish(&other))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "attached elsewhere: {err:?}"
+    );
+    let err = c
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "deleting an attached volume: {err:?}"
+    );
+    // A second volume gets another device name.
+    let second = create(&mut c, "pvc-pub-2", &[]).await;
+    let second_ctx = c
+        .controller_publish_volume(proto::ControllerPublishVolumeRequest {
+            volume_id: second.volume_id.clone(),
+            ..publish(&e.instance)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        first.publish_context["devicePath"],
+        second_ctx.publish_context["devicePath"]
+    );
+    for v in [&volume, &second] {
+        for _ in 0..2 {
+            c.controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: e.instance.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        delete(&mut c, &v.volume_id).await;
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_is_retried_and_creating_is_waited_for() {
+    let Some(e) = Ebs::start("throttling_is_retried_and_creating_is_waited_for", 3).await else {
+        return;
+    };
+    let mut c = e.controller();
+    e.proxy.throttle("CreateVolume", 2);
+    e.proxy.creating(3);
+    let volume = create(&mut c, "pvc-throttled", &[]).await;
+    assert_eq!(
+        e.proxy.count("CreateVolume"),
+        3,
+        "two throttled attempts, one that went through"
+    );
+    assert_eq!(e.moto.ec2().count_volumes().await, 1);
+    assert_eq!(e.proxy.unfired(), 0, "every programmed fault fired");
+    let info = e.moto.ec2().volume(&volume.volume_id).await.unwrap();
+    assert_eq!(info.state, "available");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_creates_share_their_describe_calls() {
+    let Some(e) = Ebs::start("fifty_concurrent_creates_share_their_describe_calls", 3).await else {
+        return;
+    };
+    e.proxy.creating(5);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut c = e.controller();
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(ebs_request(&format!("pvc-many-{i}"), GIB, &[]))
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("create");
+    }
+    let counts = e.proxy.counts();
+    assert_eq!(counts.get("CreateVolume"), Some(&50), "{counts:?}");
+    let describes = counts.get("DescribeVolumes").copied().unwrap_or(0);
+    assert!(
+        describes <= 10,
+        "≤ 0.2 DescribeVolumes per volume, got {describes}: {counts:?}"
+    );
+    assert_eq!(e.moto.ec2().count_volumes().await, 50);
+    let by_action = e.cloud.call_counts();
+    assert_eq!(
+        by_action.get("CreateVolume"),
+        Some(&50),
+        "the SDK interceptor counts too: {by_action:?}"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_call_is_an_error_and_the_retry_makes_one_volume() {
+    let Some(e) = Ebs::start("a_timed_out_call_is_an_error", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    e.proxy
+        .delay_response("CreateVolume", 1, Duration::from_secs(4));
+    let err = c
+        .create_volume(ebs_request("pvc-slow", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
+        "{err:?}"
+    );
+    // EC2 acted on the call; moto ignores ClientToken, so only stowage's own lookup
+    // can keep the retry from creating a second volume.
+    let volume = create(&mut c, "pvc-slow", &[]).await;
+    let named: Vec<_> = e
+        .moto
+        .ec2()
+        .describe_volumes()
+        .await
+        .into_iter()
+        .filter(|v| v.tags.get("CSIVolumeName").map(String::as_str) == Some("pvc-slow"))
+        .collect();
+    assert_eq!(named.len(), 1, "exactly one volume: {named:?}");
+    assert_eq!(named[0].id, volume.volume_id);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_and_volumes_from_them() {
+    let Some(e) = Ebs::start("snapshots_and_volumes_from_them", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let source = create(&mut c, "pvc-src", &[]).await;
+    let snap = |name: &str, source: &str| proto::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let first = c
+        .create_snapshot(snap("snap-a", &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let again = c
+        .create_snapshot(snap("snap-a", &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(first.snapshot_id, again.snapshot_id);
+    assert!(first.ready_to_use && first.creation_time.is_some());
+    let other = create(&mut c, "pvc-other", &[]).await;
+    assert_eq!(
+        c.create_snapshot(snap("snap-a", &other.volume_id))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    let listed = c
+        .list_snapshots(proto::ListSnapshotsRequest {
+            source_volume_id: source.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    let restored = c
+        .create_volume(proto::CreateVolumeRequest {
+            volume_content_source: Some(proto::VolumeContentSource {
+                r#type: Some(proto::volume_content_source::Type::Snapshot(
+                    proto::volume_content_source::SnapshotSource {
+                        snapshot_id: first.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..ebs_request("pvc-restored", GIB, &[])
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(restored.content_source.is_some());
+    let missing = proto::CreateVolumeRequest {
+        volume_content_source: Some(proto::VolumeContentSource {
+            r#type: Some(proto::volume_content_source::Type::Snapshot(
+                proto::volume_content_source::SnapshotSource {
+                    snapshot_id: "snap-0123456789abcdef0".into(),
+                },
+            )),
+        }),
+        ..ebs_request("pvc-nosnap", GIB, &[])
+    };
+    assert_eq!(
+        c.create_volume(missing).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    for _ in 0..2 {
+        c.delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: first.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn expansion_grows_the_volume_and_the_filesystem() {
+    let Some(e) = Ebs::start("expansion_grows_the_volume_and_the_filesystem", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    // xfs: online ext4 growth needs CAP_SYS_RESOURCE, which this sandbox withholds
+    // even from root (resize2fs answers EPERM); xfs_growfs has no such need.
+    let params = [("csi.storage.k8s.io/fstype", "xfs")];
+    let volume = c
+        .create_volume(ebs_request("pvc-grow", GIB, &params))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (staging, target) = publish_and_stage(&e, &volume, "xfs").await;
+    let before = stowage::node::usage(&target).unwrap().bytes_total;
+    let expanded = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 2 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 2 * GIB);
+    assert!(expanded.node_expansion_required);
+    assert_eq!(
+        e.moto
+            .ec2()
+            .volume(&volume.volume_id)
+            .await
+            .unwrap()
+            .size_gib,
+        2
+    );
+    // The hypervisor's part: the disk grows.
+    e.hv.sync().await;
+    e.node()
+        .node_expand_volume(proto::NodeExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 2 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let after = stowage::node::usage(&target).unwrap().bytes_total;
+    assert!(
+        after > before + (GIB as u64) / 2,
+        "filesystem grew: {before} → {after}"
+    );
+    unpublish_and_unstage(&e, &volume.volume_id, &staging, &target).await;
+    e.stop().await;
+}
+
+/// Poll until a CSI server answers Probe on `socket` (bounded).
+async fn wait_ready(socket: &std::path::Path) -> Channel {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(channel) = channel::connect(socket).await {
+            let mut identity = proto::identity_client::IdentityClient::new(channel.clone());
+            if identity.probe(proto::ProbeRequest {}).await.is_ok() {
+                return channel;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stowage did not start serving {}",
+            socket.display()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The crash window that matters most: EC2 created the volume, the controller dies
+/// before it can answer. After a restart, the provisioner's retry must find that
+/// volume (moto ignores ClientToken, so stowage's own lookup is what prevents a
+/// duplicate).
+#[tokio::test]
+async fn controller_killed_after_ec2_answers_leaves_exactly_one_volume() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(moto) = Moto::start("controller_killed_after_ec2_answers") else {
+        return;
+    };
+    let proxy = FaultProxy::start(&moto.endpoint()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args([
+                "controller",
+                "--backend",
+                "ebs",
+                "--ebs-endpoint",
+                &proxy.endpoint(),
+                "--zone",
+                ZONE,
+            ])
+            .args([
+                "--endpoint",
+                &format!("unix://{}", socket.display()),
+                "--ec2-max-attempts",
+                "1",
+            ])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let channel = wait_ready(&socket).await;
+    proxy.delay_response("CreateVolume", 1, Duration::from_secs(60));
+    let mut client = ControllerClient::new(channel);
+    let call = tokio::spawn(async move {
+        client
+            .create_volume(ebs_request("pvc-crash", GIB, &[]))
+            .await
+    });
+    // EC2 has acted once the emulator holds the volume; its answer is still held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while moto.ec2().count_volumes().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CreateVolume never reached EC2"
+        );
+    }
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
+    first.wait().unwrap();
+    assert!(call.await.unwrap().is_err(), "the caller got no answer");
+
+    let mut second = spawn();
+    let mut client = ControllerClient::new(wait_ready(&socket).await);
+    let volume = client
+        .create_volume(ebs_request("pvc-crash", GIB, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let volumes = moto.ec2().describe_volumes().await;
+    assert_eq!(volumes.len(), 1, "no duplicate: {volumes:?}");
+    assert_eq!(volumes[0].id, volume.volume_id);
+    kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).unwrap();
+    second.wait().unwrap();
+}

@@ -16,6 +16,49 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiCallLabels {
+    backend: String,
+    action: String,
+}
+
+/// Reads cloud API call counts at scrape time: (backend, action, calls).
+type ApiCallSource = Box<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>;
+
+/// Exposes `stowage_cloud_api_calls_total{backend,action}` from counters kept by the
+/// backends (the EBS backend counts each EC2 HTTP attempt in an SDK interceptor).
+struct ApiCalls(ApiCallSource);
+
+impl std::fmt::Debug for ApiCalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiCalls")
+    }
+}
+
+impl prometheus_client::collector::Collector for ApiCalls {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::TypedMetric;
+        use prometheus_client::metrics::counter::Counter;
+        let family = Family::<ApiCallLabels, Counter>::default();
+        for (backend, action, calls) in (self.0)() {
+            family
+                .get_or_create(&ApiCallLabels { backend, action })
+                .inc_by(calls);
+        }
+        let metric = encoder.encode_descriptor(
+            "stowage_cloud_api_calls",
+            "Cloud API calls made by the backends, by action (retries included)",
+            None,
+            <Family<ApiCallLabels, Counter> as TypedMetric>::TYPE,
+        )?;
+        family.encode(metric)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     driver_name: String,
     method_name: String,
@@ -62,6 +105,17 @@ impl Metrics {
                 grpc_status_code: status_code.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Export cloud API call counts read from `source` at every scrape.
+    pub fn register_api_calls(
+        &self,
+        source: impl Fn() -> Vec<(String, String, u64)> + Send + Sync + 'static,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(ApiCalls(Box::new(source))));
     }
 
     /// The text exposition format.
@@ -119,6 +173,28 @@ mod tests {
         let text = metrics.encode();
         assert!(
             text.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Controller/CreateVolume",grpc_status_code="OK"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cloud_api_calls_are_read_at_scrape_time() {
+        let metrics = Metrics::new("stowage.csi.dev");
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let source = std::sync::Arc::clone(&calls);
+        metrics.register_api_calls(move || {
+            vec![(
+                "ebs".into(),
+                "CreateVolume".into(),
+                source.load(std::sync::atomic::Ordering::Relaxed),
+            )]
+        });
+        calls.store(7, std::sync::atomic::Ordering::Relaxed);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"stowage_cloud_api_calls_total{backend="ebs",action="CreateVolume"} 7"#
+            ),
             "{text}"
         );
     }

@@ -119,6 +119,17 @@ async fn spawn_csi_thread(
 /// Bind and serve a plan.
 pub async fn start(plan: Plan) -> anyhow::Result<Running> {
     let metrics = Metrics::new(&plan.driver_name);
+    let counted = plan.backends.clone();
+    metrics.register_api_calls(move || {
+        counted
+            .iter()
+            .flat_map(|b| {
+                b.api_calls()
+                    .into_iter()
+                    .map(|(action, calls)| (b.kind().to_owned(), action, calls))
+            })
+            .collect()
+    });
     let info = PluginInfo {
         name: plan.driver_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -133,6 +133,11 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Cloud API calls made so far, by action (for metrics); empty when not counted.
+    fn api_calls(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
+
     /// Can volumes of this backend grow (ControllerExpandVolume)?
     fn can_expand(&self) -> bool {
         false

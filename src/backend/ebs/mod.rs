@@ -228,6 +228,10 @@ impl Backend for EbsBackend {
         true
     }
 
+    fn api_calls(&self) -> BTreeMap<String, u64> {
+        self.cloud.call_counts()
+    }
+
     fn can_snapshot(&self) -> bool {
         true
     }

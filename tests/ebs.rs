@@ -824,3 +824,100 @@ async fn controller_killed_after_ec2_answers_leaves_exactly_one_volume() {
     kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).unwrap();
     second.wait().unwrap();
 }
+
+#[tokio::test]
+async fn raw_block_publish_binds_the_device_itself() {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(e) = Ebs::start("raw_block_publish_binds_the_device_itself", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let request = proto::CreateVolumeRequest {
+        volume_capabilities: vec![block_capability()],
+        ..ebs_request("pvc-block", GIB, &[])
+    };
+    let volume = c
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let published = c
+        .controller_publish_volume(proto::ControllerPublishVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            node_id: e.instance.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    e.hv.sync().await;
+    let staging = e.dir.path().join("block-staging");
+    let target = e.dir.path().join("pods/block/dev");
+    let mut n = e.node();
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context: published.publish_context.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !is_mount_point(&staging),
+        "raw block volumes are not mounted at staging"
+    );
+    n.node_publish_volume(proto::NodePublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context: published.publish_context,
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert!(
+        meta.file_type().is_block_device(),
+        "the target is the device"
+    );
+    let device = e.hv.device(&volume.volume_id).unwrap();
+    assert_eq!(
+        blkid_type(&device),
+        "",
+        "a raw block volume is never formatted"
+    );
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(!target.exists());
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_token_reused_with_other_parameters_is_already_exists() {
+    let Some(e) = Ebs::start("a_client_token_reused_with_other_parameters", 1).await else {
+        return;
+    };
+    e.proxy.idempotent_mismatch(1);
+    let err = e
+        .controller()
+        .create_volume(ebs_request("pvc-token", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("IdempotentParameterMismatch"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(e.moto.ec2().count_volumes().await, 0);
+    e.stop().await;
+}

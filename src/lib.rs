@@ -8,10 +8,12 @@
 //! - [`volume`]: domain types, free of tonic/kube/backend crates.
 //! - [`csi`]: the gRPC layer, one file per CSI service; validation, the in-flight
 //!   guard and the one error mapping. Never calls NFS/AWS/Kubernetes directly.
-//! - [`backend`]: the `Backend` trait and the NFS backend (with the embedded NFS
-//!   server of `stowage local`).
-//! - [`node`]: mounting and filesystem statistics on the node.
-//! - [`bench`]: `stowage bench`, CreateVolume/DeleteVolume throughput and latency.
+//! - [`backend`]: the `Backend` trait, the NFS backend (with the embedded NFS server
+//!   of `stowage local`) and the EBS backend (aws-sdk-ec2).
+//! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata and
+//!   filesystem statistics on the node.
+//! - [`bench`]: `stowage bench`, NFS CreateVolume latency and pairs/s; EBS concurrent
+//!   CreateVolume with EC2 calls per volume.
 #![forbid(unsafe_code)]
 
 pub mod backend;

@@ -29,10 +29,11 @@ use crate::node::metadata::{InstanceMetadata, metadata};
 use crate::node::{Mounter, SystemMounter};
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
+    // Signals are caught before anything serves (a bench keeps the default action).
     match command {
-        Command::Controller(args) => controller(args).await,
-        Command::Node(args) => node(args).await,
-        Command::Local(args) => local(args).await,
+        Command::Controller(args) => controller(args, ShutdownSignals::new()?).await,
+        Command::Node(args) => node(args, ShutdownSignals::new()?).await,
+        Command::Local(args) => local(args, ShutdownSignals::new()?).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -208,21 +209,35 @@ impl Running {
     }
 
     /// Serve until SIGINT/SIGTERM, then stop.
-    pub async fn until_signal(self) -> anyhow::Result<()> {
-        shutdown_signal().await?;
+    pub async fn until_signal(self, signals: ShutdownSignals) -> anyhow::Result<()> {
+        signals.wait().await;
         tracing::info!("shutting down");
         self.stop().await
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, caught from the moment this is made: before anything serves,
+/// so a signal that arrives early is never the default "terminate at once".
+pub struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 fn client_config(nfs: &NfsArgs) -> ClientConfig {
@@ -348,7 +363,7 @@ async fn node_config(
     Ok(config)
 }
 
-async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let nfs = nfs_backend(&args.nfs, None).await?;
     let running = start(Plan {
         socket: socket(&args.common, "controller")?,
@@ -362,10 +377,10 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), "controller serving");
-    running.until_signal().await
+    running.until_signal(signals).await
 }
 
-async fn node(args: NodeArgs) -> anyhow::Result<()> {
+async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let nfs = nfs_backend(&args.nfs, None).await?;
     let node = node_config(&args.backends, args.node_id.clone(), &args.ebs).await?;
     let node_id = node.node_id.clone();
@@ -381,7 +396,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), node = %node_id, "node plugin serving");
-    running.until_signal().await
+    running.until_signal(signals).await
 }
 
 /// `stowage local` up and running: the CSI socket plus the embedded NFS server.
@@ -426,7 +441,7 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
     Ok(LocalStack { running, nfs })
 }
 
-async fn local(args: LocalArgs) -> anyhow::Result<()> {
+async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let stack = start_local(args).await?;
     println!(
         "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {})",
@@ -438,7 +453,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     if let Some(addr) = stack.running.http_addr {
         println!("stowage local: metrics on http://{addr}/metrics");
     }
-    let result = stack.running.until_signal().await;
+    let result = stack.running.until_signal(signals).await;
     stack.nfs.shutdown().await;
     result
 }

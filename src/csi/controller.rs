@@ -103,6 +103,39 @@ fn to_proto(volume: Volume) -> proto::Volume {
     }
 }
 
+/// One page of `items` (sorted by id here) after `starting_token`, at most
+/// `max_entries` (0 = all), and the token for the next page ("" when done). Shared by
+/// ListVolumes and ListSnapshots.
+fn page<T>(
+    mut items: Vec<T>,
+    id: impl Fn(&T) -> &str,
+    max_entries: i32,
+    starting_token: &str,
+) -> Result<(Vec<T>, String), Status> {
+    if max_entries < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    let after = match starting_token {
+        "" => None,
+        token => Some(decode_token(token)?),
+    };
+    items.sort_by(|a, b| id(a).cmp(id(b)));
+    let start = after.map_or(0, |after| {
+        items.partition_point(|i| id(i) <= after.as_str())
+    });
+    let remaining = items.len() - start;
+    let limit = match max_entries {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let page: Vec<T> = items.drain(start..).take(limit).collect();
+    let next_token = match page.last() {
+        Some(last) if remaining > page.len() => encode_token(id(last)),
+        _ => String::new(),
+    };
+    Ok((page, next_token))
+}
+
 /// ListVolumes paging token: the hex of the last volume id returned.
 fn encode_token(volume_id: &str) -> String {
     volume_id.bytes().map(|b| format!("{b:02x}")).collect()
@@ -200,29 +233,23 @@ impl ControllerService {
         &self,
         request: proto::ListVolumesRequest,
     ) -> Result<proto::ListVolumesResponse, Status> {
-        if request.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
-        }
-        let after = match request.starting_token.as_str() {
-            "" => None,
-            token => Some(decode_token(token)?),
-        };
+        // Check the token before asking the backends anything.
+        page(
+            Vec::<Volume>::new(),
+            |v| &v.id,
+            request.max_entries,
+            &request.starting_token,
+        )?;
         let mut volumes = Vec::new();
         for backend in self.backends.iter() {
             volumes.extend(backend.list_volumes().await?);
         }
-        volumes.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = after.map_or(0, |after| volumes.partition_point(|v| v.id <= after));
-        let limit = match request.max_entries {
-            0 => usize::MAX,
-            n => n as usize,
-        };
-        let remaining = volumes.len() - start;
-        let page: Vec<Volume> = volumes.drain(start..).take(limit).collect();
-        let next_token = match page.last() {
-            Some(last) if remaining > page.len() => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let (page, next_token) = page(
+            volumes,
+            |v| &v.id,
+            request.max_entries,
+            &request.starting_token,
+        )?;
         Ok(proto::ListVolumesResponse {
             entries: page
                 .into_iter()
@@ -341,13 +368,12 @@ impl ControllerService {
         &self,
         request: proto::ListSnapshotsRequest,
     ) -> Result<proto::ListSnapshotsResponse, Status> {
-        if request.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
-        }
-        let after = match request.starting_token.as_str() {
-            "" => None,
-            token => Some(decode_token(token)?),
-        };
+        page(
+            Vec::<Snapshot>::new(),
+            |s| &s.id,
+            request.max_entries,
+            &request.starting_token,
+        )?;
         let mut snapshots = Vec::new();
         for backend in self.backends.iter().filter(|b| b.can_snapshot()) {
             snapshots.extend(backend.list_snapshots().await?);
@@ -357,18 +383,12 @@ impl ControllerService {
                 && (request.source_volume_id.is_empty()
                     || s.source_volume_id == request.source_volume_id)
         });
-        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = after.map_or(0, |after| snapshots.partition_point(|s| s.id <= after));
-        let remaining = snapshots.len() - start;
-        let limit = match request.max_entries {
-            0 => usize::MAX,
-            n => n as usize,
-        };
-        let page: Vec<Snapshot> = snapshots.drain(start..).take(limit).collect();
-        let next_token = match page.last() {
-            Some(last) if remaining > page.len() => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let (page, next_token) = page(
+            snapshots,
+            |s| &s.id,
+            request.max_entries,
+            &request.starting_token,
+        )?;
         Ok(proto::ListSnapshotsResponse {
             entries: page
                 .into_iter()

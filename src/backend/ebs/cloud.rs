@@ -86,18 +86,21 @@ pub struct CloudVolume {
     pub tags: BTreeMap<String, String>,
 }
 
+/// EC2 tags as a map (tags without a key are dropped).
+fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
 impl CloudVolume {
     fn from_ec2(v: &Ec2Volume) -> Self {
-        let tags: BTreeMap<String, String> = v
-            .tags()
-            .iter()
-            .filter_map(|t| {
-                Some((
-                    t.key()?.to_owned(),
-                    t.value().unwrap_or_default().to_owned(),
-                ))
-            })
-            .collect();
+        let tags = tag_map(v.tags());
         Self {
             id: v.volume_id().unwrap_or_default().to_owned(),
             name: tags.get(NAME_TAG).cloned(),
@@ -502,16 +505,7 @@ impl Cloud {
             encrypted: out.encrypted().unwrap_or(false),
             kms_key_id: out.kms_key_id().map(str::to_owned),
             attachments: vec![],
-            tags: out
-                .tags()
-                .iter()
-                .filter_map(|t| {
-                    Some((
-                        t.key()?.to_owned(),
-                        t.value().unwrap_or_default().to_owned(),
-                    ))
-                })
-                .collect(),
+            tags: tag_map(out.tags()),
         })
     }
 

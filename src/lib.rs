@@ -12,7 +12,9 @@
 //!   of `stowage local`) and the EBS backend (aws-sdk-ec2).
 //! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata and
 //!   filesystem statistics on the node.
-//! - [`bench`]: `stowage bench`, NFS CreateVolume latency and pairs/s; EBS concurrent
+//! - [`provisioner`]: the external-provisioner-style loops; [`provisioner::rules`] holds
+//!   their pure decisions and object builders (k8s-openapi types only, no I/O).
+//! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS concurrent
 //!   CreateVolume with EC2 calls per volume.
 #![forbid(unsafe_code)]
 
@@ -22,6 +24,7 @@ pub mod config;
 pub mod csi;
 pub mod metrics;
 pub mod node;
+pub mod provisioner;
 pub mod run;
 pub mod telemetry;
 pub mod volume;

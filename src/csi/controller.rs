@@ -103,15 +103,14 @@ fn to_proto(volume: Volume) -> proto::Volume {
     }
 }
 
-/// One page of `items` (sorted by id here) after `starting_token`, at most
-/// `max_entries` (0 = all), and the token for the next page ("" when done). Shared by
-/// ListVolumes and ListSnapshots.
-fn page<T>(
-    mut items: Vec<T>,
-    id: impl Fn(&T) -> &str,
-    max_entries: i32,
-    starting_token: &str,
-) -> Result<(Vec<T>, String), Status> {
+/// A checked List* paging request: where to start and how many to return.
+struct Paging {
+    after: Option<String>,
+    limit: usize,
+}
+
+/// Check `max_entries` and `starting_token` before any backend is asked.
+fn paging(max_entries: i32, starting_token: &str) -> Result<Paging, Status> {
     if max_entries < 0 {
         return Err(Status::invalid_argument("max_entries must not be negative"));
     }
@@ -119,21 +118,28 @@ fn page<T>(
         "" => None,
         token => Some(decode_token(token)?),
     };
-    items.sort_by(|a, b| id(a).cmp(id(b)));
-    let start = after.map_or(0, |after| {
-        items.partition_point(|i| id(i) <= after.as_str())
-    });
-    let remaining = items.len() - start;
     let limit = match max_entries {
         0 => usize::MAX,
         n => n as usize,
     };
-    let page: Vec<T> = items.drain(start..).take(limit).collect();
+    Ok(Paging { after, limit })
+}
+
+/// One page of `items` (sorted by id here) and the token for the next page ("" when
+/// done). Shared by ListVolumes and ListSnapshots.
+fn page<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, paging: &Paging) -> (Vec<T>, String) {
+    items.sort_by(|a, b| id(a).cmp(id(b)));
+    let start = paging
+        .after
+        .as_deref()
+        .map_or(0, |after| items.partition_point(|i| id(i) <= after));
+    let remaining = items.len() - start;
+    let page: Vec<T> = items.drain(start..).take(paging.limit).collect();
     let next_token = match page.last() {
         Some(last) if remaining > page.len() => encode_token(id(last)),
         _ => String::new(),
     };
-    Ok((page, next_token))
+    (page, next_token)
 }
 
 /// ListVolumes paging token: the hex of the last volume id returned.
@@ -233,23 +239,12 @@ impl ControllerService {
         &self,
         request: proto::ListVolumesRequest,
     ) -> Result<proto::ListVolumesResponse, Status> {
-        // Check the token before asking the backends anything.
-        page(
-            Vec::<Volume>::new(),
-            |v| &v.id,
-            request.max_entries,
-            &request.starting_token,
-        )?;
+        let paging = paging(request.max_entries, &request.starting_token)?;
         let mut volumes = Vec::new();
         for backend in self.backends.iter() {
             volumes.extend(backend.list_volumes().await?);
         }
-        let (page, next_token) = page(
-            volumes,
-            |v| &v.id,
-            request.max_entries,
-            &request.starting_token,
-        )?;
+        let (page, next_token) = page(volumes, |v| &v.id, &paging);
         Ok(proto::ListVolumesResponse {
             entries: page
                 .into_iter()
@@ -368,12 +363,7 @@ impl ControllerService {
         &self,
         request: proto::ListSnapshotsRequest,
     ) -> Result<proto::ListSnapshotsResponse, Status> {
-        page(
-            Vec::<Snapshot>::new(),
-            |s| &s.id,
-            request.max_entries,
-            &request.starting_token,
-        )?;
+        let paging = paging(request.max_entries, &request.starting_token)?;
         let mut snapshots = Vec::new();
         for backend in self.backends.iter().filter(|b| b.can_snapshot()) {
             snapshots.extend(backend.list_snapshots().await?);
@@ -383,12 +373,7 @@ impl ControllerService {
                 && (request.source_volume_id.is_empty()
                     || s.source_volume_id == request.source_volume_id)
         });
-        let (page, next_token) = page(
-            snapshots,
-            |s| &s.id,
-            request.max_entries,
-            &request.starting_token,
-        )?;
+        let (page, next_token) = page(snapshots, |s| &s.id, &paging);
         Ok(proto::ListSnapshotsResponse {
             entries: page
                 .into_iter()

@@ -136,11 +136,11 @@ pub struct EbsArgs {
     pub ec2_timeout: Duration,
 }
 
+/// Which backends a role serves and their settings (the same for every role).
 #[derive(Debug, Clone, Args)]
-pub struct ControllerArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// Storage backends to serve (repeatable); the first is the default.
+pub struct StorageArgs {
+    /// Storage backends to serve (repeatable or comma-separated); the first is the
+    /// default. EBS in `local` mode needs --ebs-endpoint (an emulator) or AWS credentials.
     #[arg(
         long = "backend",
         env = "BACKENDS",
@@ -156,22 +156,19 @@ pub struct ControllerArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Storage backends to serve (repeatable); the first is the default.
-    #[arg(
-        long = "backend",
-        env = "BACKENDS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "nfs"
-    )]
-    pub backends: Vec<BackendKind>,
     #[command(flatten)]
-    pub nfs: NfsArgs,
-    #[command(flatten)]
-    pub ebs: EbsArgs,
+    pub storage: StorageArgs,
     /// This node's id: the Kubernetes node name for NFS; with EBS it must be the
     /// instance id (defaults to it).
     #[arg(long, env = "NODE_ID")]
@@ -182,20 +179,8 @@ pub struct NodeArgs {
 pub struct LocalArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Storage backends to serve (repeatable); the first is the default. EBS in local
-    /// mode needs --ebs-endpoint (an emulator) or AWS credentials.
-    #[arg(
-        long = "backend",
-        env = "BACKENDS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "nfs"
-    )]
-    pub backends: Vec<BackendKind>,
     #[command(flatten)]
-    pub nfs: NfsArgs,
-    #[command(flatten)]
-    pub ebs: EbsArgs,
+    pub storage: StorageArgs,
     /// This node's id; defaults to the host name.
     #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,
@@ -234,7 +219,7 @@ mod tests {
         };
         assert_eq!(args.data_dir, PathBuf::from("./stowage-data"));
         assert_eq!(args.common.driver_name, DEFAULT_DRIVER_NAME);
-        assert_eq!(args.nfs.nfs_timeout, Duration::from_secs(10));
+        assert_eq!(args.storage.nfs.nfs_timeout, Duration::from_secs(10));
     }
 
     #[test]

@@ -364,11 +364,11 @@ async fn node_config(
 }
 
 async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
-    let nfs = nfs_backend(&args.nfs, None).await?;
+    let nfs = nfs_backend(&args.storage.nfs, None).await?;
     let running = start(Plan {
         socket: socket(&args.common, "controller")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(&args.backends, Some(nfs), &args.ebs).await?,
+        backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
         controller: true,
         node: None,
         mounter: Arc::new(SystemMounter::default()),
@@ -381,13 +381,18 @@ async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::R
 }
 
 async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
-    let nfs = nfs_backend(&args.nfs, None).await?;
-    let node = node_config(&args.backends, args.node_id.clone(), &args.ebs).await?;
+    let nfs = nfs_backend(&args.storage.nfs, None).await?;
+    let node = node_config(
+        &args.storage.backends,
+        args.node_id.clone(),
+        &args.storage.ebs,
+    )
+    .await?;
     let node_id = node.node_id.clone();
     let running = start(Plan {
         socket: socket(&args.common, "node")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(&args.backends, Some(nfs), &args.ebs).await?,
+        backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
         controller: false,
         node: Some(node),
         mounter: Arc::new(SystemMounter::default()),
@@ -418,19 +423,19 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
         share: nfs.export_path().to_owned(),
         port: Some(nfs.local_addr().port()),
     };
-    let mut client_args = args.nfs.clone();
+    let mut client_args = args.storage.nfs.clone();
     client_args.nfs_server = None;
     let nfs_backend = nfs_backend(&client_args, Some((target, data_dir))).await?;
     let node_id = match args.node_id.clone() {
         Some(id) => Some(id),
-        None if args.backends.contains(&BackendKind::Ebs) => None,
+        None if args.storage.backends.contains(&BackendKind::Ebs) => None,
         None => Some(nix::unistd::gethostname()?.to_string_lossy().into_owned()),
     };
-    let node = node_config(&args.backends, node_id, &args.ebs).await?;
+    let node = node_config(&args.storage.backends, node_id, &args.storage.ebs).await?;
     let running = start(Plan {
         socket: socket(&args.common, "local")?,
         driver_name: args.common.driver_name.clone(),
-        backends: backends(&args.backends, Some(nfs_backend), &args.ebs).await?,
+        backends: backends(&args.storage.backends, Some(nfs_backend), &args.storage.ebs).await?,
         controller: true,
         node: Some(node),
         mounter: Arc::new(SystemMounter::default()),

@@ -40,6 +40,8 @@ pub enum Command {
     /// Controller and node on one socket with an embedded NFS server: no cluster,
     /// no AWS, no NFS server needed.
     Local(LocalArgs),
+    /// Serve a directory over NFSv3 (the chart's in-cluster NFS server mode).
+    NfsServer(NfsServerArgs),
     /// Measure CreateVolume/DeleteVolume over a socket against the NFS backend.
     Bench(crate::bench::BenchArgs),
 }
@@ -155,12 +157,111 @@ pub struct StorageArgs {
     pub ebs: EbsArgs,
 }
 
+/// The Kubernetes loops a controller runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Loop {
+    /// PVC → CreateVolume → PV → bound claim; released PV → DeleteVolume.
+    Provisioner,
+    /// VolumeAttachment → ControllerPublish/Unpublish.
+    Attacher,
+    /// Larger PVC request → ControllerExpandVolume.
+    Resizer,
+}
+
+/// How the controller reaches Kubernetes and the CSI driver it drives.
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Kubeconfig for the Kubernetes loops. `controller`: in-cluster config when unset;
+    /// `local`: the loops run only when this is given.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// CSI socket the loops call (default: this process's own --endpoint), so they can
+    /// also drive another CSI driver.
+    #[arg(long, env = "CSI_ADDRESS")]
+    pub csi_address: Option<String>,
+
+    /// Loops to run (repeatable or comma-separated).
+    #[arg(
+        long = "loops",
+        env = "LOOPS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "provisioner,attacher,resizer"
+    )]
+    pub loops: Vec<Loop>,
+
+    /// Run the loops only while holding a coordination.k8s.io Lease (one active
+    /// replica of several).
+    #[arg(long, env = "LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// This replica's identity in the Lease (default: POD_NAME, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
+
+    /// How long a Lease holds without renewal before another replica may take it.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub leader_election_lease_duration: Duration,
+
+    /// The leader stops its loops when it could not renew for this long.
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub leader_election_renew_deadline: Duration,
+
+    /// How often a replica tries to take or renew the Lease.
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub leader_election_retry_period: Duration,
+
+    /// Kubernetes API requests per second (sustained) this process may send.
+    #[arg(long, env = "KUBE_API_QPS", default_value_t = 1000.0)]
+    pub kube_api_qps: f64,
+
+    /// Kubernetes API requests this process may send in a burst above --kube-api-qps.
+    #[arg(long, env = "KUBE_API_BURST", default_value_t = 2000)]
+    pub kube_api_burst: u32,
+
+    /// CSI calls the loops keep in flight at most.
+    #[arg(long, env = "MAX_CSI_CALLS", default_value_t = 100)]
+    pub max_csi_calls: usize,
+
+    /// First retry delay of a failed claim or PV (doubles per failure).
+    #[arg(long, env = "RETRY_INTERVAL_START", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub retry_interval_start: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, env = "RETRY_INTERVAL_MAX", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub retry_interval_max: Duration,
+
+    /// Timeout of one CSI call from the loops (CreateVolume, DeleteVolume, …).
+    #[arg(long, env = "CSI_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub csi_timeout: Duration,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub storage: StorageArgs,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NfsServerArgs {
+    /// Directory to export.
+    #[arg(long, env = "STOWAGE_DATA_DIR", default_value = "/export")]
+    pub data_dir: PathBuf,
+    /// Address to serve NFSv3 and MOUNT on (one port for both).
+    #[arg(long, env = "STOWAGE_NFS_BIND", default_value = "0.0.0.0:2049")]
+    pub bind: SocketAddr,
+    /// Address for /healthz and /metrics; off when unset.
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -190,6 +291,8 @@ pub struct LocalArgs {
     /// Address of the embedded NFS server.
     #[arg(long, env = "STOWAGE_NFS_BIND", default_value = "127.0.0.1:0")]
     pub nfs_bind: SocketAddr,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// Default sockets per role.

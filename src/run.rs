@@ -16,8 +16,8 @@ use crate::backend::nfs::server::EmbeddedServer;
 use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use crate::backend::{Backend, Backends};
 use crate::config::{
-    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, LocalArgs, NfsArgs, NodeArgs,
-    default_endpoint,
+    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, LocalArgs, NfsArgs, NfsServerArgs,
+    NodeArgs, default_endpoint,
 };
 use crate::csi::PluginInfo;
 use crate::csi::controller::ControllerService;
@@ -34,6 +34,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Controller(args) => controller(args, ShutdownSignals::new()?).await,
         Command::Node(args) => node(args, ShutdownSignals::new()?).await,
         Command::Local(args) => local(args, ShutdownSignals::new()?).await,
+        Command::NfsServer(args) => nfs_server(args, ShutdownSignals::new()?).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -461,4 +462,43 @@ async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> 
     let result = stack.running.until_signal(signals).await;
     stack.nfs.shutdown().await;
     result
+}
+
+/// `stowage nfs-server`: the embedded NFSv3 server alone, exporting one directory.
+async fn nfs_server(args: NfsServerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let dir = std::fs::canonicalize(&args.data_dir)?;
+    let nfs = EmbeddedServer::start(dir.clone(), args.bind)
+        .await
+        .with_context(|| format!("starting the NFS server on {}", args.bind))?;
+    let (stop, rx) = watch::channel(false);
+    let http = match args.http_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --http-addr {addr}"))?;
+            let metrics = Metrics::new("nfs-server");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics,
+                stopped(rx),
+            )))
+        }
+        None => None,
+    };
+    println!(
+        "stowage nfs-server: exporting {} as {} on {}",
+        dir.display(),
+        nfs.export_path(),
+        nfs.local_addr()
+    );
+    signals.wait().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    nfs.shutdown().await;
+    if let Some(http) = http {
+        http.await?.context("metrics server")?;
+    }
+    Ok(())
 }

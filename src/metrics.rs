@@ -118,6 +118,19 @@ impl Metrics {
             .register_collector(Box::new(ApiCalls(Box::new(source))));
     }
 
+    /// Register another metric (the Kubernetes loops add theirs).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(name, help, metric);
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut text = String::new();

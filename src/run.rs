@@ -16,8 +16,8 @@ use crate::backend::nfs::server::EmbeddedServer;
 use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use crate::backend::{Backend, Backends};
 use crate::config::{
-    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, LocalArgs, NfsArgs, NfsServerArgs,
-    NodeArgs, default_endpoint,
+    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, KubeArgs, LocalArgs, NfsArgs,
+    NfsServerArgs, NodeArgs, default_endpoint,
 };
 use crate::csi::PluginInfo;
 use crate::csi::controller::ControllerService;
@@ -56,6 +56,8 @@ pub struct Plan {
 /// A serving process: stop it to shut down and remove the socket.
 pub struct Running {
     pub socket: PathBuf,
+    /// The process's metrics (other parts register theirs here).
+    pub metrics: Arc<Metrics>,
     pub http_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     shutdown_grace: Duration,
@@ -174,6 +176,7 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
     };
     let grpc = spawn_csi_thread(plan.socket.clone(), services, rx).await?;
     Ok(Running {
+        metrics,
         shutdown_grace: plan.shutdown_grace,
         socket: plan.socket,
         http_addr,
@@ -378,7 +381,133 @@ async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::R
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), "controller serving");
-    running.until_signal(signals).await
+    let loops = start_loops(&args.kube, &running, &args.common.driver_name).await;
+    let loops = match loops {
+        Ok(loops) => loops,
+        Err(e) => {
+            let _ = running.stop().await;
+            return Err(e);
+        }
+    };
+    serve_with_loops(running, Some(loops), signals).await
+}
+
+/// The Kubernetes loops running beside a CSI server.
+pub struct KubeLoops {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl KubeLoops {
+    /// Stop the loops (handing back the leader Lease) and wait for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("the loops task")?
+    }
+}
+
+/// Start the provisioner/attacher/resizer loops per `args`, driving the CSI socket
+/// `--csi-address` (default: the process's own).
+pub async fn start_loops(
+    args: &KubeArgs,
+    running: &Running,
+    driver_name: &str,
+) -> anyhow::Result<KubeLoops> {
+    use crate::provisioner::{self, LoopMetrics, Settings, client, csi::Csi, leader, queue};
+    let config = client::config(args.kubeconfig.as_deref()).await?;
+    let metrics = LoopMetrics::register(&running.metrics);
+    let kube = client::client(
+        config,
+        args.kube_api_qps,
+        args.kube_api_burst,
+        metrics.requests.clone(),
+    )?;
+    let socket = match &args.csi_address {
+        Some(address) => server::socket_path(address).map_err(anyhow::Error::msg)?,
+        None => running.socket.clone(),
+    };
+    let csi = Csi::connect(
+        &socket,
+        args.max_csi_calls,
+        args.csi_timeout,
+        Duration::from_secs(30),
+    )
+    .await?;
+    anyhow::ensure!(
+        csi.caps.create_delete,
+        "the CSI driver at {} cannot create volumes (no CREATE_DELETE_VOLUME capability)",
+        socket.display()
+    );
+    if csi.caps.driver_name != driver_name {
+        tracing::info!(driver = %csi.caps.driver_name, "the loops act for the driver at --csi-address");
+    }
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let settings = Settings {
+        loops: args.loops.clone(),
+        backoff: queue::Backoff {
+            start: args.retry_interval_start,
+            max: args.retry_interval_max,
+        },
+        workers: args.max_csi_calls,
+        identity: provisioner::rules::provisioner_identity(
+            &csi.caps.driver_name,
+            i64::try_from(started.as_millis()).unwrap_or(i64::MAX),
+            u16::try_from(started.subsec_nanos() % 10_000).unwrap_or(0),
+        ),
+    };
+    let election = args.leader_election.then(|| leader::Election {
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap_or_else(|| "default".to_owned()),
+        name: csi.caps.driver_name.replace(['.', '/'], "-"),
+        identity: args.leader_election_identity.clone().unwrap_or_else(|| {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "stowage".to_owned());
+            format!("{host}_{}", std::process::id())
+        }),
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(provisioner::run(
+        kube, csi, settings, metrics, election, stopped,
+    ));
+    Ok(KubeLoops { stop, task })
+}
+
+/// Serve until a signal (or until the loops fail), then stop the loops and the server.
+async fn serve_with_loops(
+    running: Running,
+    loops: Option<KubeLoops>,
+    signals: ShutdownSignals,
+) -> anyhow::Result<()> {
+    let Some(mut loops) = loops else {
+        return running.until_signal(signals).await;
+    };
+    let failed = tokio::select! {
+        _ = signals.wait() => None,
+        result = &mut loops.task => Some(result),
+    };
+    tracing::info!("shutting down");
+    let loops_result = match failed {
+        None => loops.stop().await,
+        Some(result) => result
+            .context("the loops task")
+            .and_then(|r| r)
+            .and_then(|()| Err(anyhow::anyhow!("the Kubernetes loops ended"))),
+    };
+    running.stop().await?;
+    loops_result
 }
 
 async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
@@ -448,6 +577,8 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
 }
 
 async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+    let args_kube = args.kube.clone();
+    let driver_name = args.common.driver_name.clone();
     let stack = start_local(args).await?;
     println!(
         "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {})",
@@ -459,7 +590,24 @@ async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> 
     if let Some(addr) = stack.running.http_addr {
         println!("stowage local: metrics on http://{addr}/metrics");
     }
-    let result = stack.running.until_signal(signals).await;
+    let loops = match &args_kube.kubeconfig {
+        Some(path) => {
+            println!(
+                "stowage local: provisioning for the cluster in {}",
+                path.display()
+            );
+            match start_loops(&args_kube, &stack.running, &driver_name).await {
+                Ok(loops) => Some(loops),
+                Err(e) => {
+                    let _ = stack.running.stop().await;
+                    stack.nfs.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let result = serve_with_loops(stack.running, loops, signals).await;
     stack.nfs.shutdown().await;
     result
 }

@@ -1,12 +1,516 @@
-//! The provisioner side of stowage: the loops that watch PersistentVolumeClaims and
-//! PersistentVolumes and drive the CSI controller over its socket, the way the upstream
-//! external-provisioner sidecar does.
+//! The Kubernetes side of stowage: the loops that watch PersistentVolumeClaims,
+//! PersistentVolumes and VolumeAttachments and drive a CSI controller over its socket,
+//! the way the upstream external-provisioner, external-attacher and external-resizer
+//! sidecars do, in one process.
 //!
 //! - [`rules`]: PURE decisions and object builders (should a claim be provisioned, the
 //!   PV name, the CreateVolume parameters, the PV object, the bind writes, should a PV
-//!   be deleted). No I/O and no API client: only k8s-openapi types in, values out, so
-//!   every rule is table-tested with plain `#[test]`s.
+//!   be deleted). No I/O: every rule is table-tested with plain `#[test]`s.
+//! - [`client`]: the Kubernetes client (config, QPS limit, request counts).
+//! - [`csi`]: the CSI client of the loops (call bound, timeouts, final vs in-progress).
+//! - [`informer`], [`queue`]: shared watches + caches, and per-key work queues.
+//! - [`claims`] (provision + bind), [`volumes`] (release + delete), [`attacher`],
+//!   [`resizer`]: one reconciler each, built on the rules, never re-deciding them.
+//! - [`leader`]: Lease-based leader election around all of them.
 //!
-//! The reconcilers that do the API I/O build on these rules and never re-decide them.
+//! The loops never touch backends directly: everything goes through CSI, so they can
+//! drive any CSI driver given by `--csi-address`.
 
+pub mod attacher;
+pub mod claims;
+pub mod client;
+pub mod csi;
+pub mod informer;
+pub mod leader;
+pub mod queue;
+pub mod resizer;
 pub mod rules;
+pub mod volumes;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt as _};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Loop;
+use crate::metrics::Metrics;
+use csi::Csi;
+use informer::Handler;
+use queue::{Backoff, Queue};
+
+/// How the loops run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub loops: Vec<Loop>,
+    pub backoff: Backoff,
+    /// Workers per queue (each holds at most one CSI call).
+    pub workers: usize,
+    /// The `storage.kubernetes.io/csiProvisionerIdentity` of this process.
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: String,
+    result: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    operation: String,
+}
+
+/// Metrics of the loops (registered once per process; they survive leadership changes).
+#[derive(Clone)]
+pub struct LoopMetrics {
+    operations: Family<OperationLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub requests: client::RequestCounts,
+    leader: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl LoopMetrics {
+    pub fn register(metrics: &Metrics) -> LoopMetrics {
+        let this = LoopMetrics {
+            operations: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            requests: Family::default(),
+            leader: Gauge::default(),
+        };
+        metrics.register(
+            "stowage_operations",
+            "Provisioner, attacher and resizer operations by result and reason \
+             (success, or the failure's CSI code / cause)",
+            this.operations.clone(),
+        );
+        metrics.register(
+            "stowage_operation_duration_seconds",
+            "Duration of successful provision, delete, attach, detach and resize operations",
+            this.latency.clone(),
+        );
+        metrics.register(
+            "stowage_kube_api_requests",
+            "Kubernetes API requests sent by the loops, by verb and resource",
+            this.requests.clone(),
+        );
+        metrics.register(
+            "stowage_leader",
+            "1 while this replica runs the loops (holds the Lease or needs none)",
+            this.leader.clone(),
+        );
+        this
+    }
+
+    fn succeeded(&self, operation: &str, started: Instant) {
+        self.count(operation, "success", "");
+        self.latency
+            .get_or_create(&LatencyLabels {
+                operation: operation.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn failed(&self, operation: &str, reason: &str) {
+        self.count(operation, "failed", reason);
+    }
+
+    fn count(&self, operation: &str, result: &str, reason: &str) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                operation: operation.to_owned(),
+                result: result.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Events for `kubectl describe`, published in the background (never on a claim's
+/// critical path). kube's recorder aggregates a repeated event (same object, reason
+/// and type) into one Event with a growing series count instead of a new object.
+#[derive(Clone)]
+pub struct Events {
+    recorder: Recorder,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Events {
+    fn new(client: kube::Client, driver_name: &str) -> Events {
+        let reporter = Reporter {
+            controller: driver_name.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Events {
+            recorder: Recorder::new(client, reporter),
+            in_flight: Arc::new(Semaphore::new(64)),
+        }
+    }
+
+    pub fn normal(&self, regarding: ObjectReference, reason: &str, note: String) {
+        self.emit(regarding, EventType::Normal, reason, note);
+    }
+
+    pub fn warning(&self, regarding: ObjectReference, reason: &str, note: String) {
+        self.emit(regarding, EventType::Warning, reason, note);
+    }
+
+    fn emit(&self, regarding: ObjectReference, type_: EventType, reason: &str, note: String) {
+        let recorder = self.recorder.clone();
+        let in_flight = Arc::clone(&self.in_flight);
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            // The API limits notes to 1 kB.
+            note: Some(truncate(note, 1000)),
+            action: reason.to_owned(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            let Ok(_slot) = in_flight.acquire_owned().await else {
+                return;
+            };
+            if let Err(e) = recorder.publish(&event, &regarding).await {
+                tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
+            }
+        });
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// Everything a reconciler reads or calls.
+pub struct Shared {
+    pub client: kube::Client,
+    pub csi: Csi,
+    pub driver: String,
+    pub settings: Settings,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub volumes: Store<PersistentVolume>,
+    pub classes: Store<StorageClass>,
+    pub attachments: Store<VolumeAttachment>,
+    pub events: Events,
+    pub metrics: LoopMetrics,
+}
+
+/// What a reconcile wants next for its key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing until the object changes.
+    Done,
+    /// Look again after this long (no backoff growth).
+    After(Duration),
+}
+
+/// A running set of loops; `stop` ends them.
+pub struct Loops {
+    queues: Vec<Queue>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Loops {
+    /// Start the informers, wait for their first lists, then start the workers.
+    pub async fn start(
+        client: kube::Client,
+        csi: Csi,
+        settings: Settings,
+        metrics: LoopMetrics,
+    ) -> anyhow::Result<Loops> {
+        let driver = csi.caps.driver_name.clone();
+        let runs = |l: Loop| settings.loops.contains(&l);
+        let claims_q = Queue::new(settings.backoff);
+        let volumes_q = Queue::new(settings.backoff);
+        let attach_q = Queue::new(settings.backoff);
+        let resize_q = Queue::new(settings.backoff);
+
+        let mut claim_handlers: Vec<Handler<PersistentVolumeClaim>> = Vec::new();
+        let mut volume_handlers: Vec<Handler<PersistentVolume>> = Vec::new();
+        let mut attachment_handlers: Vec<Handler<VolumeAttachment>> = Vec::new();
+        if runs(Loop::Provisioner) {
+            let q = claims_q.clone();
+            claim_handlers.push(Arc::new(move |pvc, _| q.add(&informer::key(pvc))));
+            let q = volumes_q.clone();
+            let driver_name = driver.clone();
+            claim_handlers.push(Arc::new(move |pvc, deleted| {
+                // A claim gone or replaced: its PV may now be released.
+                if deleted
+                    && let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref())
+                {
+                    q.add(volume);
+                }
+                let _ = &driver_name;
+            }));
+            let q = volumes_q.clone();
+            let cq = claims_q.clone();
+            volume_handlers.push(Arc::new(move |pv, _| {
+                q.add(&pv.name_any());
+                // A PV for a claim: the claim's bind may be waiting for it.
+                if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
+                    && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
+                {
+                    cq.add(&format!("{ns}/{name}"));
+                }
+            }));
+            let q = volumes_q.clone();
+            attachment_handlers.push(Arc::new(move |va, deleted| {
+                // DeleteVolume waits for attachments to go.
+                if deleted && let Some(pv) = va.spec.source.persistent_volume_name.as_ref() {
+                    q.add(pv);
+                }
+            }));
+        }
+        if runs(Loop::Attacher) {
+            let q = attach_q.clone();
+            attachment_handlers.push(Arc::new(move |va, _| q.add(&va.name_any())));
+        }
+        if runs(Loop::Resizer) {
+            let q = resize_q.clone();
+            claim_handlers.push(Arc::new(move |pvc, deleted| {
+                if !deleted {
+                    q.add(&informer::key(pvc));
+                }
+            }));
+        }
+
+        // Classes: a claim waiting for its class (or rejected by it) looks again when
+        // the class appears or changes.
+        let class_claims: Arc<std::sync::OnceLock<Store<PersistentVolumeClaim>>> = Arc::default();
+        let class_handler: Handler<StorageClass> = {
+            let claims = Arc::clone(&class_claims);
+            let q = claims_q.clone();
+            Arc::new(move |class, _| {
+                let Some(store) = claims.get() else { return };
+                let name = class.name_any();
+                for pvc in store.state() {
+                    if rules::claim_class(&pvc) == Some(name.as_str())
+                        && pvc.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
+                    {
+                        q.add(&informer::key(pvc.as_ref()));
+                    }
+                }
+            })
+        };
+
+        let config = watcher::Config::default();
+        let claims = informer::start(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            config.clone(),
+            claim_handlers,
+        );
+        let _ = class_claims.set(claims.store.clone());
+        let volumes = informer::start(
+            Api::<PersistentVolume>::all(client.clone()),
+            config.clone(),
+            volume_handlers,
+        );
+        let classes = informer::start(
+            Api::<StorageClass>::all(client.clone()),
+            config.clone(),
+            vec![class_handler],
+        );
+        let attachments = informer::start(
+            Api::<VolumeAttachment>::all(client.clone()),
+            config.clone(),
+            attachment_handlers,
+        );
+        let mut tasks = vec![claims.task, volumes.task, classes.task, attachments.task];
+        for store in [
+            claims.store.wait_until_ready().await,
+            volumes.store.wait_until_ready().await,
+            classes.store.wait_until_ready().await,
+            attachments.store.wait_until_ready().await,
+        ] {
+            store.map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
+        }
+
+        let shared = Arc::new(Shared {
+            events: Events::new(client.clone(), &driver),
+            client,
+            csi,
+            driver,
+            settings: settings.clone(),
+            claims: claims.store,
+            volumes: volumes.store,
+            classes: classes.store,
+            attachments: attachments.store,
+            metrics,
+        });
+        shared.metrics.leader.set(1);
+        let workers = settings.workers.max(1);
+        if runs(Loop::Provisioner) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &claims_q,
+                workers,
+                claims::reconcile,
+            ));
+            tasks.extend(spawn_workers(
+                &shared,
+                &volumes_q,
+                workers,
+                volumes::reconcile,
+            ));
+        }
+        if runs(Loop::Attacher) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &attach_q,
+                workers,
+                attacher::reconcile,
+            ));
+        }
+        if runs(Loop::Resizer) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &resize_q,
+                workers,
+                resizer::reconcile,
+            ));
+        }
+        tracing::info!(driver = %shared.driver, loops = ?settings.loops, "loops running");
+        Ok(Loops {
+            queues: vec![claims_q, volumes_q, attach_q, resize_q],
+            tasks,
+        })
+    }
+
+    /// Stop every worker and informer (in-flight reconciles are cancelled).
+    pub fn stop(self) {
+        for queue in &self.queues {
+            queue.close();
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn spawn_workers<F, Fut>(
+    shared: &Arc<Shared>,
+    queue: &Queue,
+    count: usize,
+    reconcile: F,
+) -> Vec<JoinHandle<()>>
+where
+    F: Fn(Arc<Shared>, String) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Next>> + Send + 'static,
+{
+    (0..count)
+        .map(|_| {
+            let shared = Arc::clone(shared);
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                while let Some(key) = queue.next().await {
+                    match reconcile(Arc::clone(&shared), key.clone()).await {
+                        Ok(Next::Done) => queue.forget(&key),
+                        Ok(Next::After(delay)) => {
+                            queue.forget(&key);
+                            queue.add_after(&key, delay);
+                        }
+                        Err(e) => {
+                            let delay = queue.add_rate_limited(&key);
+                            tracing::info!(%key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                        }
+                    }
+                    queue.done(&key);
+                }
+            })
+        })
+        .collect()
+}
+
+/// Run the loops until `stop` turns true: at once, or with leader election only
+/// while holding the Lease (losing it stops the loops until it is won again).
+pub async fn run(
+    client: kube::Client,
+    csi: Csi,
+    settings: Settings,
+    metrics: LoopMetrics,
+    election: Option<leader::Election>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let Some(election) = election else {
+        let loops = Loops::start(client, csi, settings, metrics.clone()).await?;
+        let _ = stop.wait_for(|s| *s).await;
+        loops.stop();
+        metrics.leader.set(0);
+        return Ok(());
+    };
+    let mut lease = leader::Lease::new(client.clone(), election);
+    loop {
+        tokio::select! {
+            acquired = lease.acquire() => acquired?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let loops = Loops::start(
+            client.clone(),
+            csi.clone(),
+            settings.clone(),
+            metrics.clone(),
+        )
+        .await;
+        let loops = match loops {
+            Ok(loops) => loops,
+            Err(e) => {
+                lease.release().await;
+                return Err(e);
+            }
+        };
+        let stopping = tokio::select! {
+            lost = lease.hold() => {
+                tracing::warn!(reason = %lost, "lost the leader Lease; stopping the loops");
+                false
+            }
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        loops.stop();
+        metrics.leader.set(0);
+        if stopping {
+            lease.release().await;
+            return Ok(());
+        }
+    }
+}
+
+/// `namespace/name` of a claim.
+pub fn claim_key(pvc: &PersistentVolumeClaim) -> String {
+    informer::key(pvc)
+}
+
+/// A string map for CSI requests.
+fn hash_map(map: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// True for a Kubernetes API answer with this HTTP code.
+fn is_api(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == code)
+}

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
-    VolumeNodeAffinity,
+    SecretReference, VolumeNodeAffinity,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -417,8 +417,8 @@ pub fn provisioned_capacity(volume: &Volume, requested_bytes: i64) -> Result<i64
 /// `Provision` and sig-storage-lib's `provisionClaimOperation` build it together:
 ///
 /// - name `pvc-<uid>`; annotations `pv.kubernetes.io/provisioned-by: <class
-///   provisioner>` and the deletion-secret annotations (empty: stowage resolves no
-///   provisioner secrets yet); finalizer [`FINALIZER`];
+///   provisioner>` and the deletion-secret annotations (the provisioner secret, empty
+///   when none); finalizer [`FINALIZER`];
 /// - claimRef to the claim (apiVersion, kind, namespace, name, uid, resourceVersion);
 /// - csi: driver, volumeHandle = volume id, fsType (filesystem mode only),
 ///   volumeAttributes = [`PROVISIONER_IDENTITY_KEY`] overlaid by the volume context;
@@ -426,8 +426,11 @@ pub fn provisioned_capacity(volume: &Volume, requested_bytes: i64) -> Result<i64
 ///   accessModes and volumeMode from the claim; reclaim policy (default Delete) and
 ///   mountOptions from the class; storageClassName; nodeAffinity from the topology.
 ///
-/// Call [`provisioned_capacity`] first to refuse a too-small volume. Fails only when the
-/// claim has no UID.
+/// Secret references (`csi.storage.k8s.io/<kind>-secret-*`) become the PV's csi secret
+/// refs and the provisioner secret its deletion-secret annotations.
+///
+/// Call [`provisioned_capacity`] first to refuse a too-small volume. Fails when the
+/// claim has no UID or a secret template does not resolve.
 pub fn build_pv(
     pvc: &PersistentVolumeClaim,
     storage_class: &StorageClass,
@@ -453,9 +456,28 @@ pub fn build_pv(
         Ok(bytes) => bytes,
     };
 
+    let empty = BTreeMap::new();
+    let parameters = storage_class.parameters.as_ref().unwrap_or(&empty);
+    let deletion_secret = provisioner_secret(parameters, pvc, &name)?.unwrap_or_default();
+    let mut secret_refs = Vec::with_capacity(PV_SECRET_KINDS.len());
+    for kind in PV_SECRET_KINDS {
+        secret_refs.push(
+            secret_ref(parameters, kind, pvc, &name)?.map(|(namespace, name)| SecretReference {
+                name: Some(name),
+                namespace: Some(namespace),
+            }),
+        );
+    }
+    let [
+        controller_publish,
+        node_stage,
+        node_publish,
+        controller_expand,
+        node_expand,
+    ]: [Option<SecretReference>; 5] = secret_refs.try_into().expect("one per kind");
     let annotations = BTreeMap::from([
-        (ANN_DELETION_SECRET_NAME.to_owned(), String::new()),
-        (ANN_DELETION_SECRET_NAMESPACE.to_owned(), String::new()),
+        (ANN_DELETION_SECRET_NAME.to_owned(), deletion_secret.1),
+        (ANN_DELETION_SECRET_NAMESPACE.to_owned(), deletion_secret.0),
         (
             ANN_PROVISIONED_BY.to_owned(),
             storage_class.provisioner.clone(),
@@ -480,7 +502,12 @@ pub fn build_pv(
                 volume_handle: volume.id.clone(),
                 fs_type,
                 volume_attributes: Some(attributes),
-                ..CSIPersistentVolumeSource::default()
+                controller_publish_secret_ref: controller_publish,
+                node_stage_secret_ref: node_stage,
+                node_publish_secret_ref: node_publish,
+                controller_expand_secret_ref: controller_expand,
+                node_expand_secret_ref: node_expand,
+                read_only: None,
             }),
             mount_options: storage_class.mount_options.clone(),
             node_affinity: node_affinity(&volume.topology),
@@ -661,6 +688,172 @@ pub fn finalizer_patch(pv: &PersistentVolume, present: bool) -> Option<Value> {
         metadata["resourceVersion"] = json!(version);
     }
     Some(json!({ "metadata": metadata }))
+}
+
+/// A secret reference resolved from StorageClass parameters: (namespace, name).
+pub type SecretName = (String, String);
+
+/// The secrets a PV carries, by the `csi.storage.k8s.io/<kind>-secret-*` keys that set
+/// them (external-provisioner's `csiSecretParams`).
+pub const PV_SECRET_KINDS: [&str; 5] = [
+    "controller-publish",
+    "node-stage",
+    "node-publish",
+    "controller-expand",
+    "node-expand",
+];
+
+/// The provisioner secret (`csi.storage.k8s.io/provisioner-secret-name` and
+/// `-namespace`, or the deprecated `secret-name`/`secret-namespace`), with templates
+/// resolved. Both keys or neither.
+pub fn provisioner_secret(
+    parameters: &BTreeMap<String, String>,
+    pvc: &PersistentVolumeClaim,
+    pv_name: &str,
+) -> Result<Option<SecretName>, String> {
+    match secret_ref(parameters, "provisioner", pvc, pv_name)? {
+        Some(found) => Ok(Some(found)),
+        None => secret_pair(
+            parameters,
+            &format!("{RESERVED_PREFIX}secret-name"),
+            &format!("{RESERVED_PREFIX}secret-namespace"),
+            pvc,
+            pv_name,
+        ),
+    }
+}
+
+/// The secret for `kind` (e.g. `node-stage`) from `csi.storage.k8s.io/<kind>-secret-name`
+/// and `-namespace`. Templates as in external-provisioner: the namespace may use
+/// `${pv.name}` and `${pvc.namespace}`; the name also `${pvc.name}` and
+/// `${pvc.annotations['<key>']}`. The result must be a valid object name.
+pub fn secret_ref(
+    parameters: &BTreeMap<String, String>,
+    kind: &str,
+    pvc: &PersistentVolumeClaim,
+    pv_name: &str,
+) -> Result<Option<SecretName>, String> {
+    secret_pair(
+        parameters,
+        &format!("{RESERVED_PREFIX}{kind}-secret-name"),
+        &format!("{RESERVED_PREFIX}{kind}-secret-namespace"),
+        pvc,
+        pv_name,
+    )
+}
+
+fn secret_pair(
+    parameters: &BTreeMap<String, String>,
+    name_key: &str,
+    namespace_key: &str,
+    pvc: &PersistentVolumeClaim,
+    pv_name: &str,
+) -> Result<Option<SecretName>, String> {
+    let (name, namespace) = match (parameters.get(name_key), parameters.get(namespace_key)) {
+        (None, None) => return Ok(None),
+        (Some(name), Some(namespace)) => (name, namespace),
+        _ => {
+            return Err(format!(
+                "StorageClass parameters {name_key} and {namespace_key} must be given together"
+            ));
+        }
+    };
+    let claim_namespace = pvc.metadata.namespace.clone().unwrap_or_default();
+    let claim_name = pvc.metadata.name.clone().unwrap_or_default();
+    let namespace = render_secret_template(namespace_key, namespace, |var| match var {
+        "pv.name" => Some(pv_name.to_owned()),
+        "pvc.namespace" => Some(claim_namespace.clone()),
+        _ => None,
+    })?;
+    let name = render_secret_template(name_key, name, |var| match var {
+        "pv.name" => Some(pv_name.to_owned()),
+        "pvc.namespace" => Some(claim_namespace.clone()),
+        "pvc.name" => Some(claim_name.clone()),
+        other => {
+            let key = other
+                .strip_prefix("pvc.annotations['")?
+                .strip_suffix("']")?;
+            Some(
+                annotation(&pvc.metadata, key)
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+    })?;
+    for (key, value) in [(namespace_key, &namespace), (name_key, &name)] {
+        if !is_dns_subdomain(value) {
+            return Err(format!(
+                "StorageClass parameter {key} resolves to {value:?}, not a valid object name"
+            ));
+        }
+    }
+    Ok(Some((namespace, name)))
+}
+
+fn render_secret_template(
+    key: &str,
+    template: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').ok_or_else(|| {
+            format!("StorageClass parameter {key}: unterminated ${{ in {template:?}")
+        })?;
+        let var = &rest[start + 2..start + end];
+        let value = lookup(var).ok_or_else(|| {
+            format!(
+                "StorageClass parameter {key}: ${{{var}}} is not a template variable allowed here"
+            )
+        })?;
+        out.push_str(&value);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_dns_subdomain(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The segments a class allows (`allowedTopologies`): each term's label expressions
+/// expanded to every combination of their values (external-provisioner's
+/// `GenerateAccessibilityRequirements` for Immediate binding).
+pub fn allowed_topologies(class: &StorageClass) -> Vec<crate::volume::Segments> {
+    let mut all = Vec::new();
+    for term in class.allowed_topologies.iter().flatten() {
+        let mut combos = vec![crate::volume::Segments::new()];
+        for expression in term.match_label_expressions.iter().flatten() {
+            combos = combos
+                .into_iter()
+                .flat_map(|combo| {
+                    expression.values.iter().map(move |value| {
+                        let mut next = combo.clone();
+                        next.insert(expression.key.clone(), value.clone());
+                        next
+                    })
+                })
+                .collect();
+        }
+        for combo in combos {
+            if !combo.is_empty() && !all.contains(&combo) {
+                all.push(combo);
+            }
+        }
+    }
+    all
 }
 
 fn annotation<'a>(metadata: &'a ObjectMeta, key: &str) -> Option<&'a str> {

@@ -1,0 +1,267 @@
+//! The attacher: VolumeAttachments whose `spec.attacher` is this driver →
+//! ControllerPublishVolume / ControllerUnpublishVolume, reported in the attachment's
+//! status (`attached`, `attachmentMetadata`, `attachError`, `detachError`) the way
+//! external-attacher reports them, with its finalizer `external-attacher/<driver with
+//! dots as dashes>` held while the volume may be attached.
+//!
+//! A driver without PUBLISH_UNPUBLISH_VOLUME (NFS only) still gets its attachments
+//! marked attached, as external-attacher does for such drivers (CSIDriver
+//! `attachRequired: true` then costs one status write, nothing more).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt as _};
+use serde_json::{Value, json};
+
+use super::csi::{access_mode, capability};
+use super::{Next, Shared, is_api};
+use crate::csi::proto;
+
+/// external-attacher's finalizer name for a driver.
+pub fn finalizer(driver: &str) -> String {
+    format!("external-attacher/{}", driver.replace('.', "-"))
+}
+
+fn api(shared: &Shared) -> Api<VolumeAttachment> {
+    Api::all(shared.client.clone())
+}
+
+/// Reconcile the VolumeAttachment `name`.
+pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next> {
+    let Some(va) = shared.attachments.get(&ObjectRef::new(&name)) else {
+        return Ok(Next::Done);
+    };
+    if va.spec.attacher != shared.driver {
+        return Ok(Next::Done);
+    }
+    let finalizer = finalizer(&shared.driver);
+    let has_finalizer = va.finalizers().iter().any(|f| f == &finalizer);
+    if va.metadata.deletion_timestamp.is_some() {
+        if has_finalizer {
+            detach(&shared, &va, &finalizer).await?;
+        }
+        return Ok(Next::Done);
+    }
+    if va.status.as_ref().is_some_and(|s| s.attached) {
+        return Ok(Next::Done);
+    }
+    attach(&shared, &va, &finalizer, has_finalizer).await?;
+    Ok(Next::Done)
+}
+
+async fn attach(
+    shared: &Shared,
+    va: &VolumeAttachment,
+    finalizer: &str,
+    has_finalizer: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let name = va.name_any();
+    if !has_finalizer {
+        let mut finalizers = va.finalizers().to_vec();
+        finalizers.push(finalizer.to_owned());
+        api(shared)
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "metadata": {
+                    "finalizers": finalizers,
+                    "resourceVersion": va.metadata.resource_version,
+                }})),
+            )
+            .await
+            .context("adding the attacher finalizer")?;
+    }
+    let metadata = if shared.csi.caps.publish_unpublish {
+        let request = match publish_request(shared, va).await {
+            Ok(request) => request,
+            Err(message) => {
+                shared.metrics.failed("attach", "InvalidAttachment");
+                write_status(shared, &name, error_status("attachError", &message)).await?;
+                anyhow::bail!(message);
+            }
+        };
+        match shared.csi.publish(request).await {
+            Ok(context) => context,
+            Err(e) => {
+                shared.metrics.failed("attach", &format!("{:?}", e.code()));
+                let message = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
+                write_status(shared, &name, error_status("attachError", &message)).await?;
+                return Err(anyhow::Error::new(e).context("ControllerPublishVolume"));
+            }
+        }
+    } else {
+        HashMap::new()
+    };
+    write_status(
+        shared,
+        &name,
+        json!({ "status": {
+            "attached": true,
+            "attachmentMetadata": metadata,
+            "attachError": null,
+        }}),
+    )
+    .await?;
+    shared.metrics.succeeded("attach", started);
+    Ok(())
+}
+
+async fn detach(shared: &Shared, va: &VolumeAttachment, finalizer: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let name = va.name_any();
+    if shared.csi.caps.publish_unpublish {
+        let (volume_id, node_id) = match volume_and_node(shared, va).await {
+            Ok(ids) => ids,
+            Err(message) => {
+                shared.metrics.failed("detach", "InvalidAttachment");
+                write_status(shared, &name, error_status("detachError", &message)).await?;
+                anyhow::bail!(message);
+            }
+        };
+        let request = proto::ControllerUnpublishVolumeRequest {
+            volume_id,
+            node_id,
+            secrets: HashMap::new(),
+        };
+        if let Err(e) = shared.csi.unpublish(request).await {
+            shared.metrics.failed("detach", &format!("{:?}", e.code()));
+            let message = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
+            write_status(shared, &name, error_status("detachError", &message)).await?;
+            return Err(anyhow::Error::new(e).context("ControllerUnpublishVolume"));
+        }
+    }
+    write_status(
+        shared,
+        &name,
+        json!({ "status": { "attached": false, "attachmentMetadata": null, "detachError": null }}),
+    )
+    .await?;
+    let finalizers: Vec<&String> = va.finalizers().iter().filter(|f| *f != finalizer).collect();
+    match api(shared)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "metadata": { "finalizers": finalizers } })),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_api(&e, 404) => {}
+        Err(e) => return Err(anyhow::Error::new(e).context("removing the attacher finalizer")),
+    }
+    shared.metrics.succeeded("detach", started);
+    Ok(())
+}
+
+fn error_status(field: &str, message: &str) -> Value {
+    json!({ "status": { field: {
+        "message": message,
+        "time": Time(k8s_openapi::jiff::Timestamp::now()),
+    }}})
+}
+
+async fn write_status(shared: &Shared, name: &str, patch: Value) -> anyhow::Result<()> {
+    api(shared)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+        .with_context(|| format!("writing VolumeAttachment {name} status"))
+}
+
+fn attached_pv(shared: &Shared, va: &VolumeAttachment) -> Result<Arc<PersistentVolume>, String> {
+    let pv_name = va
+        .spec
+        .source
+        .persistent_volume_name
+        .as_deref()
+        .ok_or("VolumeAttachment has no spec.source.persistentVolumeName (inline volumes are not supported)")?;
+    shared
+        .volumes
+        .get(&ObjectRef::new(pv_name))
+        .ok_or_else(|| format!("PV {pv_name} not found"))
+}
+
+/// The CSI volume id (from the PV) and node id (from the node's CSINode entry for this
+/// driver).
+async fn volume_and_node(
+    shared: &Shared,
+    va: &VolumeAttachment,
+) -> Result<(String, String), String> {
+    let pv = attached_pv(shared, va)?;
+    let csi = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .ok_or_else(|| format!("PV {} is not a CSI volume", pv.name_any()))?;
+    let node = &va.spec.node_name;
+    let csi_node = Api::<CSINode>::all(shared.client.clone())
+        .get_opt(node)
+        .await
+        .map_err(|e| format!("reading CSINode {node}: {e}"))?;
+    let node_id = csi_node
+        .and_then(|n| n.spec.drivers.into_iter().find(|d| d.name == shared.driver))
+        .map(|d| d.node_id)
+        .ok_or_else(|| {
+            format!(
+                "node {node} has no CSINode entry for driver {}: is the node plugin running there?",
+                shared.driver
+            )
+        })?;
+    Ok((csi.volume_handle.clone(), node_id))
+}
+
+async fn publish_request(
+    shared: &Shared,
+    va: &VolumeAttachment,
+) -> Result<proto::ControllerPublishVolumeRequest, String> {
+    let (volume_id, node_id) = volume_and_node(shared, va).await?;
+    let pv = attached_pv(shared, va)?;
+    let spec = pv.spec.clone().unwrap_or_default();
+    let csi = spec.csi.clone().unwrap_or_default();
+    let mode = spec
+        .access_modes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find_map(|m| access_mode(m))
+        .ok_or_else(|| format!("PV {} has no known access mode", pv.name_any()))?;
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    let mount_flags = spec.mount_options.clone().unwrap_or_default();
+    Ok(proto::ControllerPublishVolumeRequest {
+        volume_id,
+        node_id,
+        volume_capability: Some(capability(
+            mode,
+            block,
+            csi.fs_type.as_deref(),
+            &mount_flags,
+        )),
+        readonly: csi.read_only.unwrap_or(false),
+        secrets: HashMap::new(),
+        volume_context: csi
+            .volume_attributes
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finalizer_spells_the_driver_with_dashes() {
+        assert_eq!(
+            super::finalizer("stowage.csi.dev"),
+            "external-attacher/stowage-csi-dev"
+        );
+    }
+}

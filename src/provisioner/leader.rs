@@ -1,0 +1,210 @@
+//! Leader election on a coordination.k8s.io/v1 Lease, the way client-go's
+//! `leaderelection` does it: take the Lease when it is free or its holder has not
+//! renewed within the lease duration (measured on this replica's clock, from when it
+//! last saw the record change, so clocks need not agree); renew every retry period;
+//! give up leadership when renewals have failed for the renew deadline; on shutdown,
+//! hand the Lease back so the other replica takes over at once.
+//!
+//! Owns only the Lease object; the caller starts and stops the loops.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease as LeaseObject, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use tokio::time::Instant;
+
+use super::is_api;
+
+/// Where the Lease is and how it is kept.
+#[derive(Debug, Clone)]
+pub struct Election {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+/// What identifies one state of the Lease: holder and renew time.
+type Record = (Option<String>, Option<String>);
+
+/// This replica's view of the Lease.
+pub struct Lease {
+    api: Api<LeaseObject>,
+    election: Election,
+    /// The last record seen (holder, renew time) and when it was first seen.
+    observed: Option<(Record, Instant)>,
+}
+
+fn now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+impl Lease {
+    pub fn new(client: kube::Client, election: Election) -> Lease {
+        Lease {
+            api: Api::namespaced(client, &election.namespace),
+            election,
+            observed: None,
+        }
+    }
+
+    fn seconds(duration: Duration) -> i32 {
+        i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    fn observe(&mut self, lease: &LeaseObject) {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let record = (
+            spec.holder_identity.clone(),
+            spec.renew_time.as_ref().map(|t| t.0.to_string()),
+        );
+        if self
+            .observed
+            .as_ref()
+            .is_none_or(|(seen, _)| *seen != record)
+        {
+            self.observed = Some((record, Instant::now()));
+        }
+    }
+
+    fn expired(&self, lease: &LeaseObject) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.election.lease_duration, Duration::from_secs);
+        match &self.observed {
+            Some((_, at)) => at.elapsed() > duration,
+            None => false,
+        }
+    }
+
+    /// One attempt to take or renew; `Ok(true)` when we hold the Lease afterwards.
+    async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        let me = self.election.identity.clone();
+        let duration = Self::seconds(self.election.lease_duration);
+        let Some(current) = self.api.get_opt(&self.election.name).await? else {
+            let lease = LeaseObject {
+                metadata: ObjectMeta {
+                    name: Some(self.election.name.clone()),
+                    namespace: Some(self.election.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(duration),
+                    acquire_time: Some(now()),
+                    renew_time: Some(now()),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(created) => {
+                    self.observe(&created);
+                    Ok(true)
+                }
+                Err(e) if is_api(&e, 409) => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        self.observe(&current);
+        let spec = current.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let mine = holder.as_deref() == Some(me.as_str());
+        if holder.is_some() && !mine && !self.expired(&current) {
+            return Ok(false);
+        }
+        let mut next = current.clone();
+        let mut spec = spec;
+        if !mine {
+            spec.acquire_time = Some(now());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.holder_identity = Some(me);
+        spec.lease_duration_seconds = Some(duration);
+        spec.renew_time = Some(now());
+        next.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.election.name, &PostParams::default(), &next)
+            .await
+        {
+            Ok(written) => {
+                self.observe(&written);
+                Ok(true)
+            }
+            Err(e) if is_api(&e, 409) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wait until this replica holds the Lease.
+    pub async fn acquire(&mut self) -> anyhow::Result<()> {
+        tracing::info!(lease = %format!("{}/{}", self.election.namespace, self.election.name), identity = %self.election.identity, "waiting for the leader Lease");
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    tracing::info!(identity = %self.election.identity, "became the leader");
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election: reading or writing the Lease failed")
+                }
+            }
+            tokio::time::sleep(self.election.retry_period).await;
+        }
+    }
+
+    /// Keep renewing; returns why leadership was lost.
+    pub async fn hold(&mut self) -> String {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(self.election.retry_period).await;
+            let attempt =
+                tokio::time::timeout(self.election.renew_deadline, self.try_acquire_or_renew())
+                    .await;
+            match attempt {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => return "another replica holds the Lease".to_owned(),
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader Lease failed"),
+                Err(_) => tracing::warn!("renewing the leader Lease timed out"),
+            }
+            if renewed.elapsed() >= self.election.renew_deadline {
+                return format!(
+                    "could not renew the Lease for {:?}",
+                    self.election.renew_deadline
+                );
+            }
+        }
+    }
+
+    /// Hand the Lease back (best effort) so another replica need not wait for expiry.
+    pub async fn release(&mut self) {
+        let Ok(Some(mut current)) = self.api.get_opt(&self.election.name).await else {
+            return;
+        };
+        let Some(spec) = current.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.election.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(now());
+        match self
+            .api
+            .replace(&self.election.name, &PostParams::default(), &current)
+            .await
+        {
+            Ok(_) => tracing::info!("released the leader Lease"),
+            Err(e) => tracing::warn!(error = %e, "releasing the leader Lease failed"),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The PV reconciler for PVs this driver provisioned: mark a PV Released when its claim
+//! is gone (the PV controller's write, so this works without it), then per reclaim
+//! policy: Delete → DeleteVolume (once no VolumeAttachment uses the PV) → delete the PV
+//! → drop the provisioner finalizer; Retain → drop the finalizer only.
+//!
+//! Reads decisions from [`super::rules`]; touches only PVs [`rules::is_ours`] accepts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource as _, ResourceExt as _};
+use serde_json::json;
+
+use super::rules;
+use super::{Next, Shared, is_api};
+
+fn volumes(shared: &Shared) -> Api<PersistentVolume> {
+    Api::all(shared.client.clone())
+}
+
+fn phase(pv: &PersistentVolume) -> Option<&str> {
+    pv.status.as_ref().and_then(|s| s.phase.as_deref())
+}
+
+/// Reconcile the PV `name`.
+pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next> {
+    let Some(pv) = shared.volumes.get(&ObjectRef::new(&name)) else {
+        return Ok(Next::Done);
+    };
+    if !rules::is_ours(&pv, &shared.driver) {
+        return Ok(Next::Done);
+    }
+    if rules::needs_finalizer(&pv, &shared.driver)
+        && let Some(patch) = rules::finalizer_patch(&pv, true)
+    {
+        patch_pv(&shared, &name, &patch).await?;
+        return Ok(Next::Done);
+    }
+    if !matches!(phase(&pv), Some("Released" | "Failed")) && claim_is_gone(&shared, &pv).await? {
+        // What the PV controller writes when the claim is gone.
+        volumes(&shared)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": { "phase": "Released" } })),
+            )
+            .await
+            .context("marking the PV Released")?;
+        return Ok(Next::Done);
+    }
+    if rules::should_delete(&pv, &shared.driver) {
+        return delete(&shared, &pv).await;
+    }
+    if rules::finalizer_only(&pv, &shared.driver)
+        && (pv.metadata.deletion_timestamp.is_some() || phase(&pv) == Some("Released"))
+        && let Some(patch) = rules::finalizer_patch(&pv, false)
+    {
+        patch_pv(&shared, &name, &patch).await?;
+    }
+    Ok(Next::Done)
+}
+
+async fn patch_pv(shared: &Shared, name: &str, patch: &serde_json::Value) -> anyhow::Result<()> {
+    match volumes(shared)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_api(&e, 404) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("patching PV {name}"))),
+    }
+}
+
+/// The PV points at a claim that no longer exists (or was replaced, or is bound to
+/// another PV). Asked of the API server, not the cache, before anything is released.
+async fn claim_is_gone(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<bool> {
+    let Some(claim_ref) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
+        return Ok(false);
+    };
+    let (Some(namespace), Some(name)) = (&claim_ref.namespace, &claim_ref.name) else {
+        return Ok(false);
+    };
+    let cached = shared.claims.get(&ObjectRef::new(name).within(namespace));
+    if cached.as_ref().is_some_and(|c| matches_ref(c, pv)) {
+        return Ok(false);
+    }
+    let live = Api::<PersistentVolumeClaim>::namespaced(shared.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .context("reading the PV's claim")?;
+    Ok(!live.is_some_and(|c| matches_ref(&c, pv)))
+}
+
+/// The claim is the one the PV was made for and does not point at another PV.
+fn matches_ref(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> bool {
+    let uid = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|c| c.uid.as_deref());
+    let bound_elsewhere = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty() && v != pv.name_any());
+    claim.metadata.uid.as_deref() == uid && !bound_elsewhere
+}
+
+async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> {
+    let started = Instant::now();
+    let name = pv.name_any();
+    let attached = shared
+        .attachments
+        .find(|va| va.spec.source.persistent_volume_name.as_deref() == Some(name.as_str()));
+    if let Some(va) = attached {
+        tracing::debug!(pv = %name, attachment = %va.name_any(), "waiting for the VolumeAttachment to go before DeleteVolume");
+        return Ok(Next::After(Duration::from_secs(5)));
+    }
+    let Some(handle) = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.volume_handle.clone())
+    else {
+        anyhow::bail!("PV {name} has no csi volumeHandle");
+    };
+    let secrets = deletion_secrets(shared, pv).await?;
+    if let Err(e) = shared.csi.delete_volume(&handle, secrets).await {
+        shared.metrics.failed("delete", &format!("{:?}", e.code()));
+        shared.events.warning(
+            pv.object_ref(&()),
+            "VolumeFailedDelete",
+            format!("deleting volume {handle}: {}", e.message()),
+        );
+        return Err(anyhow::Error::new(e).context("DeleteVolume"));
+    }
+    // Delete the PV object, then let it go by dropping our finalizer.
+    if pv.metadata.deletion_timestamp.is_none() {
+        match volumes(shared)
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_api(&e, 404) => return Ok(Next::Done),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("deleting PV {name}"))),
+        }
+    }
+    if let Some(patch) = rules::finalizer_patch(pv, false) {
+        // The resourceVersion changed with the delete; drop the guard.
+        let mut patch = patch;
+        if let Some(metadata) = patch["metadata"].as_object_mut() {
+            metadata.remove("resourceVersion");
+        }
+        patch_pv(shared, &name, &patch).await?;
+    }
+    shared.metrics.succeeded("delete", started);
+    tracing::info!(pv = %name, volume = %handle, "deleted");
+    Ok(Next::Done)
+}
+
+/// The DeleteVolume secrets named by the PV's deletion-secret annotations.
+async fn deletion_secrets(
+    shared: &Shared,
+    pv: &PersistentVolume,
+) -> anyhow::Result<HashMap<String, String>> {
+    let annotations = pv.annotations();
+    let name = annotations
+        .get(rules::ANN_DELETION_SECRET_NAME)
+        .filter(|n| !n.is_empty());
+    let namespace = annotations
+        .get(rules::ANN_DELETION_SECRET_NAMESPACE)
+        .filter(|n| !n.is_empty());
+    let (Some(name), Some(namespace)) = (name, namespace) else {
+        return Ok(HashMap::new());
+    };
+    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
+        .get(name)
+        .await
+        .with_context(|| format!("reading deletion secret {namespace}/{name}"))?;
+    Ok(secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+        .collect())
+}

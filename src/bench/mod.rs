@@ -21,6 +21,8 @@ use crate::csi::proto::{
 use crate::node::SystemMounter;
 use crate::run::{Plan, start};
 
+pub mod provision;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// NFS server (IP) to measure against; without it an embedded server in a temp dir.
@@ -44,6 +46,18 @@ pub struct BenchArgs {
     /// With --ebs-endpoint: how many CreateVolume calls run at once.
     #[arg(long, default_value_t = 50)]
     pub volumes: usize,
+
+    #[command(subcommand)]
+    pub what: Option<BenchKind>,
+}
+
+/// Benchmarks other than the CSI round trip.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchKind {
+    /// Claims → Bound against a cluster: starts `stowage local --kubeconfig`, creates N
+    /// claims at once, reports time to all Bound, claims/s, Kubernetes API calls per
+    /// claim and the controller's peak RSS, then deletes them.
+    Provision(provision::ProvisionArgs),
 }
 
 /// Latency samples of one series.
@@ -63,6 +77,9 @@ impl Series {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchKind::Provision(provision)) = args.what {
+        return provision::run(provision).await;
+    }
     if let Some(endpoint) = args.ebs_endpoint.clone() {
         return ebs(&endpoint, args.volumes).await;
     }

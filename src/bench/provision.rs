@@ -1,0 +1,305 @@
+//! `stowage bench provision`: how fast claims become Bound against a real cluster.
+//! Starts `stowage local --kubeconfig` as a child (the controller measured), creates N
+//! claims at once on a stowage StorageClass, and reports the seconds to all Bound,
+//! claims/s, the controller's Kubernetes API requests per claim (from its /metrics)
+//! and its RSS (peak and with all PVs present); then deletes the claims and reports
+//! the time until every PV is gone.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{
+    Namespace, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProvisionArgs {
+    /// The cluster to measure against.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Claims created at once.
+    #[arg(long, default_value_t = 100)]
+    pub claims: usize,
+    /// Namespace for the claims (created when missing).
+    #[arg(long, default_value = "stowage-bench")]
+    pub namespace: String,
+    /// Extra flags for the measured `stowage local` (e.g. `--kube-api-qps=50`).
+    #[arg(long = "controller-arg", allow_hyphen_values = true)]
+    pub controller_args: Vec<String>,
+    /// Keep the claims and PVs instead of deleting them at the end.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+const CLASS: &str = "stowage-bench";
+const LABEL: &str = "stowage.dev/bench";
+
+/// The measured controller process.
+struct Controller {
+    child: tokio::process::Child,
+    metrics: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    async fn start(args: &ProvisionArgs) -> anyhow::Result<Controller> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let exe = std::env::current_exe()?;
+        let child = tokio::process::Command::new(exe)
+            .arg("local")
+            .arg("--kubeconfig")
+            .arg(&args.kubeconfig)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--http-addr")
+            .arg(port.to_string())
+            .args(&args.controller_args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting stowage local")?;
+        Ok(Controller {
+            child,
+            metrics: port,
+            _dir: dir,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// (VmHWM, VmRSS) in bytes.
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    async fn scrape(&self) -> anyhow::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    /// Kubernetes API requests by verb, and whether the loops run (leader).
+    async fn requests(&self) -> anyhow::Result<(BTreeMap<String, f64>, bool)> {
+        let text = self.scrape().await?;
+        let mut by_verb = BTreeMap::new();
+        let mut leader = false;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("stowage_kube_api_requests_total{") {
+                let verb = rest
+                    .split("verb=\"")
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .unwrap_or("?")
+                    .to_owned();
+                let value: f64 = rest
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                *by_verb.entry(verb).or_insert(0.0) += value;
+            }
+            if line.trim() == "stowage_leader 1" {
+                leader = true;
+            }
+        }
+        Ok((by_verb, leader))
+    }
+}
+
+fn claim(name: &str, run: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(LABEL.to_owned(), run.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteMany".to_owned()]),
+            storage_class_name: Some(CLASS.to_owned()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity("1Gi".into()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
+    let config = crate::provisioner::client::config(Some(&args.kubeconfig)).await?;
+    let client = kube::Client::try_from(config)?;
+    ensure_class_and_namespace(&client, &args.namespace).await?;
+
+    let controller = Controller::start(&args).await?;
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        match controller.requests().await {
+            Ok((requests, true)) => break requests,
+            _ if Instant::now() > ready_by => anyhow::bail!("the controller did not start its loops within 60 s"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let run_id = format!("{}", std::process::id());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &args.namespace);
+    let selector = format!("{LABEL}={run_id}");
+
+    // Watch for Bound before creating, so no transition is missed.
+    let watch_config = watcher::Config::default().labels(&selector);
+    let mut bound_events = Box::pin(watcher::watcher(claims.clone(), watch_config));
+    let names: Vec<String> = (0..args.claims).map(|i| format!("bench-{run_id}-{i}")).collect();
+    let started = Instant::now();
+    futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let claims = claims.clone();
+            let run_id = run_id.clone();
+            async move {
+                claims
+                    .create(&PostParams::default(), &claim(&name, &run_id))
+                    .await
+                    .with_context(|| format!("creating claim {name}"))
+            }
+        })
+        .buffer_unordered(200)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let created = started.elapsed();
+    let mut bound: HashSet<String> = HashSet::new();
+    let mut uids: HashSet<String> = HashSet::new();
+    let deadline = Duration::from_secs(300);
+    while bound.len() < args.claims {
+        let event = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), bound_events.next())
+            .await
+            .with_context(|| format!("only {} of {} claims Bound after {deadline:?}", bound.len(), args.claims))?;
+        match event {
+            Some(Ok(watcher::Event::Apply(pvc) | watcher::Event::InitApply(pvc))) => {
+                if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                    uids.insert(format!("pvc-{}", pvc.uid().unwrap_or_default()));
+                    bound.insert(pvc.name_any());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "watch error"),
+            None => anyhow::bail!("the claim watch ended"),
+        }
+    }
+    let all_bound = started.elapsed();
+    let (after, _) = controller.requests().await?;
+    let (peak, rss) = controller.memory();
+    let n = args.claims as f64;
+    println!("stowage bench provision: {} claims (StorageClass {CLASS}, embedded NFS export)", args.claims);
+    println!("  created in            {:>8.3} s", created.as_secs_f64());
+    println!("  all Bound after       {:>8.3} s   ({:.0} claims/s)", all_bound.as_secs_f64(), n / all_bound.as_secs_f64());
+    let mut total = 0.0;
+    let mut verbs = Vec::new();
+    for (verb, count) in &after {
+        let delta = count - before.get(verb).copied().unwrap_or(0.0);
+        if delta > 0.0 {
+            total += delta;
+            verbs.push(format!("{verb} {:.2}", delta / n));
+        }
+    }
+    println!("  API requests / claim  {:>8.2}     ({})", total / n, verbs.join(", "));
+    println!("  controller RSS        {:>8.1} MB now, {:.1} MB peak (pid {})", rss as f64 / 1e6, peak as f64 / 1e6, controller.pid());
+
+    if !args.keep {
+        let volumes: Api<PersistentVolume> = Api::all(client.clone());
+        let mut pv_events = Box::pin(watcher::watcher(volumes, watcher::Config::default()));
+        let deleting = Instant::now();
+        futures::stream::iter(names.iter().cloned())
+            .map(|name| {
+                let claims = claims.clone();
+                async move { claims.delete(&name, &DeleteParams::default()).await.map(drop) }
+            })
+            .buffer_unordered(200)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let mut present: HashSet<String> = HashSet::new();
+        let mut listed = false;
+        loop {
+            if listed && present.is_empty() {
+                break;
+            }
+            let event = tokio::time::timeout(Duration::from_secs(300), pv_events.next())
+                .await
+                .context("PVs not deleted within 300 s")?;
+            match event {
+                Some(Ok(watcher::Event::Init)) => present.clear(),
+                Some(Ok(watcher::Event::InitApply(pv) | watcher::Event::Apply(pv))) => {
+                    if uids.contains(&pv.name_any()) {
+                        present.insert(pv.name_any());
+                    }
+                }
+                Some(Ok(watcher::Event::Delete(pv))) => {
+                    present.remove(&pv.name_any());
+                }
+                Some(Ok(watcher::Event::InitDone)) => listed = true,
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error"),
+                None => anyhow::bail!("the PV watch ended"),
+            }
+        }
+        println!("  all PVs deleted after {:>8.3} s", deleting.elapsed().as_secs_f64());
+    }
+    let mut controller = controller;
+    let _ = controller.child.start_kill();
+    let _ = controller.child.wait().await;
+    Ok(())
+}
+
+async fn ensure_class_and_namespace(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(namespace).await?.is_none() {
+        let object = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        namespaces.create(&PostParams::default(), &object).await?;
+    }
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    if classes.get_opt(CLASS).await?.is_none() {
+        let class = StorageClass {
+            metadata: ObjectMeta {
+                name: Some(CLASS.to_owned()),
+                ..ObjectMeta::default()
+            },
+            provisioner: crate::config::DEFAULT_DRIVER_NAME.to_owned(),
+            reclaim_policy: Some("Delete".to_owned()),
+            volume_binding_mode: Some("Immediate".to_owned()),
+            ..StorageClass::default()
+        };
+        classes.create(&PostParams::default(), &class).await?;
+    }
+    Ok(())
+}

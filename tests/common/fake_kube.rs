@@ -53,7 +53,10 @@
 //!   changes through `/status` are ignored. Core `events` and `events.k8s.io` events are
 //!   separate stores. Periodic bookmarks are every second (the real server: ~1/minute).
 //! - `total_writes()` counts create/update/patch/delete *requests*, failed ones included.
-#![allow(clippy::result_large_err)]
+//!
+//! Clients: [`FakeKube::client`] / [`http_client`] build kube's default client stack
+//! without TLS (see there why). That stack retries 429/503/504 by itself, so failures
+//! injected with those codes are absorbed by the client and only show in `calls()`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -96,7 +99,15 @@ const fn res(
     status: bool,
     fields: &'static [&'static str],
 ) -> Res {
-    Res { group, version, plural, kind, namespaced, status, fields }
+    Res {
+        group,
+        version,
+        plural,
+        kind,
+        namespaced,
+        status,
+        fields,
+    }
 }
 
 const EVENT_FIELDS: &[&str] = &[
@@ -111,19 +122,107 @@ const EVENT_FIELDS: &[&str] = &[
 ];
 
 pub const RESOURCES: &[Res] = &[
-    res("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, true, &[]),
-    res("", "v1", "persistentvolumes", "PersistentVolume", false, true, &[]),
-    res("", "v1", "nodes", "Node", false, true, &["spec.unschedulable"]),
-    res("", "v1", "namespaces", "Namespace", false, false, &["status.phase"]),
+    res(
+        "",
+        "v1",
+        "persistentvolumeclaims",
+        "PersistentVolumeClaim",
+        true,
+        true,
+        &[],
+    ),
+    res(
+        "",
+        "v1",
+        "persistentvolumes",
+        "PersistentVolume",
+        false,
+        true,
+        &[],
+    ),
+    res(
+        "",
+        "v1",
+        "nodes",
+        "Node",
+        false,
+        true,
+        &["spec.unschedulable"],
+    ),
+    res(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        false,
+        false,
+        &["status.phase"],
+    ),
     res("", "v1", "events", "Event", true, false, EVENT_FIELDS),
     res("", "v1", "secrets", "Secret", true, false, &["type"]),
-    res("", "v1", "pods", "Pod", true, true, &["spec.nodeName", "status.phase"]),
-    res("storage.k8s.io", "v1", "storageclasses", "StorageClass", false, false, &[]),
-    res("storage.k8s.io", "v1", "volumeattachments", "VolumeAttachment", false, true, &[]),
-    res("storage.k8s.io", "v1", "csinodes", "CSINode", false, false, &[]),
-    res("storage.k8s.io", "v1", "csidrivers", "CSIDriver", false, false, &[]),
-    res("coordination.k8s.io", "v1", "leases", "Lease", true, false, &[]),
-    res("events.k8s.io", "v1", "events", "Event", true, false, &["reason", "type"]),
+    res(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        true,
+        true,
+        &["spec.nodeName", "status.phase"],
+    ),
+    res(
+        "storage.k8s.io",
+        "v1",
+        "storageclasses",
+        "StorageClass",
+        false,
+        false,
+        &[],
+    ),
+    res(
+        "storage.k8s.io",
+        "v1",
+        "volumeattachments",
+        "VolumeAttachment",
+        false,
+        true,
+        &[],
+    ),
+    res(
+        "storage.k8s.io",
+        "v1",
+        "csinodes",
+        "CSINode",
+        false,
+        false,
+        &[],
+    ),
+    res(
+        "storage.k8s.io",
+        "v1",
+        "csidrivers",
+        "CSIDriver",
+        false,
+        false,
+        &[],
+    ),
+    res(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "Lease",
+        true,
+        false,
+        &[],
+    ),
+    res(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "Event",
+        true,
+        false,
+        &["reason", "type"],
+    ),
     res("apps", "v1", "statefulsets", "StatefulSet", true, true, &[]),
 ];
 
@@ -158,7 +257,12 @@ pub struct ApiErr {
 }
 
 fn err(code: u16, reason: &str, message: impl Into<String>) -> ApiErr {
-    ApiErr { code, reason: reason.into(), message: message.into(), details: json!({}) }
+    ApiErr {
+        code,
+        reason: reason.into(),
+        message: message.into(),
+        details: json!({}),
+    }
 }
 
 impl ApiErr {
@@ -181,11 +285,18 @@ fn named(r: &Res, name: &str) -> Value {
     d
 }
 fn not_found(r: &Res, name: &str) -> ApiErr {
-    err(404, "NotFound", format!("{} \"{name}\" not found", qualified(r)))
-        .details(named(r, name))
+    err(
+        404,
+        "NotFound",
+        format!("{} \"{name}\" not found", qualified(r)),
+    )
+    .details(named(r, name))
 }
 fn conflict(r: &Res, name: &str, why: &str) -> ApiErr {
-    let msg = format!("Operation cannot be fulfilled on {} \"{name}\": {why}", qualified(r));
+    let msg = format!(
+        "Operation cannot be fulfilled on {} \"{name}\": {why}",
+        qualified(r)
+    );
     err(409, "Conflict", msg).details(named(r, name))
 }
 const MODIFIED_MSG: &str =
@@ -203,11 +314,19 @@ fn bad_request(msg: impl Into<String>) -> ApiErr {
     err(400, "BadRequest", msg)
 }
 fn no_route() -> ApiErr {
-    err(404, "NotFound", "the server could not find the requested resource")
+    err(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 /// `plural` or `plural.group`, as the real server names a resource in messages.
 fn qualified(r: &Res) -> String {
-    if r.group.is_empty() { r.plural.to_string() } else { format!("{}.{}", r.plural, r.group) }
+    if r.group.is_empty() {
+        r.plural.to_string()
+    } else {
+        format!("{}.{}", r.plural, r.group)
+    }
 }
 
 type Key = (String, String); // (namespace or "", name)
@@ -284,7 +403,9 @@ impl FakeKube {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -304,7 +425,13 @@ impl FakeKube {
                 }
             }
         });
-        FakeKube { shared, url, stop: Some(stop), server: Some(server), ticker }
+        FakeKube {
+            shared,
+            url,
+            stop: Some(stop),
+            server: Some(server),
+            ticker,
+        }
     }
 
     /// `http://127.0.0.1:PORT`
@@ -340,12 +467,19 @@ impl FakeKube {
     pub fn total_writes(&self) -> u64 {
         let st = self.shared.lock();
         let writes = ["create", "update", "patch", "delete"];
-        st.calls.iter().filter(|((v, _), _)| writes.contains(&v.as_str())).map(|(_, n)| n).sum()
+        st.calls
+            .iter()
+            .filter(|((v, _), _)| writes.contains(&v.as_str()))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// The next `times` requests with this verb and resource (e.g. `update`,
     /// `persistentvolumeclaims/status`) fail with a Status of `code`/`reason`, unprocessed.
     pub fn fail_next(&self, verb: &str, resource: &str, times: usize, code: u16, reason: &str) {
+        if times == 0 {
+            return;
+        }
         self.shared.lock().faults.push(Fault {
             verb: verb.into(),
             resource: resource.into(),
@@ -368,14 +502,19 @@ impl FakeKube {
             .iter()
             .position(|r| r.plural == resource || format!("{}.{}", r.plural, r.group) == resource)
             .unwrap_or_else(|| panic!("fake apiserver has no resource {resource}"));
-        self.shared.lock().objects[i].values().map(|o| (**o).clone()).collect()
+        self.shared.lock().objects[i]
+            .values()
+            .map(|o| (**o).clone())
+            .collect()
     }
 
     /// Ends watches and stops serving.
     pub async fn shutdown(mut self) {
         self.stop_now();
         if let Some(mut server) = self.server.take()
-            && tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err()
+            && tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
         {
             server.abort();
         }
@@ -413,7 +552,9 @@ pub fn http_client(config: kube::Config) -> kube::Client {
         .build_http::<kube::client::Body>();
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
-        .layer(tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()))
+        .layer(tower::retry::RetryLayer::new(
+            kube::client::retry::RetryPolicy::server_retry(),
+        ))
         .option_layer(config.auth_layer().unwrap())
         .map_err(|e| Box::new(e) as BoxError)
         .service(http);
@@ -439,7 +580,11 @@ fn pct_decode(s: &str) -> String {
     let (b, mut out, mut i) = (s.as_bytes(), Vec::with_capacity(s.len()), 0);
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     while i < b.len() {
-        match (b[i], b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
             (b'+', _, _) => out.push(b' '),
             (b'%', Some(h), Some(l)) => {
                 out.push(h << 4 | l);
@@ -468,7 +613,10 @@ impl Query {
         )
     }
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
     fn flag(&self, k: &str) -> bool {
         matches!(self.get(k), Some("true" | "1"))
@@ -477,7 +625,12 @@ impl Query {
 
 enum Route {
     Json(Value),
-    Res { res: usize, ns: Option<String>, name: Option<String>, status: bool },
+    Res {
+        res: usize,
+        ns: Option<String>,
+        name: Option<String>,
+        status: bool,
+    },
 }
 
 fn find(group: &str, version: &str, plural: &str) -> Option<usize> {
@@ -490,12 +643,16 @@ fn route(path: &str) -> Result<Route, ApiErr> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => {
-            return Ok(Route::Json(json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0",
-                                          "platform": "linux/amd64"})));
+            return Ok(Route::Json(
+                json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0",
+                                          "platform": "linux/amd64"}),
+            ));
         }
         ["api"] => {
-            return Ok(Route::Json(json!({"kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})));
+            return Ok(Route::Json(
+                json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}),
+            ));
         }
         ["apis"] => return Ok(Route::Json(group_list())),
         ["api", "v1"] => return Ok(Route::Json(resource_list("", "v1"))),
@@ -510,9 +667,17 @@ fn route(path: &str) -> Result<Route, ApiErr> {
         ["namespaces", ns, plural, tail @ ..]
             if find(group, version, plural).is_some_and(|i| RESOURCES[i].namespaced) =>
         {
-            (find(group, version, plural).unwrap(), Some(ns.to_string()), tail)
+            (
+                find(group, version, plural).unwrap(),
+                Some(ns.to_string()),
+                tail,
+            )
         }
-        [plural, tail @ ..] => (find(group, version, plural).ok_or_else(no_route)?, None, tail),
+        [plural, tail @ ..] => (
+            find(group, version, plural).ok_or_else(no_route)?,
+            None,
+            tail,
+        ),
         [] => return Err(no_route()),
     };
     let r = &RESOURCES[res];
@@ -525,7 +690,12 @@ fn route(path: &str) -> Result<Route, ApiErr> {
     if name.is_some() && r.namespaced && ns.is_none() {
         return Err(no_route());
     }
-    Ok(Route::Res { res, ns, name, status })
+    Ok(Route::Res {
+        res,
+        ns,
+        name,
+        status,
+    })
 }
 
 fn group_list() -> Value {
@@ -541,17 +711,30 @@ fn group_list() -> Value {
 }
 
 fn resource_list(group: &str, version: &str) -> Value {
-    let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+    let verbs = [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ];
     let mut resources = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
-        resources.push(json!({"name": r.plural, "singularName": r.kind.to_lowercase(),
-            "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}));
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        resources.push(
+            json!({"name": r.plural, "singularName": r.kind.to_lowercase(),
+            "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}),
+        );
         if r.status {
-            resources.push(json!({"name": format!("{}/status", r.plural), "singularName": "",
-                "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+            resources.push(
+                json!({"name": format!("{}/status", r.plural), "singularName": "",
+                "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}),
+            );
         }
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
 }
 
@@ -565,7 +748,12 @@ async fn handle(
     let (res, ns, name, status) = match route(uri.path()) {
         Ok(Route::Json(v)) if method == Method::GET => return json_response(200, &v),
         Ok(Route::Json(_)) => return error_response(&method_not_allowed()),
-        Ok(Route::Res { res, ns, name, status }) => (res, ns, name, status),
+        Ok(Route::Res {
+            res,
+            ns,
+            name,
+            status,
+        }) => (res, ns, name, status),
         Err(e) => return error_response(&e),
     };
     let q = Query::parse(uri.query());
@@ -581,17 +769,26 @@ async fn handle(
         _ => return error_response(&method_not_allowed()),
     };
     let r = &RESOURCES[res];
-    let resource = if status { format!("{}/status", r.plural) } else { r.plural.to_string() };
+    let resource = if status {
+        format!("{}/status", r.plural)
+    } else {
+        r.plural.to_string()
+    };
     {
         let mut st = sh.lock();
-        *st.calls.entry((verb.to_string(), resource.clone())).or_default() += 1;
+        *st.calls
+            .entry((verb.to_string(), resource.clone()))
+            .or_default() += 1;
         if let Some(f) = st
             .faults
             .iter_mut()
             .find(|f| f.left > 0 && f.verb == verb && f.resource == resource)
         {
             f.left -= 1;
-            let msg = format!("injected {verb} {resource} failure: {} {}", f.code, f.reason);
+            let msg = format!(
+                "injected {verb} {resource} failure: {} {}",
+                f.code, f.reason
+            );
             let mut e = err(f.code, &f.reason, msg);
             if let Some(name) = &name {
                 e = e.details(named(r, name));
@@ -611,12 +808,18 @@ async fn handle(
         }),
         "patch" => {
             let key = key_of(r, ns.as_deref(), name.as_deref().unwrap());
-            let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let ctype = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
             patch(&sh, res, key, status, ctype.unwrap_or(""), &body)
         }
         "delete" => {
             let key = key_of(r, ns.as_deref(), name.as_deref().unwrap());
-            let opts = if body.is_empty() { Ok(json!({})) } else { parse_body(&body) };
+            let opts = if body.is_empty() {
+                Ok(json!({}))
+            } else {
+                parse_body(&body)
+            };
             opts.and_then(|o| delete(&sh, res, key, &o))
         }
         _ => Err(method_not_allowed()),
@@ -628,7 +831,11 @@ async fn handle(
 }
 
 fn method_not_allowed() -> ApiErr {
-    err(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+    err(
+        405,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+    )
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiErr> {
@@ -673,12 +880,17 @@ fn set_status(obj: &mut Value, status: Option<Value>) {
 fn finalizers(obj: &Value) -> Vec<String> {
     obj["metadata"]["finalizers"]
         .as_array()
-        .map(|a| a.iter().filter_map(|f| f.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn now() -> Value {
-    let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let t =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     serde_json::to_value(t).unwrap()
 }
 
@@ -739,8 +951,21 @@ fn check_namespace(r: &Res, key_ns: &str, obj: &mut Value) -> Result<(), ApiErr>
 // ---------------------------------------------------------------------------------------
 // Writes (all under the store lock)
 
-fn emit(sh: &Shared, st: &mut Store, res: usize, ty: &'static str, obj: Arc<Value>, prev: Option<Arc<Value>>) {
-    let ev = Arc::new(Ev { rv: st.rv, res, ty, obj, prev });
+fn emit(
+    sh: &Shared,
+    st: &mut Store,
+    res: usize,
+    ty: &'static str,
+    obj: Arc<Value>,
+    prev: Option<Arc<Value>>,
+) {
+    let ev = Arc::new(Ev {
+        rv: st.rv,
+        res,
+        ty,
+        obj,
+        prev,
+    });
     st.history.push_back(ev.clone());
     if st.history.len() > HISTORY {
         st.evicted_rv = st.history.pop_front().unwrap().rv;
@@ -755,7 +980,11 @@ fn create(sh: &Shared, res: usize, ns: Option<&str>, mut obj: Value) -> Answer {
     check_kind(r, &mut obj)?;
     check_namespace(r, ns.unwrap_or(""), &mut obj)?;
     if !meta(&obj, "resourceVersion").is_empty() {
-        return Err(err(500, "InternalError", "resourceVersion should not be set on objects to be created"));
+        return Err(err(
+            500,
+            "InternalError",
+            "resourceVersion should not be set on objects to be created",
+        ));
     }
     let mut st = sh.lock();
     let mut name = meta(&obj, "name");
@@ -763,7 +992,13 @@ fn create(sh: &Shared, res: usize, ns: Option<&str>, mut obj: Value) -> Answer {
         let prefix = meta(&obj, "generateName");
         if prefix.is_empty() {
             let detail = "Required value: name or generateName is required";
-            return Err(invalid(r, "", "metadata.name", "FieldValueRequired", detail));
+            return Err(invalid(
+                r,
+                "",
+                "metadata.name",
+                "FieldValueRequired",
+                detail,
+            ));
         }
         const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
         name = loop {
@@ -806,9 +1041,19 @@ fn update(sh: &Shared, res: usize, key: Key, status: bool, new: Value) -> Answer
     update_locked(sh, &mut st, res, key, status, new)
 }
 
-fn update_locked(sh: &Shared, st: &mut Store, res: usize, key: Key, status: bool, mut new: Value) -> Answer {
+fn update_locked(
+    sh: &Shared,
+    st: &mut Store,
+    res: usize,
+    key: Key,
+    status: bool,
+    mut new: Value,
+) -> Answer {
     let r = &RESOURCES[res];
-    let old = st.objects[res].get(&key).cloned().ok_or_else(|| not_found(r, &key.1))?;
+    let old = st.objects[res]
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| not_found(r, &key.1))?;
     check_kind(r, &mut new)?;
     check_namespace(r, &key.0, &mut new)?;
     let body_name = meta(&new, "name");
@@ -825,7 +1070,13 @@ fn update_locked(sh: &Shared, st: &mut Store, res: usize, key: Key, status: bool
     let uid = meta(&new, "uid");
     if !uid.is_empty() && uid != meta(&old, "uid") {
         let detail = format!("Invalid value: \"{uid}\": field is immutable");
-        return Err(invalid(r, &key.1, "metadata.uid", "FieldValueInvalid", &detail));
+        return Err(invalid(
+            r,
+            &key.1,
+            "metadata.uid",
+            "FieldValueInvalid",
+            &detail,
+        ));
     }
     if status {
         let s = new.get("status").cloned();
@@ -835,7 +1086,12 @@ fn update_locked(sh: &Shared, st: &mut Store, res: usize, key: Key, status: bool
         set_status(&mut new, old.get("status").cloned());
     }
     let m = meta_mut(&mut new);
-    for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+    for f in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
         match old["metadata"].get(f) {
             Some(v) => m.insert(f.into(), v.clone()),
             None => m.remove(f),
@@ -845,12 +1101,21 @@ fn update_locked(sh: &Shared, st: &mut Store, res: usize, key: Key, status: bool
     let deleting = old["metadata"].get("deletionTimestamp").is_some();
     if deleting {
         let before = finalizers(&old);
-        let added: Vec<String> = finalizers(&new).into_iter().filter(|f| !before.contains(f)).collect();
+        let added: Vec<String> = finalizers(&new)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
         if !added.is_empty() {
             let detail = format!(
                 "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
             );
-            return Err(invalid(r, &key.1, "metadata.finalizers", "FieldValueForbidden", &detail));
+            return Err(invalid(
+                r,
+                &key.1,
+                "metadata.finalizers",
+                "FieldValueForbidden",
+                &detail,
+            ));
         }
     }
     if new == *old {
@@ -904,7 +1169,10 @@ fn patch(sh: &Shared, res: usize, key: Key, status: bool, ctype: &str, body: &[u
         }
     };
     let mut st = sh.lock();
-    let old = st.objects[res].get(&key).cloned().ok_or_else(|| not_found(r, &key.1))?;
+    let old = st.objects[res]
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| not_found(r, &key.1))?;
     let mut doc = (*old).clone();
     match ctype {
         "application/json-patch+json" => {
@@ -928,7 +1196,10 @@ fn delete(sh: &Shared, res: usize, key: Key, opts: &Value) -> Answer {
         return Err(bad_request("dryRun is not supported by the fake"));
     }
     let mut st = sh.lock();
-    let old = st.objects[res].get(&key).cloned().ok_or_else(|| not_found(r, &key.1))?;
+    let old = st.objects[res]
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| not_found(r, &key.1))?;
     for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
         if let Some(want) = opts["preconditions"][field].as_str() {
             let have = meta(&old, field);
@@ -962,8 +1233,11 @@ fn delete(sh: &Shared, res: usize, key: Key, opts: &Value) -> Answer {
     emit(sh, &mut st, res, "DELETED", Arc::new(gone), None);
     let mut details = named(r, &key.1);
     details["uid"] = json!(meta(&old, "uid"));
-    Ok((200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                    "details": details})))
+    Ok((
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                    "details": details}),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -979,7 +1253,11 @@ enum Req {
 }
 
 fn parse_labels(s: &str) -> Result<Vec<Req>, ApiErr> {
-    let bad = |t: &str| bad_request(format!("unable to parse requirement: invalid label selector {t:?}"));
+    let bad = |t: &str| {
+        bad_request(format!(
+            "unable to parse requirement: invalid label selector {t:?}"
+        ))
+    };
     let mut terms = Vec::new();
     let (mut depth, mut start) = (0, 0);
     for (i, c) in s.char_indices() {
@@ -1043,7 +1321,12 @@ impl Filter {
         let r = &RESOURCES[res];
         let labels = parse_labels(q.get("labelSelector").unwrap_or(""))?;
         let mut fields = Vec::new();
-        for t in q.get("fieldSelector").unwrap_or("").split(',').map(str::trim) {
+        for t in q
+            .get("fieldSelector")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+        {
             if t.is_empty() {
                 continue;
             }
@@ -1052,17 +1335,23 @@ impl Filter {
             } else if let Some((p, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
                 (p, true, v)
             } else {
-                return Err(bad_request(format!("invalid selector: '{t}'; can't understand '{t}'")));
+                return Err(bad_request(format!(
+                    "invalid selector: '{t}'; can't understand '{t}'"
+                )));
             };
             let path = path.trim();
-            if !["metadata.name", "metadata.namespace"].contains(&path) && !r.fields.contains(&path) {
-                return Err(bad_request(format!(
-                    "field label not supported: {path}"
-                )));
+            if !["metadata.name", "metadata.namespace"].contains(&path) && !r.fields.contains(&path)
+            {
+                return Err(bad_request(format!("field label not supported: {path}")));
             }
             fields.push((path.to_string(), eq, value.trim().to_string()));
         }
-        Ok(Filter { res, ns, labels, fields })
+        Ok(Filter {
+            res,
+            ns,
+            labels,
+            fields,
+        })
     }
 
     fn matches(&self, obj: &Value) -> bool {
@@ -1141,10 +1430,20 @@ fn bookmark(r: &Res, rv: u64, initial_end: bool) -> Bytes {
     if initial_end {
         m["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    event_line("BOOKMARK", &json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": m}))
+    event_line(
+        "BOOKMARK",
+        &json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": m}),
+    )
 }
 
-fn read(sh: &Arc<Shared>, res: usize, ns: Option<String>, name: Option<String>, q: &Query, verb: &str) -> Response {
+fn read(
+    sh: &Arc<Shared>,
+    res: usize,
+    ns: Option<String>,
+    name: Option<String>,
+    q: &Query,
+    verb: &str,
+) -> Response {
     let r = &RESOURCES[res];
     if let Some(name) = name {
         let key = key_of(r, ns.as_deref(), &name);
@@ -1161,7 +1460,14 @@ fn read(sh: &Arc<Shared>, res: usize, ns: Option<String>, name: Option<String>, 
     if verb == "list" {
         let (rv, items): (u64, Vec<Arc<Value>>) = {
             let st = sh.lock();
-            (st.rv, st.objects[res].values().filter(|o| filter.matches(o)).cloned().collect())
+            (
+                st.rv,
+                st.objects[res]
+                    .values()
+                    .filter(|o| filter.matches(o))
+                    .cloned()
+                    .collect(),
+            )
         };
         let list = List {
             kind: format!("{}List", r.kind),
@@ -1177,7 +1483,10 @@ fn read(sh: &Arc<Shared>, res: usize, ns: Option<String>, name: Option<String>, 
 fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query) -> Response {
     let r = &RESOURCES[filter.res];
     let bookmarks = q.flag("allowWatchBookmarks");
-    let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).filter(|t| *t > 0);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0);
     let since = match q.get("resourceVersion").unwrap_or("") {
         "" | "0" => None,
         v => match v.parse::<u64>() {
@@ -1195,7 +1504,9 @@ fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query) -> Response {
         match since {
             _ if st.closed => (rx, true),
             None => {
-                let objs = st.objects[filter.res].values().filter(|o| filter.matches(o));
+                let objs = st.objects[filter.res]
+                    .values()
+                    .filter(|o| filter.matches(o));
                 lines.extend(objs.map(|o| event_line("ADDED", o)));
                 if q.flag("sendInitialEvents") {
                     lines.push(bookmark(r, st.rv, true));
@@ -1256,6 +1567,8 @@ fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out)))
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        ))
         .unwrap()
 }

@@ -111,10 +111,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $classes := list -}}
 {{- range .Values.storageClasses }}{{ if .enabled }}{{ $classes = append $classes . }}{{ end }}{{ end -}}
 {{- if and .Values.nfsServer.enabled .Values.nfsServer.storageClass.create }}{{ $classes = append $classes .Values.nfsServer.storageClass }}{{ end -}}
-{{- range $classes }}
-{{- range $key, $_ := (.parameters | default dict) }}
+{{- range $class := $classes }}
+{{- range $key, $_ := ($class.parameters | default dict) }}
 {{- if and (hasPrefix "csi.storage.k8s.io/provisioner-secret-" $key) (not $.Values.rbac.provisionerSecrets) }}
-{{- fail (printf "StorageClass %s names a provisioner secret (%s): set rbac.provisionerSecrets=true so the provisioner may get it" (default "(in-cluster NFS)" .name) $key) }}
+{{- fail (printf "StorageClass %s names a provisioner secret (%s): set rbac.provisionerSecrets=true so the provisioner may get it" (default "(in-cluster NFS)" $class.name) $key) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -39,19 +39,23 @@ fn chart_dir() -> PathBuf {
 
 /// The helm binary, or `None` (skip) when there is none and it is not required.
 fn helm(test: &str) -> Option<PathBuf> {
-    let candidates = std::env::var_os("STOWAGE_HELM")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from("/opt/k8s/bin/helm")])
-        .chain(
-            std::env::var_os("PATH")
-                .map(|path| {
-                    std::env::split_paths(&path)
-                        .map(|dir| dir.join("helm"))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default(),
+    if let Some(helm) = std::env::var_os("STOWAGE_HELM").map(PathBuf::from) {
+        assert!(
+            helm.is_file(),
+            "{test}: STOWAGE_HELM={} is not a file",
+            helm.display()
         );
+        return Some(helm);
+    }
+    let candidates = [PathBuf::from("/opt/k8s/bin/helm")].into_iter().chain(
+        std::env::var_os("PATH")
+            .map(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join("helm"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
     for candidate in candidates {
         if candidate.is_file() {
             return Some(candidate);
@@ -1085,4 +1089,63 @@ fn bad_values_fail_before_anything_is_applied() {
     }
     // And the good ones still render: the schema is not simply rejecting everything.
     render_with(&helm, "controller:\n  replicas: 3\n").unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Against a real API server, when one is given.
+// ---------------------------------------------------------------------------
+
+/// `kubectl apply --dry-run=server` of every case: no error and no warning. Runs when
+/// STOWAGE_E2E_KUBECONFIG names a cluster's kubeconfig (e.g. one started by
+/// shared/e2e-cluster); kubectl from STOWAGE_KUBECTL, /opt/k8s/bin or next to helm.
+#[test]
+fn api_server_accepts_every_case_without_warnings() {
+    let test = "api_server_accepts_every_case_without_warnings";
+    let Some(kubeconfig) = std::env::var_os("STOWAGE_E2E_KUBECONFIG") else {
+        eprintln!("SKIPPED {test}: set STOWAGE_E2E_KUBECONFIG to a cluster's kubeconfig");
+        return;
+    };
+    let Some(helm) = helm(test) else {
+        return;
+    };
+    let kubectl = std::env::var_os("STOWAGE_KUBECTL")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            PathBuf::from("/opt/k8s/bin/kubectl"),
+            helm.with_file_name("kubectl"),
+        ])
+        .find(|p| p.is_file())
+        .expect("STOWAGE_E2E_KUBECONFIG is set but no kubectl was found");
+    for case in values_matrix() {
+        let name = case_name(&case);
+        let manifests = template(&helm, &case).unwrap();
+        let mut child = Command::new(&kubectl)
+            .args(["apply", "--dry-run=server", "-f", "-"])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifests.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.trim().is_empty(),
+            "{name}: kubectl apply --dry-run=server:\n{stderr}"
+        );
+        let applied = String::from_utf8_lossy(&output.stdout).lines().count();
+        let rendered = parse_yaml(&manifests).len();
+        assert_eq!(
+            applied, rendered,
+            "{name}: {applied} of {rendered} objects accepted"
+        );
+    }
 }

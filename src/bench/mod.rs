@@ -52,7 +52,7 @@ pub struct BenchArgs {
 }
 
 /// Benchmarks other than the CSI round trip.
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchKind {
     /// Claims → Bound against a cluster: starts `stowage local --kubeconfig`, creates N
     /// claims at once, reports time to all Bound, claims/s, Kubernetes API calls per

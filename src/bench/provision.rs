@@ -67,7 +67,10 @@ impl Controller {
             .arg("--http-addr")
             .arg(port.to_string())
             .args(&args.controller_args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -85,8 +88,8 @@ impl Controller {
 
     /// (VmHWM, VmRSS) in bytes.
     fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -146,7 +149,10 @@ fn claim(name: &str, run: &str) -> PersistentVolumeClaim {
             access_modes: Some(vec!["ReadWriteMany".to_owned()]),
             storage_class_name: Some(CLASS.to_owned()),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity("1Gi".into()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity("1Gi".into()),
+                )])),
                 ..VolumeResourceRequirements::default()
             }),
             ..PersistentVolumeClaimSpec::default()
@@ -165,7 +171,9 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let before = loop {
         match controller.requests().await {
             Ok((requests, true)) => break requests,
-            _ if Instant::now() > ready_by => anyhow::bail!("the controller did not start its loops within 60 s"),
+            _ if Instant::now() > ready_by => {
+                anyhow::bail!("the controller did not start its loops within 60 s")
+            }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
@@ -176,7 +184,9 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     // Watch for Bound before creating, so no transition is missed.
     let watch_config = watcher::Config::default().labels(&selector);
     let mut bound_events = Box::pin(watcher::watcher(claims.clone(), watch_config));
-    let names: Vec<String> = (0..args.claims).map(|i| format!("bench-{run_id}-{i}")).collect();
+    let names: Vec<String> = (0..args.claims)
+        .map(|i| format!("bench-{run_id}-{i}"))
+        .collect();
     let started = Instant::now();
     futures::stream::iter(names.iter().cloned())
         .map(|name| {
@@ -197,9 +207,18 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let mut uids: HashSet<String> = HashSet::new();
     let deadline = Duration::from_secs(300);
     while bound.len() < args.claims {
-        let event = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), bound_events.next())
-            .await
-            .with_context(|| format!("only {} of {} claims Bound after {deadline:?}", bound.len(), args.claims))?;
+        let event = tokio::time::timeout(
+            deadline.saturating_sub(started.elapsed()),
+            bound_events.next(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "only {} of {} claims Bound after {deadline:?}",
+                bound.len(),
+                args.claims
+            )
+        })?;
         match event {
             Some(Ok(watcher::Event::Apply(pvc) | watcher::Event::InitApply(pvc))) => {
                 if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
@@ -216,9 +235,16 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let (after, _) = controller.requests().await?;
     let (peak, rss) = controller.memory();
     let n = args.claims as f64;
-    println!("stowage bench provision: {} claims (StorageClass {CLASS}, embedded NFS export)", args.claims);
+    println!(
+        "stowage bench provision: {} claims (StorageClass {CLASS}, embedded NFS export)",
+        args.claims
+    );
     println!("  created in            {:>8.3} s", created.as_secs_f64());
-    println!("  all Bound after       {:>8.3} s   ({:.0} claims/s)", all_bound.as_secs_f64(), n / all_bound.as_secs_f64());
+    println!(
+        "  all Bound after       {:>8.3} s   ({:.0} claims/s)",
+        all_bound.as_secs_f64(),
+        n / all_bound.as_secs_f64()
+    );
     let mut total = 0.0;
     let mut verbs = Vec::new();
     for (verb, count) in &after {
@@ -228,8 +254,17 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             verbs.push(format!("{verb} {:.2}", delta / n));
         }
     }
-    println!("  API requests / claim  {:>8.2}     ({})", total / n, verbs.join(", "));
-    println!("  controller RSS        {:>8.1} MB now, {:.1} MB peak (pid {})", rss as f64 / 1e6, peak as f64 / 1e6, controller.pid());
+    println!(
+        "  API requests / claim  {:>8.2}     ({})",
+        total / n,
+        verbs.join(", ")
+    );
+    println!(
+        "  controller RSS        {:>8.1} MB now, {:.1} MB peak (pid {})",
+        rss as f64 / 1e6,
+        peak as f64 / 1e6,
+        controller.pid()
+    );
 
     if !args.keep {
         let volumes: Api<PersistentVolume> = Api::all(client.clone());
@@ -238,7 +273,12 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         futures::stream::iter(names.iter().cloned())
             .map(|name| {
                 let claims = claims.clone();
-                async move { claims.delete(&name, &DeleteParams::default()).await.map(drop) }
+                async move {
+                    claims
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(drop)
+                }
             })
             .buffer_unordered(200)
             .try_collect::<Vec<_>>()
@@ -267,7 +307,10 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                 None => anyhow::bail!("the PV watch ended"),
             }
         }
-        println!("  all PVs deleted after {:>8.3} s", deleting.elapsed().as_secs_f64());
+        println!(
+            "  all PVs deleted after {:>8.3} s",
+            deleting.elapsed().as_secs_f64()
+        );
     }
     let mut controller = controller;
     let _ = controller.child.start_kill();

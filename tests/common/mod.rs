@@ -228,6 +228,7 @@ impl Ganesha {
     }
 }
 
+pub mod cluster;
 pub mod fake_kube;
 pub mod fault_proxy;
 pub mod hypervisor;

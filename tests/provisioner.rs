@@ -1,0 +1,1087 @@
+//! The Kubernetes loops end to end: the real `stowage local` binary (CSI server,
+//! embedded NFS server, provisioner/attacher/resizer loops) against an API server —
+//! the in-process fake (`tests/common/fake_kube.rs`), or a real cluster when
+//! `STOWAGE_E2E_KUBECONFIG` names its kubeconfig (then each test uses its own
+//! namespace, driver name and StorageClasses, and deletes them afterwards; scenarios
+//! that need fault injection are skipped there).
+//!
+//! Every wait polls the API (or the data directory) for at most 30 s and fails with
+//! the state it last saw; a failing test also prints the tail of stowage's log.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::ResourceExt as _;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const STATEFULSET_CLAIMS: [&str; 3] = ["data-db-0", "data-db-1", "data-db-2"];
+const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+const BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
+const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+const IDENTITY_KEY: &str = "storage.kubernetes.io/csiProvisionerIdentity";
+
+fn as_strs(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The PV and the claim as external-provisioner and the PV controller leave them.
+fn check_provisioned(cluster: &Cluster, claim: &Pvc, pv: &Pv, class: &str, reclaim: &str) {
+    let context = format!("{}\n{}", describe_claim(claim), describe_pv(pv));
+    let uid = claim.uid().expect("claim uid");
+    assert_eq!(pv.name_any(), format!("pvc-{uid}"), "{context}");
+
+    let spec = pv.spec.as_ref().expect("PV spec");
+    let claim_ref = spec.claim_ref.as_ref().expect("PV claimRef");
+    assert_eq!(claim_ref.uid.as_deref(), Some(uid.as_str()), "{context}");
+    assert_eq!(claim_ref.name, claim.metadata.name, "{context}");
+    assert_eq!(claim_ref.namespace, claim.metadata.namespace, "{context}");
+    assert_eq!(claim_ref.kind.as_deref(), Some("PersistentVolumeClaim"));
+    assert_eq!(claim_ref.api_version.as_deref(), Some("v1"));
+    let ref_version = claim_ref
+        .resource_version
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| panic!("claimRef has no resourceVersion\n{context}"));
+    // The version the claim had when its PV was built: never newer than the claim now.
+    if let (Ok(then), Ok(now)) = (
+        ref_version.parse::<u64>(),
+        claim.resource_version().unwrap_or_default().parse::<u64>(),
+    ) {
+        assert!(
+            then <= now,
+            "claimRef.resourceVersion {then} > {now}\n{context}"
+        );
+    }
+    assert!(
+        pv.finalizers().iter().any(|f| f == PV_FINALIZER),
+        "PV lacks {PV_FINALIZER}\n{context}"
+    );
+    assert_eq!(
+        pv.annotations().get(PROVISIONED_BY),
+        Some(&cluster.driver),
+        "{context}"
+    );
+    let csi = spec.csi.as_ref().expect("PV spec.csi");
+    assert_eq!(csi.driver, cluster.driver);
+    assert!(!csi.volume_handle.is_empty(), "{context}");
+    let identity = csi
+        .volume_attributes
+        .as_ref()
+        .and_then(|a| a.get(IDENTITY_KEY))
+        .unwrap_or_else(|| panic!("no {IDENTITY_KEY} volume attribute\n{context}"));
+    assert!(identity.ends_with(&cluster.driver), "{identity}");
+    let capacity = spec.capacity.as_ref().and_then(|c| c.get("storage"));
+    assert_eq!(capacity.map(|q| q.0.as_str()), Some("1Gi"), "{context}");
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some(reclaim)
+    );
+    assert_eq!(spec.storage_class_name.as_deref(), Some(class));
+    assert_eq!(
+        spec.access_modes.as_deref(),
+        Some(&["ReadWriteOnce".to_owned()][..])
+    );
+    assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
+    assert_eq!(phase_of_pv(pv), Some("Bound"), "{context}");
+
+    let annotations = claim.annotations();
+    assert_eq!(
+        annotations.get(BIND_COMPLETED).map(String::as_str),
+        Some("yes"),
+        "{context}"
+    );
+    assert_eq!(
+        annotations.get(BOUND_BY_CONTROLLER).map(String::as_str),
+        Some("yes"),
+        "{context}"
+    );
+    let status = claim.status.as_ref().expect("claim status");
+    assert_eq!(status.phase.as_deref(), Some("Bound"));
+    assert_eq!(
+        status
+            .capacity
+            .as_ref()
+            .and_then(|c| c.get("storage"))
+            .map(|q| q.0.as_str()),
+        Some("1Gi"),
+        "{context}"
+    );
+    assert_eq!(
+        status.access_modes.as_deref(),
+        Some(&["ReadWriteOnce".to_owned()][..])
+    );
+    assert!(
+        !claim
+            .finalizers()
+            .contains(&cluster.provisioning_finalizer()),
+        "the provisioning finalizer is left on a bound claim\n{context}"
+    );
+}
+
+/// Wait until the data dir holds exactly these volume directories.
+async fn wait_dirs(stowage: &Stowage, expected: &[String]) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    let expected = &expected;
+    wait_for(
+        &format!(
+            "the volume directories {expected:?} in {}",
+            stowage.data.display()
+        ),
+        || async move {
+            let dirs = stowage.volume_dirs();
+            if dirs == *expected {
+                Ok(())
+            } else {
+                Err(format!("directories: {dirs:?}"))
+            }
+        },
+    )
+    .await
+}
+
+async fn operations(stowage: &Stowage, operation: &str, result: &str) -> f64 {
+    let text = stowage.metrics().await;
+    metric(
+        &text,
+        "stowage_operations_total",
+        &[("operation", operation), ("result", result)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Successful calls of a CSI controller method (`CreateVolume`, …) the CSI server saw.
+async fn csi_calls(stowage: &Stowage, method: &str) -> f64 {
+    let text = stowage.metrics().await;
+    let method = format!("/csi.v1.Controller/{method}");
+    metric(
+        &text,
+        "csi_sidecar_operations_seconds_count",
+        &[("method_name", &method), ("grpc_status_code", "OK")],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Give late (wrong) work a moment to show before asserting it did not happen.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. A StatefulSet's claims, then scaling down.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulset_claims_bind_and_scaling_down_deletes_their_volumes() {
+    let cluster = Cluster::start("statefulset_claims_bind_and_scaling_down").await;
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    for name in STATEFULSET_CLAIMS {
+        // What the StatefulSet controller makes for `db` with volumeClaimTemplate `data`.
+        let labels = [("app", "db")];
+        let pvc = claim(name, &class, Some("1Gi"), &["ReadWriteOnce"], &labels);
+        cluster.create_claim(&pvc).await;
+    }
+    let bound = cluster.wait_all_bound(&names(&STATEFULSET_CLAIMS)).await;
+    for (claim, pv) in &bound {
+        check_provisioned(&cluster, claim, pv, &class, "Delete");
+    }
+    let volumes: Vec<String> = bound.iter().map(|(_, pv)| pv.name_any()).collect();
+    wait_dirs(&stowage, &volumes).await;
+    let (db0, pv0) = bound[0].clone();
+
+    // Scale to 1: the StatefulSet's claims of db-1 and db-2 go.
+    cluster.delete_claim("data-db-1").await;
+    cluster.delete_claim("data-db-2").await;
+    for (claim, pv) in &bound[1..] {
+        cluster.wait_claim_gone(&claim.name_any()).await;
+        cluster.wait_pv_gone(&pv.name_any()).await;
+    }
+    wait_dirs(&stowage, &volumes[..1]).await;
+
+    // data-db-0 untouched.
+    let (db0_now, pv0_now) = cluster.wait_bound("data-db-0").await;
+    check_provisioned(&cluster, &db0_now, &pv0_now, &class, "Delete");
+    if cluster.is_fake() {
+        assert_eq!(db0_now.resource_version(), db0.resource_version());
+        assert_eq!(pv0_now.resource_version(), pv0.resource_version());
+    }
+}
+
+/// A reconcile that runs again right after its own writes sees the informer cache of
+/// before them: it must not create or delete the volume a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_volume_is_created_once_and_deleted_once() {
+    const N: usize = 10;
+    let cluster = Cluster::start("each_volume_is_created_once_and_deleted_once").await;
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    let names: Vec<String> = (0..N).map(|i| format!("data-db-{i}")).collect();
+    for name in &names {
+        cluster.create_claim(&simple_claim(name, &class)).await;
+    }
+    let bound = cluster.wait_all_bound(&names).await;
+    for name in &names {
+        cluster.delete_claim(name).await;
+    }
+    for (_, pv) in &bound {
+        cluster.wait_pv_gone(&pv.name_any()).await;
+    }
+    wait_dirs(&stowage, &[]).await;
+    settle().await;
+    let counts = (
+        csi_calls(&stowage, "CreateVolume").await,
+        operations(&stowage, "provision", "success").await,
+        csi_calls(&stowage, "DeleteVolume").await,
+        operations(&stowage, "delete", "success").await,
+    );
+    println!(
+        "{N} volumes: CreateVolume {} (provision successes {}), DeleteVolume {} (delete successes {})",
+        counts.0, counts.1, counts.2, counts.3
+    );
+    let n = N as f64;
+    assert_eq!(
+        counts,
+        (n, n, n, n),
+        "(CreateVolume, provisions, DeleteVolume, deletes) for {N} volumes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_class_releases_the_pv_and_keeps_the_directory() {
+    let cluster = Cluster::start("retain_class_releases_the_pv").await;
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-keep", "Retain", &[], false)
+        .await;
+    cluster
+        .create_claim(&simple_claim("data-db-0", &class))
+        .await;
+    let (claim, pv) = cluster.wait_bound("data-db-0").await;
+    check_provisioned(&cluster, &claim, &pv, &class, "Retain");
+    wait_dirs(&stowage, &[pv.name_any()]).await;
+
+    cluster.delete_claim("data-db-0").await;
+    cluster.wait_claim_gone("data-db-0").await;
+    let volumes = cluster.volumes();
+    let pv_name = pv.name_any();
+    let released = wait_for(
+        "the Retain PV to be Released without the provisioner finalizer",
+        || {
+            let (volumes, pv_name) = (&volumes, &pv_name);
+            async move {
+                let pv = volumes.get_opt(pv_name).await.map_err(|e| e.to_string())?;
+                match pv {
+                    Some(pv)
+                        if phase_of_pv(&pv) == Some("Released")
+                            && !pv.finalizers().iter().any(|f| f == PV_FINALIZER) =>
+                    {
+                        Ok(pv)
+                    }
+                    other => Err(describe_pv_opt(&other)),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(released.metadata.deletion_timestamp.is_none());
+    assert_eq!(stowage.volume_dirs(), [pv_name.clone()], "directory kept");
+    assert_eq!(operations(&stowage, "delete", "success").await, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Bad input.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_class_parameter_fails_with_an_event_naming_it() {
+    let cluster = Cluster::start("an_unknown_class_parameter_fails").await;
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-colour", "Delete", &[("colour", "blue")], false)
+        .await;
+    cluster.create_claim(&simple_claim("painted", &class)).await;
+    let note = cluster
+        .wait_warning("painted", "ProvisioningFailed", &["colour"])
+        .await;
+    println!("ProvisioningFailed: {note}");
+    // Tried again (with backoff), never with a different outcome.
+    let (stowage_ref, cluster_ref) = (&stowage, &cluster);
+    wait_for("a second failed provisioning attempt", || async move {
+        let failed = operations(stowage_ref, "provision", "failed").await;
+        if failed >= 2.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "failed attempts: {failed}\n{}",
+                cluster_ref.describe().await
+            ))
+        }
+    })
+    .await;
+    let claim = cluster.claims().get("painted").await.unwrap();
+    assert_eq!(
+        phase_of_claim(&claim),
+        Some("Pending"),
+        "{}",
+        describe_claim(&claim)
+    );
+    assert_eq!(volume_name(&claim), None);
+    assert!(
+        cluster.our_pvs().await.is_empty(),
+        "{}",
+        cluster.describe().await
+    );
+    assert!(
+        stowage.volume_dirs().is_empty(),
+        "{:?}",
+        stowage.volume_dirs()
+    );
+    let finalizer_left = claim
+        .finalizers()
+        .contains(&cluster.provisioning_finalizer());
+    println!(
+        "claim that cannot be provisioned carries the provisioning finalizer: {finalizer_left} ({:?})",
+        claim.finalizers()
+    );
+
+    // It can still be deleted, and nothing is left behind.
+    cluster.delete_claim("painted").await;
+    cluster.wait_claim_gone("painted").await;
+    assert!(cluster.our_pvs().await.is_empty());
+    assert!(stowage.volume_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_with_a_bad_size_or_no_access_modes_fail_with_events() {
+    let cluster = Cluster::start("claims_with_a_bad_size_or_no_access_modes").await;
+    if cluster
+        .fake_or_skip(
+            "claims_with_a_bad_size_or_no_access_modes (the real API server rejects such claims)",
+        )
+        .is_none()
+    {
+        return;
+    }
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    let rwo = &["ReadWriteOnce"][..];
+    let cases: [(&str, Option<&str>, &[&str], &[&str]); 5] = [
+        (
+            "no-size",
+            None,
+            rwo,
+            &["no spec.resources.requests.storage"],
+        ),
+        ("zero", Some("0"), rwo, &["\"0\"", "must be positive"]),
+        ("junk", Some("lots"), rwo, &["\"lots\"", "is not a number"]),
+        ("no-modes", Some("1Gi"), &[], &["no spec.accessModes"]),
+        (
+            "odd-mode",
+            Some("1Gi"),
+            &["ReadWriteSometimes"],
+            &["ReadWriteSometimes"],
+        ),
+    ];
+    for (name, size, modes, _) in &cases {
+        cluster
+            .create_claim(&claim(name, &class, *size, modes, &[]))
+            .await;
+    }
+    cluster.create_claim(&simple_claim("fine", &class)).await;
+    for (name, _, _, words) in &cases {
+        let note = cluster
+            .wait_warning(name, "ProvisioningFailed", words)
+            .await;
+        println!("{name}: {note}");
+    }
+    cluster.wait_bound("fine").await;
+    for (name, ..) in &cases {
+        let claim = cluster.claims().get(name).await.unwrap();
+        assert_eq!(
+            phase_of_claim(&claim),
+            Some("Pending"),
+            "{}",
+            describe_claim(&claim)
+        );
+        assert!(
+            !claim
+                .finalizers()
+                .contains(&cluster.provisioning_finalizer()),
+            "rejected before CreateVolume, yet holds the finalizer: {}",
+            describe_claim(&claim)
+        );
+    }
+    assert_eq!(
+        cluster.our_pvs().await.len(),
+        1,
+        "{}",
+        cluster.describe().await
+    );
+    assert_eq!(
+        stowage.volume_dirs().len(),
+        1,
+        "{:?}",
+        stowage.volume_dirs()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A volume without a PV never leaks; failures are retried.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_deleted_while_its_pv_cannot_be_created_leaves_no_volume() {
+    let cluster = Cluster::start("a_claim_deleted_while_its_pv_cannot_be_created").await;
+    let Some(fake) = cluster.fake_or_skip("a_claim_deleted_while_its_pv_cannot_be_created") else {
+        return;
+    };
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    fake.fail_next(
+        "create",
+        "persistentvolumes",
+        1_000_000,
+        500,
+        "InternalError",
+    );
+    let created = cluster.create_claim(&simple_claim("orphan", &class)).await;
+    let volume = format!("pvc-{}", created.uid().unwrap());
+
+    let (cluster_ref, stowage_ref, volume_ref) = (&cluster, &stowage, &volume);
+    wait_for(
+        "the volume to exist without a PV while PV creation keeps failing",
+        || async move {
+            let claim = cluster_ref
+                .claims()
+                .get("orphan")
+                .await
+                .map_err(|e| e.to_string())?;
+            let attempts = fake
+                .calls()
+                .get(&("create".to_owned(), "persistentvolumes".to_owned()))
+                .copied()
+                .unwrap_or(0);
+            let dirs = stowage_ref.volume_dirs();
+            let held = claim
+                .finalizers()
+                .contains(&cluster_ref.provisioning_finalizer());
+            if held && dirs == [volume_ref.clone()] && attempts >= 2 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}\nPV create attempts: {attempts}\ndirectories: {dirs:?}",
+                    describe_claim(&claim)
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(fake.objects("persistentvolumes").is_empty());
+
+    cluster.delete_claim("orphan").await;
+    cluster.wait_claim_gone("orphan").await;
+    wait_dirs(&stowage, &[]).await;
+    assert!(fake.objects("persistentvolumes").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_retries_through_api_failures() {
+    let cluster = Cluster::start("provisioning_retries_through_api_failures").await;
+    let Some(fake) = cluster.fake_or_skip("provisioning_retries_through_api_failures") else {
+        return;
+    };
+    // The informers' first lists fail too.
+    fake.fail_next("list", "persistentvolumeclaims", 2, 500, "InternalError");
+    fake.fail_next("create", "persistentvolumes", 3, 500, "InternalError");
+    fake.fail_next("patch", "persistentvolumeclaims", 1, 500, "InternalError");
+    fake.fail_next(
+        "patch",
+        "persistentvolumeclaims/status",
+        2,
+        500,
+        "InternalError",
+    );
+    fake.fail_next("patch", "persistentvolumes/status", 2, 500, "InternalError");
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    cluster
+        .create_claim(&simple_claim("stubborn", &class))
+        .await;
+    let (claim, pv) = cluster.wait_bound("stubborn").await;
+    check_provisioned(&cluster, &claim, &pv, &class, "Delete");
+    wait_dirs(&stowage, &[pv.name_any()]).await;
+    assert_eq!(cluster.our_pvs().await.len(), 1);
+    let calls = fake.calls();
+    let count = |verb: &str, resource: &str| {
+        calls
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert!(count("create", "persistentvolumes") >= 4, "{calls:?}");
+    assert!(
+        count("patch", "persistentvolumeclaims/status") >= 3,
+        "{calls:?}"
+    );
+    assert!(count("patch", "persistentvolumes/status") >= 3, "{calls:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Conflicts and broken watches.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_and_broken_watches_still_bind_every_claim_once() {
+    let cluster = Cluster::start("conflicts_and_broken_watches").await;
+    let Some(fake) = cluster.fake_or_skip("conflicts_and_broken_watches") else {
+        return;
+    };
+    let stowage = Stowage::start(&cluster, "stowage", &["--retry-interval-max", "300ms"]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+
+    // The bind write conflicts: hold the PV back until the claim carries the
+    // finalizer, then make the next claim writes (the bind) fail with 409 more often
+    // than the bind retries by itself.
+    fake.fail_next("create", "persistentvolumes", 6, 500, "InternalError");
+    cluster.create_claim(&simple_claim("c-0", &class)).await;
+    let cluster_ref = &cluster;
+    wait_for("c-0 to carry the provisioning finalizer", || async move {
+        let claim = cluster_ref
+            .claims()
+            .get("c-0")
+            .await
+            .map_err(|e| e.to_string())?;
+        if claim
+            .finalizers()
+            .contains(&cluster_ref.provisioning_finalizer())
+        {
+            Ok(())
+        } else {
+            Err(describe_claim(&claim))
+        }
+    })
+    .await;
+    let patches_before = fake
+        .calls()
+        .get(&("patch".to_owned(), "persistentvolumeclaims".to_owned()))
+        .copied()
+        .unwrap_or(0);
+    fake.fail_next("patch", "persistentvolumeclaims", 4, 409, "Conflict");
+    cluster.wait_bound("c-0").await;
+    let patches = fake
+        .calls()
+        .get(&("patch".to_owned(), "persistentvolumeclaims".to_owned()))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        patches - patches_before >= 5,
+        "4 conflicts and the bind: {} claim patches",
+        patches - patches_before
+    );
+
+    // Watches break while claims come and go through their provisioning.
+    let mut all = vec!["c-0".to_owned()];
+    fake.fail_next("watch", "persistentvolumeclaims", 1, 500, "InternalError");
+    for i in 1..=4 {
+        fake.break_watches();
+        let name = format!("c-{i}");
+        cluster.create_claim(&simple_claim(&name, &class)).await;
+        all.push(name);
+    }
+    fake.break_watches();
+    let bound = cluster.wait_all_bound(&all).await;
+    fake.break_watches();
+    let bound_again = cluster.wait_all_bound(&all).await;
+    for ((claim, pv), (claim_again, _)) in bound.iter().zip(&bound_again) {
+        check_provisioned(&cluster, claim, pv, &class, "Delete");
+        assert_eq!(volume_name(claim), volume_name(claim_again));
+    }
+    let volumes: Vec<String> = bound.iter().map(|(_, pv)| pv.name_any()).collect();
+    wait_dirs(&stowage, &volumes).await;
+    let pvs = cluster.our_pvs().await;
+    assert_eq!(pvs.len(), all.len(), "{}", cluster.describe().await);
+    let owners: BTreeSet<String> = pvs
+        .iter()
+        .filter_map(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.uid.clone())
+        .collect();
+    assert_eq!(owners.len(), all.len(), "one PV per claim");
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. The attacher.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_attachments_are_attached_and_released_on_delete() {
+    let cluster = Cluster::start("volume_attachments_are_attached").await;
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    cluster.create_claim(&simple_claim("shared", &class)).await;
+    let (_, pv) = cluster.wait_bound("shared").await;
+    let node = cluster.name("node-1");
+    cluster.create_csinode(&node).await;
+    let va_name = cluster.name("csi-shared");
+    let va: VolumeAttachment = serde_json::from_value(json!({
+        "metadata": {"name": va_name},
+        "spec": {
+            "attacher": cluster.driver,
+            "nodeName": node,
+            "source": {"persistentVolumeName": pv.name_any()},
+        },
+    }))
+    .unwrap();
+    let attachments = cluster.attachments();
+    attachments
+        .create(&PostParams::default(), &va)
+        .await
+        .unwrap();
+    let finalizer = format!("external-attacher/{}", cluster.driver.replace('.', "-"));
+    let (attachments_ref, va_ref, finalizer_ref) = (&attachments, &va_name, &finalizer);
+    wait_for("the VolumeAttachment to be attached", || async move {
+        let va = attachments_ref
+            .get(va_ref)
+            .await
+            .map_err(|e| e.to_string())?;
+        let attached = va.status.as_ref().is_some_and(|s| s.attached);
+        if attached && va.finalizers().contains(finalizer_ref) {
+            Ok(())
+        } else {
+            Err(format!("{:?} finalizers={:?}", va.status, va.finalizers()))
+        }
+    })
+    .await;
+
+    // While attached, a released PV keeps its volume.
+    cluster.delete_claim("shared").await;
+    cluster.wait_claim_gone("shared").await;
+    let (volumes, pv_name) = (&cluster.volumes(), &pv.name_any());
+    wait_for("the PV to be Released", || async move {
+        let pv = volumes.get_opt(pv_name).await.map_err(|e| e.to_string())?;
+        match pv {
+            Some(pv) if phase_of_pv(&pv) == Some("Released") => Ok(()),
+            other => Err(describe_pv_opt(&other)),
+        }
+    })
+    .await;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        assert!(
+            volumes.get_opt(pv_name).await.unwrap().is_some(),
+            "PV deleted while a VolumeAttachment uses it"
+        );
+        assert_eq!(stowage.volume_dirs(), [pv_name.clone()]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    attachments
+        .delete(&va_name, &Default::default())
+        .await
+        .unwrap();
+    wait_for("the VolumeAttachment to be gone", || async move {
+        match attachments_ref
+            .get_opt(va_ref)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(va) => Err(format!(
+                "{:?} finalizers={:?} deleting={}",
+                va.status,
+                va.finalizers(),
+                va.metadata.deletion_timestamp.is_some()
+            )),
+        }
+    })
+    .await;
+    cluster.wait_pv_gone(pv_name).await;
+    wait_dirs(&stowage, &[]).await;
+    assert_eq!(operations(&stowage, "attach", "success").await, 1.0);
+    assert_eq!(operations(&stowage, "detach", "success").await, 1.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Leader election.
+
+async fn lease_holder(cluster: &Cluster, namespace: &str) -> Option<String> {
+    Api::<Lease>::namespaced(cluster.client.clone(), namespace)
+        .get_opt(&cluster.lease_name())
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+async fn leader_gauge(stowage: &Stowage) -> Option<f64> {
+    let text = stowage.http_get("/metrics").await.ok()?;
+    metric(&text, "stowage_leader", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_runs_one_replica_and_hands_over_when_it_dies() {
+    let cluster = Cluster::start("leader_election").await;
+    let namespace = if cluster.is_fake() {
+        "default".to_owned()
+    } else {
+        cluster.namespace.clone()
+    };
+    let flags = |identity: &'static str| {
+        vec![
+            "--leader-election".to_owned(),
+            "--leader-election-namespace".to_owned(),
+            namespace.clone(),
+            "--leader-election-identity".to_owned(),
+            identity.to_owned(),
+            "--leader-election-lease-duration".to_owned(),
+            "2s".to_owned(),
+            "--leader-election-renew-deadline".to_owned(),
+            "1500ms".to_owned(),
+            "--leader-election-retry-period".to_owned(),
+            "200ms".to_owned(),
+        ]
+    };
+    let (flags_a, flags_b) = (flags("replica-a"), flags("replica-b"));
+    let mut replicas = vec![
+        Stowage::start(&cluster, "replica-a", &as_strs(&flags_a)).await,
+        Stowage::start(&cluster, "replica-b", &as_strs(&flags_b)).await,
+    ];
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+
+    let (cluster_ref, replicas_ref, ns) = (&cluster, &replicas, namespace.as_str());
+    let leader = wait_for("exactly one leader", || async move {
+        let a = leader_gauge(&replicas_ref[0]).await;
+        let b = leader_gauge(&replicas_ref[1]).await;
+        let holder = lease_holder(cluster_ref, ns).await;
+        match (a, b, holder.as_deref()) {
+            (Some(1.0), Some(0.0), Some("replica-a")) => Ok(0),
+            (Some(0.0), Some(1.0), Some("replica-b")) => Ok(1),
+            _ => Err(format!(
+                "stowage_leader: a={a:?} b={b:?}; Lease holder {holder:?}"
+            )),
+        }
+    })
+    .await;
+    let follower = 1 - leader;
+    cluster.create_claim(&simple_claim("before", &class)).await;
+    let (_, pv) = cluster.wait_bound("before").await;
+    assert_eq!(replicas[leader].volume_dirs(), [pv.name_any()]);
+    assert!(replicas[follower].volume_dirs().is_empty());
+    assert_eq!(leader_gauge(&replicas[follower]).await, Some(0.0));
+
+    replicas[leader].kill();
+    let killed = Instant::now();
+    let replicas_ref = &replicas;
+    let identity = ["replica-a", "replica-b"][follower];
+    wait_for("the other replica to take over", || async move {
+        let gauge = leader_gauge(&replicas_ref[follower]).await;
+        let holder = lease_holder(cluster_ref, ns).await;
+        if gauge == Some(1.0) && holder.as_deref() == Some(identity) {
+            Ok(())
+        } else {
+            Err(format!("stowage_leader={gauge:?}; Lease holder {holder:?}"))
+        }
+    })
+    .await;
+    println!("takeover after SIGKILL: {:?}", killed.elapsed());
+    cluster.create_claim(&simple_claim("after", &class)).await;
+    let (_, pv_after) = cluster.wait_bound("after").await;
+    assert_eq!(replicas[follower].volume_dirs(), [pv_after.name_any()]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. API economy.
+
+type Calls = BTreeMap<(String, String), u64>;
+
+const WRITES: [&str; 4] = ["create", "update", "patch", "delete"];
+
+fn writes_between(before: &Calls, after: &Calls) -> BTreeMap<(String, String), u64> {
+    after
+        .iter()
+        .filter(|((verb, _), _)| WRITES.contains(&verb.as_str()))
+        .map(|(key, n)| (key.clone(), n - before.get(key).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Wait until the fake has seen no write for `quiet`.
+async fn wait_quiet(cluster: &Cluster, quiet: Duration) {
+    let fake = cluster.fake();
+    let start = Instant::now();
+    let mut last = (fake.total_writes(), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let writes = fake.total_writes();
+        if writes != last.0 {
+            last = (writes, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "writes never stopped: {writes}");
+    }
+}
+
+fn stowage_writes(metrics: &str) -> f64 {
+    WRITES
+        .iter()
+        .map(|verb| {
+            metric(
+                metrics,
+                "stowage_kube_api_requests_total",
+                &[("verb", verb)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+fn print_breakdown(title: &str, writes: &BTreeMap<(String, String), u64>, per: u64) {
+    println!("{title}");
+    for ((verb, resource), n) in writes {
+        println!(
+            "  {verb:<7} {resource:<40} {n:>5}  ({:.2} per claim)",
+            *n as f64 / per as f64
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_writes_per_claim_stay_bounded() {
+    const N: u64 = 20;
+    // The least: events Provisioning + ProvisioningSucceeded, the claim's finalizer,
+    // the PV, the bind, PV status, claim status = 7; one spare for a conflict retry.
+    const MAX_PROVISION_WRITES_PER_CLAIM: f64 = 8.0;
+    // The least: PV status Released, delete PV, drop its finalizer = 3.
+    const MAX_DELETE_WRITES_PER_CLAIM: f64 = 3.5;
+    let cluster = Cluster::start("api_writes_per_claim_stay_bounded").await;
+    let Some(fake) = cluster.fake_or_skip("api_writes_per_claim_stay_bounded") else {
+        return;
+    };
+    let stowage = Stowage::start(&cluster, "stowage", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    wait_quiet(&cluster, Duration::from_millis(500)).await;
+    let before = fake.calls();
+    let stowage_before = stowage_writes(&stowage.metrics().await);
+    let names: Vec<String> = (0..N).map(|i| format!("data-db-{i}")).collect();
+    for name in &names {
+        cluster.create_claim(&simple_claim(name, &class)).await;
+    }
+    let bound = cluster.wait_all_bound(&names).await;
+    // Events are published in the background: Provisioning + ProvisioningSucceeded.
+    wait_for("two events per claim", || async move {
+        let events = fake.objects("events.events.k8s.io").len() as u64;
+        if events >= 2 * N {
+            Ok(())
+        } else {
+            Err(format!("{events} events"))
+        }
+    })
+    .await;
+    wait_quiet(&cluster, Duration::from_secs(2)).await;
+    let after = fake.calls();
+    let mut writes = writes_between(&before, &after);
+    // The test's own writes: the claims.
+    *writes
+        .get_mut(&("create".to_owned(), "persistentvolumeclaims".to_owned()))
+        .unwrap() -= N;
+    writes.retain(|_, n| *n > 0);
+    let total: u64 = writes.values().sum();
+    let per_claim = total as f64 / N as f64;
+    print_breakdown(
+        &format!("provisioning {N} claims: {total} writes by stowage, {per_claim:.2} per claim"),
+        &writes,
+        N,
+    );
+    let reported = stowage_writes(&stowage.metrics().await) - stowage_before;
+    assert_eq!(
+        reported, total as f64,
+        "stowage_kube_api_requests_total writes vs what the API server saw"
+    );
+    let provision_per_claim = per_claim;
+
+    // Deleting them.
+    let before = fake.calls();
+    for name in &names {
+        cluster.delete_claim(name).await;
+    }
+    for (_, pv) in &bound {
+        cluster.wait_pv_gone(&pv.name_any()).await;
+    }
+    wait_dirs(&stowage, &[]).await;
+    wait_quiet(&cluster, Duration::from_secs(2)).await;
+    let mut writes = writes_between(&before, &fake.calls());
+    *writes
+        .get_mut(&("delete".to_owned(), "persistentvolumeclaims".to_owned()))
+        .unwrap() -= N;
+    writes.retain(|_, n| *n > 0);
+    let total: u64 = writes.values().sum();
+    let per_claim = total as f64 / N as f64;
+    print_breakdown(
+        &format!("deleting {N} claims: {total} writes by stowage, {per_claim:.2} per claim"),
+        &writes,
+        N,
+    );
+    assert!(
+        provision_per_claim <= MAX_PROVISION_WRITES_PER_CLAIM,
+        "{provision_per_claim:.2} writes per provisioned claim (max {MAX_PROVISION_WRITES_PER_CLAIM})"
+    );
+    assert!(
+        per_claim <= MAX_DELETE_WRITES_PER_CLAIM,
+        "{per_claim:.2} writes per deleted claim (max {MAX_DELETE_WRITES_PER_CLAIM})"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. The resizer, on EBS (moto).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resizer_expands_an_ebs_volume_and_leaves_the_filesystem_to_the_node() {
+    const TEST: &str = "resizer_expands_an_ebs_volume";
+    const ZONE: &str = "us-east-1a";
+    let Some(moto) = common::moto::Moto::start(TEST) else {
+        return;
+    };
+    let instance = moto.ec2().run_instance(ZONE).await;
+    let cluster = Cluster::start(TEST).await;
+    let endpoint = moto.endpoint();
+    let stowage = Stowage::start_with_env(
+        &cluster,
+        "stowage",
+        &[
+            "--backend",
+            "ebs",
+            "--ebs-endpoint",
+            &endpoint,
+            "--region",
+            common::moto::REGION,
+            "--zone",
+            ZONE,
+            "--instance-id",
+            &instance,
+            "--instance-type",
+            "m5.large",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    )
+    .await;
+    let class = cluster
+        .create_class("stowage-ebs", "Delete", &[], true)
+        .await;
+    cluster.create_claim(&simple_claim("grow", &class)).await;
+    let (claim, pv) = cluster.wait_bound("grow").await;
+    check_provisioned(&cluster, &claim, &pv, &class, "Delete");
+    let handle = pv
+        .spec
+        .as_ref()
+        .unwrap()
+        .csi
+        .as_ref()
+        .unwrap()
+        .volume_handle
+        .clone();
+    assert_eq!(moto.volume(&handle).await.map(|v| v.size_gib), Some(1));
+
+    cluster
+        .claims()
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})),
+        )
+        .await
+        .unwrap();
+    let (cluster_ref, pv_name) = (&cluster, &pv.name_any());
+    wait_for(
+        "the PV to grow and the claim to wait for the node",
+        || async move {
+            let claim = cluster_ref
+                .claims()
+                .get("grow")
+                .await
+                .map_err(|e| e.to_string())?;
+            let pv = cluster_ref
+                .volumes()
+                .get(pv_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let capacity = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .map(|q| q.0.clone());
+            let status = claim.status.clone().unwrap_or_default();
+            let pending = status
+                .conditions
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "FileSystemResizePending" && c.status == "True");
+            let node_pending = status
+                .allocated_resource_statuses
+                .as_ref()
+                .and_then(|s| s.get("storage"))
+                .map(String::as_str)
+                == Some("NodeResizePending");
+            if capacity.as_deref() == Some("2Gi") && pending && node_pending {
+                Ok(())
+            } else {
+                Err(format!(
+                    "PV capacity {capacity:?}; claim status {:?}",
+                    claim.status
+                ))
+            }
+        },
+    )
+    .await;
+    // Nothing else may then report the new size as the claim's (filesystem) capacity.
+    settle().await;
+    let claim = cluster.claims().get("grow").await.unwrap();
+    let status = claim.status.unwrap();
+    assert_eq!(
+        status
+            .capacity
+            .as_ref()
+            .and_then(|c| c.get("storage"))
+            .map(|q| q.0.as_str()),
+        Some("1Gi"),
+        "the claim's capacity grows only once the node has grown the filesystem"
+    );
+    assert_eq!(
+        status
+            .allocated_resources
+            .as_ref()
+            .and_then(|c| c.get("storage"))
+            .map(|q| q.0.as_str()),
+        Some("2Gi")
+    );
+    assert_eq!(moto.volume(&handle).await.map(|v| v.size_gib), Some(2));
+    assert_eq!(operations(&stowage, "resize", "success").await, 1.0);
+}

@@ -20,6 +20,7 @@ use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+const FAULTS: &str = "needs the fake API server's fault injection";
 const STATEFULSET_CLAIMS: [&str; 3] = ["data-db-0", "data-db-1", "data-db-2"];
 const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 const BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
@@ -298,7 +299,7 @@ async fn retain_class_releases_the_pv_and_keeps_the_directory() {
     )
     .await;
     assert!(released.metadata.deletion_timestamp.is_none());
-    assert_eq!(stowage.volume_dirs(), [pv_name.clone()], "directory kept");
+    assert_eq!(stowage.volume_dirs(), [pv_name.as_str()], "directory kept");
     assert_eq!(operations(&stowage, "delete", "success").await, 0.0);
 }
 
@@ -369,7 +370,8 @@ async fn claims_with_a_bad_size_or_no_access_modes_fail_with_events() {
     let cluster = Cluster::start("claims_with_a_bad_size_or_no_access_modes").await;
     if cluster
         .fake_or_skip(
-            "claims_with_a_bad_size_or_no_access_modes (the real API server rejects such claims)",
+            "claims_with_a_bad_size_or_no_access_modes",
+            "the real API server refuses such claims",
         )
         .is_none()
     {
@@ -380,7 +382,9 @@ async fn claims_with_a_bad_size_or_no_access_modes_fail_with_events() {
         .create_class("stowage-nfs", "Delete", &[], false)
         .await;
     let rwo = &["ReadWriteOnce"][..];
-    let cases: [(&str, Option<&str>, &[&str], &[&str]); 5] = [
+    // (claim, storage request, access modes, words the event must contain)
+    type Case<'a> = (&'a str, Option<&'a str>, &'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 5] = [
         (
             "no-size",
             None,
@@ -445,8 +449,9 @@ async fn claims_with_a_bad_size_or_no_access_modes_fail_with_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_deleted_while_its_pv_cannot_be_created_leaves_no_volume() {
-    let cluster = Cluster::start("a_claim_deleted_while_its_pv_cannot_be_created").await;
-    let Some(fake) = cluster.fake_or_skip("a_claim_deleted_while_its_pv_cannot_be_created") else {
+    const TEST: &str = "a_claim_deleted_while_its_pv_cannot_be_created";
+    let cluster = Cluster::start(TEST).await;
+    let Some(fake) = cluster.fake_or_skip(TEST, FAULTS) else {
         return;
     };
     let stowage = Stowage::start(&cluster, "stowage", &[]).await;
@@ -502,8 +507,9 @@ async fn a_claim_deleted_while_its_pv_cannot_be_created_leaves_no_volume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_retries_through_api_failures() {
-    let cluster = Cluster::start("provisioning_retries_through_api_failures").await;
-    let Some(fake) = cluster.fake_or_skip("provisioning_retries_through_api_failures") else {
+    const TEST: &str = "provisioning_retries_through_api_failures";
+    let cluster = Cluster::start(TEST).await;
+    let Some(fake) = cluster.fake_or_skip(TEST, FAULTS) else {
         return;
     };
     // The informers' first lists fail too.
@@ -550,7 +556,7 @@ async fn provisioning_retries_through_api_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_and_broken_watches_still_bind_every_claim_once() {
     let cluster = Cluster::start("conflicts_and_broken_watches").await;
-    let Some(fake) = cluster.fake_or_skip("conflicts_and_broken_watches") else {
+    let Some(fake) = cluster.fake_or_skip("conflicts_and_broken_watches", FAULTS) else {
         return;
     };
     let stowage = Stowage::start(&cluster, "stowage", &["--retry-interval-max", "300ms"]).await;
@@ -689,7 +695,7 @@ async fn volume_attachments_are_attached_and_released_on_delete() {
             volumes.get_opt(pv_name).await.unwrap().is_some(),
             "PV deleted while a VolumeAttachment uses it"
         );
-        assert_eq!(stowage.volume_dirs(), [pv_name.clone()]);
+        assert_eq!(stowage.volume_dirs(), [pv_name.as_str()]);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -715,8 +721,14 @@ async fn volume_attachments_are_attached_and_released_on_delete() {
     .await;
     cluster.wait_pv_gone(pv_name).await;
     wait_dirs(&stowage, &[]).await;
-    assert_eq!(operations(&stowage, "attach", "success").await, 1.0);
-    assert_eq!(operations(&stowage, "detach", "success").await, 1.0);
+    settle().await;
+    let attaches = operations(&stowage, "attach", "success").await;
+    let detaches = operations(&stowage, "detach", "success").await;
+    assert_eq!(
+        (attaches, detaches),
+        (1.0, 1.0),
+        "(attach, detach) operations for one VolumeAttachment"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -838,7 +850,10 @@ async fn wait_quiet(cluster: &Cluster, quiet: Duration) {
         } else if last.1.elapsed() >= quiet {
             return;
         }
-        assert!(start.elapsed() < DEADLINE, "writes never stopped: {writes}");
+        assert!(
+            start.elapsed() < deadline(),
+            "writes never stopped: {writes}"
+        );
     }
 }
 
@@ -875,7 +890,7 @@ async fn api_writes_per_claim_stay_bounded() {
     // The least: PV status Released, delete PV, drop its finalizer = 3.
     const MAX_DELETE_WRITES_PER_CLAIM: f64 = 3.5;
     let cluster = Cluster::start("api_writes_per_claim_stay_bounded").await;
-    let Some(fake) = cluster.fake_or_skip("api_writes_per_claim_stay_bounded") else {
+    let Some(fake) = cluster.fake_or_skip("api_writes_per_claim_stay_bounded", FAULTS) else {
         return;
     };
     let stowage = Stowage::start(&cluster, "stowage", &[]).await;

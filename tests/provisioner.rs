@@ -637,50 +637,59 @@ async fn conflicts_and_broken_watches_still_bind_every_claim_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_attachments_are_attached_and_released_on_delete() {
+    // One RWX volume attached to three nodes.
+    const NODES: usize = 3;
     let cluster = Cluster::start("volume_attachments_are_attached").await;
     let stowage = Stowage::start(&cluster, "stowage", &[]).await;
     let class = cluster
         .create_class("stowage-nfs", "Delete", &[], false)
         .await;
-    cluster.create_claim(&simple_claim("shared", &class)).await;
+    let shared = claim("shared", &class, Some("1Gi"), &["ReadWriteMany"], &[]);
+    cluster.create_claim(&shared).await;
     let (_, pv) = cluster.wait_bound("shared").await;
-    let node = cluster.name("node-1");
-    cluster.create_csinode(&node).await;
-    let va_name = cluster.name("csi-shared");
-    let va: VolumeAttachment = serde_json::from_value(json!({
-        "metadata": {"name": va_name},
-        "spec": {
-            "attacher": cluster.driver,
-            "nodeName": node,
-            "source": {"persistentVolumeName": pv.name_any()},
-        },
-    }))
-    .unwrap();
     let attachments = cluster.attachments();
-    attachments
-        .create(&PostParams::default(), &va)
-        .await
+    let mut va_names = Vec::new();
+    for i in 1..=NODES {
+        let node = cluster.name(&format!("node-{i}"));
+        cluster.create_csinode(&node).await;
+        let va_name = cluster.name(&format!("csi-shared-{i}"));
+        let va: VolumeAttachment = serde_json::from_value(json!({
+            "metadata": {"name": va_name},
+            "spec": {
+                "attacher": cluster.driver,
+                "nodeName": node,
+                "source": {"persistentVolumeName": pv.name_any()},
+            },
+        }))
         .unwrap();
-    let finalizer = format!("external-attacher/{}", cluster.driver.replace('.', "-"));
-    let (attachments_ref, va_ref, finalizer_ref) = (&attachments, &va_name, &finalizer);
-    wait_for("the VolumeAttachment to be attached", || async move {
-        let va = attachments_ref
-            .get(va_ref)
+        attachments
+            .create(&PostParams::default(), &va)
             .await
-            .map_err(|e| e.to_string())?;
-        let attached = va.status.as_ref().is_some_and(|s| s.attached);
-        if attached && va.finalizers().contains(finalizer_ref) {
-            Ok(())
-        } else {
-            Err(format!("{:?} finalizers={:?}", va.status, va.finalizers()))
-        }
-    })
-    .await;
+            .unwrap();
+        va_names.push(va_name);
+    }
+    let finalizer = format!("external-attacher/{}", cluster.driver.replace('.', "-"));
+    let (attachments_ref, finalizer_ref) = (&attachments, &finalizer);
+    for va_name in &va_names {
+        wait_for(&format!("{va_name} to be attached"), || async move {
+            let va = attachments_ref
+                .get(va_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let attached = va.status.as_ref().is_some_and(|s| s.attached);
+            if attached && va.finalizers().contains(finalizer_ref) {
+                Ok(())
+            } else {
+                Err(format!("{:?} finalizers={:?}", va.status, va.finalizers()))
+            }
+        })
+        .await;
+    }
 
-    // While attached, a released PV keeps its volume.
+    // While attached anywhere, a released PV keeps its volume.
     cluster.delete_claim("shared").await;
     cluster.wait_claim_gone("shared").await;
-    let (volumes, pv_name) = (&cluster.volumes(), &pv.name_any());
+    let (volumes, pv_name, stowage_ref) = (&cluster.volumes(), &pv.name_any(), &stowage);
     wait_for("the PV to be Released", || async move {
         let pv = volumes.get_opt(pv_name).await.map_err(|e| e.to_string())?;
         match pv {
@@ -689,45 +698,57 @@ async fn volume_attachments_are_attached_and_released_on_delete() {
         }
     })
     .await;
-    let watched = Instant::now();
-    while watched.elapsed() < Duration::from_secs(1) {
-        assert!(
-            volumes.get_opt(pv_name).await.unwrap().is_some(),
-            "PV deleted while a VolumeAttachment uses it"
-        );
-        assert_eq!(stowage.volume_dirs(), [pv_name.as_str()]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    attachments
-        .delete(&va_name, &Default::default())
-        .await
-        .unwrap();
-    wait_for("the VolumeAttachment to be gone", || async move {
-        match attachments_ref
-            .get_opt(va_ref)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            None => Ok(()),
-            Some(va) => Err(format!(
-                "{:?} finalizers={:?} deleting={}",
-                va.status,
-                va.finalizers(),
-                va.metadata.deletion_timestamp.is_some()
-            )),
+    let still_there = || async move {
+        let watched = Instant::now();
+        while watched.elapsed() < Duration::from_secs(1) {
+            assert!(
+                volumes.get_opt(pv_name).await.unwrap().is_some(),
+                "PV deleted while a VolumeAttachment uses it"
+            );
+            assert_eq!(stowage_ref.volume_dirs(), [pv_name.as_str()]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    })
-    .await;
+    };
+    still_there().await;
+
+    for (i, va_name) in va_names.iter().enumerate() {
+        attachments
+            .delete(va_name, &Default::default())
+            .await
+            .unwrap();
+        wait_for(
+            &format!("{va_name} to be detached and gone"),
+            || async move {
+                match attachments_ref
+                    .get_opt(va_name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    None => Ok(()),
+                    Some(va) => Err(format!(
+                        "{:?} finalizers={:?} deleting={}",
+                        va.status,
+                        va.finalizers(),
+                        va.metadata.deletion_timestamp.is_some()
+                    )),
+                }
+            },
+        )
+        .await;
+        if i + 1 < NODES {
+            still_there().await;
+        }
+    }
     cluster.wait_pv_gone(pv_name).await;
     wait_dirs(&stowage, &[]).await;
     settle().await;
     let attaches = operations(&stowage, "attach", "success").await;
     let detaches = operations(&stowage, "detach", "success").await;
+    let n = NODES as f64;
     assert_eq!(
         (attaches, detaches),
-        (1.0, 1.0),
-        "(attach, detach) operations for one VolumeAttachment"
+        (n, n),
+        "(attach, detach) operations for {NODES} VolumeAttachments"
     );
 }
 

@@ -22,6 +22,7 @@ use kube::{Api, ResourceExt as _};
 use serde_json::{Value, json};
 
 use super::csi::{access_mode, capability};
+use super::informer::Expect;
 use super::{Next, Shared, is_api};
 use crate::csi::proto;
 
@@ -170,11 +171,18 @@ fn error_status(field: &str, message: &str) -> Value {
 }
 
 async fn write_status(shared: &Shared, name: &str, patch: Value) -> anyhow::Result<()> {
-    api(shared)
+    let written = api(shared)
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(drop)
-        .with_context(|| format!("writing VolumeAttachment {name} status"))
+        .with_context(|| format!("writing VolumeAttachment {name} status"))?;
+    // Not looked at again until the cache has this write.
+    if let Some(version) = written.metadata.resource_version {
+        shared
+            .expect
+            .attachments
+            .expect(name, Expect::Version(version));
+    }
+    Ok(())
 }
 
 fn attached_pv(shared: &Shared, va: &VolumeAttachment) -> Result<Arc<PersistentVolume>, String> {

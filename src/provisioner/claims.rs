@@ -24,6 +24,7 @@ use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::json;
 
 use super::csi::capability;
+use super::informer::Expect;
 use super::rules::{self, Decision};
 use super::{Next, Shared, hash_map, informer, is_api};
 use crate::csi::proto;
@@ -36,6 +37,16 @@ pub fn provisioning_finalizer(driver: &str) -> String {
 
 fn has_finalizer(pvc: &PersistentVolumeClaim, finalizer: &str) -> bool {
     pvc.finalizers().iter().any(|f| f == finalizer)
+}
+
+/// The cache must show this write of the claim before the claim is looked at again.
+fn expect_written(shared: &Shared, written: &PersistentVolumeClaim) {
+    if let Some(version) = &written.metadata.resource_version {
+        shared
+            .expect
+            .claims
+            .expect(&informer::key(written), Expect::Version(version.clone()));
+    }
 }
 
 fn claims(shared: &Shared, namespace: &str) -> Api<PersistentVolumeClaim> {
@@ -138,6 +149,11 @@ async fn provision(
                     e.message()
                 ),
             );
+            if e.is_final() && e.code() != tonic::Code::AlreadyExists {
+                // The driver says no volume was made: nothing to protect while the
+                // claim waits for its next attempt (it may be deleted meanwhile).
+                remove_finalizer(shared, &pvc, finalizer).await?;
+            }
             return Err(anyhow::Error::new(e).context("CreateVolume"));
         }
     };
@@ -244,6 +260,7 @@ async fn add_finalizer(
         )
         .await
         .context("adding the provisioning finalizer to the claim")
+        .inspect(|written| expect_written(shared, written))
 }
 
 /// Remove the provisioning finalizer (guarded by the claim's resourceVersion).
@@ -271,7 +288,10 @@ async fn remove_finalizer(
         )
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(written) => {
+            expect_written(shared, &written);
+            Ok(())
+        }
         Err(e) if is_api(&e, 404) => Ok(()),
         Err(e) => Err(anyhow::Error::new(e).context("removing the provisioning finalizer")),
     }
@@ -309,7 +329,10 @@ async fn bind(
             )
             .await
         {
-            Ok(bound) => break bound,
+            Ok(bound) => {
+                expect_written(shared, &bound);
+                break bound;
+            }
             Err(e) if is_api(&e, 409) && attempts < 3 => {
                 attempts += 1;
                 current = api
@@ -347,10 +370,9 @@ async fn write_statuses(
     let writes = rules::bind_claim_patch(pvc, pv);
     let pv_bound = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
     let claim_status = pvc.status.clone().unwrap_or_default();
-    let pv_spec = pv.spec.clone().unwrap_or_default();
-    let claim_bound = claim_status.phase.as_deref() == Some("Bound")
-        && claim_status.capacity == pv_spec.capacity
-        && claim_status.access_modes == pv_spec.access_modes;
+    // Like the PV controller, capacity and access modes are copied only when the claim
+    // becomes Bound: later the claim's capacity is the resizer's to change.
+    let claim_bound = claim_status.phase.as_deref() == Some("Bound");
     let namespace = pvc.namespace().unwrap_or_default();
     let claim_api = claims(shared, &namespace);
     let volume_api = volumes(shared);
@@ -380,11 +402,14 @@ async fn write_statuses(
                     &Patch::Merge(&writes.claim_status),
                 )
                 .await
-                .map(drop)
+                .map(|written| expect_written(shared, &written))
         }
     );
     pv_result.context("setting the PV status to Bound")?;
     claim_result.context("setting the claim status to Bound")?;
+    if claim_bound {
+        expect_written(shared, pvc);
+    }
     Ok(())
 }
 

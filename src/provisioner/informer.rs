@@ -4,8 +4,10 @@
 //!
 //! Owns only watching and caching; handlers must be cheap (they queue keys).
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use kube::runtime::WatchStreamExt as _;
@@ -62,6 +64,81 @@ where
     Informer { store, task }
 }
 
+/// What a reconciler expects the cache to show next, after its own writes: a
+/// reconcile of that key waits (instead of acting on the older cached object and
+/// repeating work) until the informer has seen the expected resourceVersion, or the
+/// object's deletion, or `EXPECTATION_TTL` has passed. Like kube-controller-manager's
+/// controller expectations, keyed by queue key.
+#[derive(Clone, Default)]
+pub struct Expectations {
+    pending: Arc<std::sync::Mutex<HashMap<String, (Expect, Instant)>>>,
+}
+
+/// The cache state a reconciler waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// An event carrying this resourceVersion (the reconciler's last write).
+    Version(String),
+    /// The object's deletion.
+    Deleted,
+}
+
+/// How long an expectation holds at most (a missed event must not block a key).
+pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);
+
+impl Expectations {
+    pub fn expect(&self, key: &str, expect: Expect) {
+        self.lock().insert(key.to_owned(), (expect, Instant::now()));
+    }
+
+    /// Called for every informer event before its key is queued: drops an expectation
+    /// the event meets.
+    pub fn observe(&self, key: &str, resource_version: Option<&str>, deleted: bool) {
+        let mut pending = self.lock();
+        let cached = if deleted { None } else { resource_version };
+        if pending
+            .get(key)
+            .is_some_and(|(expect, _)| met(expect, cached))
+        {
+            pending.remove(key);
+        }
+    }
+
+    /// How long the key should still wait, given the cache's resourceVersion of the
+    /// object (`None`: not in the cache). Checking the cache, not only the events,
+    /// covers an event that arrived before its write's reply.
+    pub fn wait(&self, key: &str, cached: Option<&str>) -> Option<Duration> {
+        let mut pending = self.lock();
+        let (expect, since) = pending.get(key)?;
+        let left = EXPECTATION_TTL.checked_sub(since.elapsed());
+        if left.is_none() || met(expect, cached) {
+            pending.remove(key);
+            return None;
+        }
+        left
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Expect, Instant)>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Does a cache holding `cached` (`None`: no object) meet `expect`? resourceVersions
+/// are compared as numbers when both are (etcd revisions, so a later write counts),
+/// else only for equality (then an expectation may only end by its TTL).
+fn met(expect: &Expect, cached: Option<&str>) -> bool {
+    match (expect, cached) {
+        (_, None) => true,
+        (Expect::Deleted, Some(_)) => false,
+        (Expect::Version(wanted), Some(seen)) => {
+            match (wanted.parse::<u64>(), seen.parse::<u64>()) {
+                (Ok(wanted), Ok(seen)) => seen >= wanted,
+                _ => wanted == seen,
+            }
+        }
+    }
+}
+
 /// `namespace/name` (or `name` for cluster objects): the work queue key of an object.
 pub fn key<K: Resource>(object: &K) -> String {
     match object.meta().namespace.as_deref() {
@@ -81,4 +158,44 @@ where
         None => reflector::ObjectRef::new(key),
     };
     store.get(&reference)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expectation_holds_until_the_cache_has_the_write() {
+        let e = Expectations::default();
+        e.expect("db/data-0", Expect::Version("12".into()));
+        assert!(
+            e.wait("db/data-0", Some("11")).is_some(),
+            "older cache must wait"
+        );
+        e.observe("db/data-0", Some("11"), false);
+        assert!(e.wait("db/data-0", Some("11")).is_some());
+        // A later write by someone else also shows ours is in.
+        assert!(e.wait("db/data-0", Some("13")).is_none());
+        assert!(
+            e.wait("db/data-0", Some("11")).is_none(),
+            "met expectations are gone"
+        );
+    }
+
+    #[test]
+    fn deletion_is_met_only_by_absence() {
+        let e = Expectations::default();
+        e.expect("pvc-1", Expect::Deleted);
+        assert!(e.wait("pvc-1", Some("99")).is_some());
+        e.observe("pvc-1", Some("100"), true);
+        assert!(e.wait("pvc-1", Some("100")).is_none());
+    }
+
+    #[test]
+    fn opaque_versions_compare_for_equality_only() {
+        let e = Expectations::default();
+        e.expect("k", Expect::Version("abc".into()));
+        assert!(e.wait("k", Some("abd")).is_some());
+        assert!(e.wait("k", Some("abc")).is_none());
+    }
 }

@@ -20,6 +20,7 @@ pub mod attacher;
 pub mod claims;
 pub mod client;
 pub mod csi;
+pub mod events;
 pub mod informer;
 pub mod leader;
 pub mod queue;
@@ -32,9 +33,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
@@ -43,13 +43,14 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Loop;
 use crate::metrics::Metrics;
 use csi::Csi;
-use informer::Handler;
+pub use events::Events;
+use informer::{Expectations, Handler};
 use queue::{Backoff, Queue};
 
 /// How the loops run.
@@ -145,70 +146,18 @@ impl LoopMetrics {
     }
 }
 
-/// Events for `kubectl describe`, published in the background (never on a claim's
-/// critical path). kube's recorder aggregates a repeated event (same object, reason
-/// and type) into one Event with a growing series count instead of a new object.
-#[derive(Clone)]
-pub struct Events {
-    recorder: Recorder,
-    in_flight: Arc<Semaphore>,
-}
-
-impl Events {
-    fn new(client: kube::Client, driver_name: &str) -> Events {
-        let reporter = Reporter {
-            controller: driver_name.to_owned(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        Events {
-            recorder: Recorder::new(client, reporter),
-            in_flight: Arc::new(Semaphore::new(64)),
-        }
-    }
-
-    pub fn normal(&self, regarding: ObjectReference, reason: &str, note: String) {
-        self.emit(regarding, EventType::Normal, reason, note);
-    }
-
-    pub fn warning(&self, regarding: ObjectReference, reason: &str, note: String) {
-        self.emit(regarding, EventType::Warning, reason, note);
-    }
-
-    fn emit(&self, regarding: ObjectReference, type_: EventType, reason: &str, note: String) {
-        let recorder = self.recorder.clone();
-        let in_flight = Arc::clone(&self.in_flight);
-        let event = Event {
-            type_,
-            reason: reason.to_owned(),
-            // The API limits notes to 1 kB.
-            note: Some(truncate(note, 1000)),
-            action: reason.to_owned(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            let Ok(_slot) = in_flight.acquire_owned().await else {
-                return;
-            };
-            if let Err(e) = recorder.publish(&event, &regarding).await {
-                tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
-            }
-        });
-    }
-}
-
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
+/// Each loop's expectations of the cache after its own writes.
+#[derive(Clone, Default)]
+pub struct LoopExpectations {
+    pub claims: Expectations,
+    pub volumes: Expectations,
+    pub attachments: Expectations,
+    pub resizes: Expectations,
 }
 
 /// Everything a reconciler reads or calls.
 pub struct Shared {
+    pub expect: LoopExpectations,
     pub client: kube::Client,
     pub csi: Csi,
     pub driver: String,
@@ -251,27 +200,28 @@ impl Loops {
         let attach_q = Queue::new(settings.backoff);
         let resize_q = Queue::new(settings.backoff);
 
+        let expect = LoopExpectations::default();
         let mut claim_handlers: Vec<Handler<PersistentVolumeClaim>> = Vec::new();
         let mut volume_handlers: Vec<Handler<PersistentVolume>> = Vec::new();
         let mut attachment_handlers: Vec<Handler<VolumeAttachment>> = Vec::new();
         if runs(Loop::Provisioner) {
-            let q = claims_q.clone();
-            claim_handlers.push(Arc::new(move |pvc, _| q.add(&informer::key(pvc))));
+            claim_handlers.push(observe_and_queue(&expect.claims, &claims_q));
             let q = volumes_q.clone();
-            let driver_name = driver.clone();
             claim_handlers.push(Arc::new(move |pvc, deleted| {
-                // A claim gone or replaced: its PV may now be released.
-                if deleted
-                    && let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref())
-                {
-                    q.add(volume);
+                // A claim gone: its PV (bound, or made before a bind that never
+                // happened) may now be released.
+                if deleted {
+                    if let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref()) {
+                        q.add(volume);
+                    }
+                    if let Ok(name) = rules::pv_name(pvc) {
+                        q.add(&name);
+                    }
                 }
-                let _ = &driver_name;
             }));
-            let q = volumes_q.clone();
+            volume_handlers.push(observe_and_queue(&expect.volumes, &volumes_q));
             let cq = claims_q.clone();
             volume_handlers.push(Arc::new(move |pv, _| {
-                q.add(&pv.name_any());
                 // A PV for a claim: the claim's bind may be waiting for it.
                 if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
                     && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
@@ -288,16 +238,10 @@ impl Loops {
             }));
         }
         if runs(Loop::Attacher) {
-            let q = attach_q.clone();
-            attachment_handlers.push(Arc::new(move |va, _| q.add(&va.name_any())));
+            attachment_handlers.push(observe_and_queue(&expect.attachments, &attach_q));
         }
         if runs(Loop::Resizer) {
-            let q = resize_q.clone();
-            claim_handlers.push(Arc::new(move |pvc, deleted| {
-                if !deleted {
-                    q.add(&informer::key(pvc));
-                }
-            }));
+            claim_handlers.push(observe_and_queue(&expect.resizes, &resize_q));
         }
 
         // Classes: a claim waiting for its class (or rejected by it) looks again when
@@ -352,6 +296,7 @@ impl Loops {
         }
 
         let shared = Arc::new(Shared {
+            expect: expect.clone(),
             events: Events::new(client.clone(), &driver),
             client,
             csi,
@@ -369,12 +314,14 @@ impl Loops {
             tasks.extend(spawn_workers(
                 &shared,
                 &claims_q,
+                (&expect.claims, claim_version),
                 workers,
                 claims::reconcile,
             ));
             tasks.extend(spawn_workers(
                 &shared,
                 &volumes_q,
+                (&expect.volumes, volume_version),
                 workers,
                 volumes::reconcile,
             ));
@@ -383,6 +330,7 @@ impl Loops {
             tasks.extend(spawn_workers(
                 &shared,
                 &attach_q,
+                (&expect.attachments, attachment_version),
                 workers,
                 attacher::reconcile,
             ));
@@ -391,6 +339,7 @@ impl Loops {
             tasks.extend(spawn_workers(
                 &shared,
                 &resize_q,
+                (&expect.resizes, claim_version),
                 workers,
                 resizer::reconcile,
             ));
@@ -413,9 +362,36 @@ impl Loops {
     }
 }
 
+/// An informer handler that settles the loop's expectations, then queues the key.
+fn observe_and_queue<K: kube::Resource>(expectations: &Expectations, queue: &Queue) -> Handler<K> {
+    let expectations = expectations.clone();
+    let queue = queue.clone();
+    Arc::new(move |object: &K, deleted| {
+        let key = informer::key(object);
+        expectations.observe(&key, object.meta().resource_version.as_deref(), deleted);
+        queue.add(&key);
+    })
+}
+
+/// The resourceVersion a store holds for a key (`None`: not cached).
+type CachedVersion = fn(&Shared, &str) -> Option<String>;
+
+fn claim_version(shared: &Shared, key: &str) -> Option<String> {
+    informer::get(&shared.claims, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn volume_version(shared: &Shared, key: &str) -> Option<String> {
+    informer::get(&shared.volumes, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn attachment_version(shared: &Shared, key: &str) -> Option<String> {
+    informer::get(&shared.attachments, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
 fn spawn_workers<F, Fut>(
     shared: &Arc<Shared>,
     queue: &Queue,
+    (expectations, cached): (&Expectations, CachedVersion),
     count: usize,
     reconcile: F,
 ) -> Vec<JoinHandle<()>>
@@ -427,8 +403,16 @@ where
         .map(|_| {
             let shared = Arc::clone(shared);
             let queue = queue.clone();
+            let expectations = expectations.clone();
             tokio::spawn(async move {
                 while let Some(key) = queue.next().await {
+                    if let Some(wait) = expectations.wait(&key, cached(&shared, &key).as_deref()) {
+                        // Our own last write is not in the cache yet: its event
+                        // queues the key again (or the wait ends).
+                        queue.add_after(&key, wait);
+                        queue.done(&key);
+                        continue;
+                    }
                     match reconcile(Arc::clone(&shared), key.clone()).await {
                         Ok(Next::Done) => queue.forget(&key),
                         Ok(Next::After(delay)) => {

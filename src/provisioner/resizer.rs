@@ -17,6 +17,7 @@ use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
 use super::csi::{access_mode, capability};
+use super::informer::Expect;
 use super::rules;
 use super::{Next, Shared, informer};
 use crate::csi::proto;
@@ -112,6 +113,7 @@ async fn expand(
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let quantity = rules::bytes_to_quantity(requested);
     patch_claim_status(
+        shared,
         &claims,
         pvc,
         json!({ "status": {
@@ -165,6 +167,7 @@ async fn expand(
                 "ControllerResizeInProgress"
             };
             patch_claim_status(
+                shared,
                 &claims,
                 pvc,
                 json!({ "status": {
@@ -190,6 +193,7 @@ async fn expand(
         .context("writing the PV's new capacity")?;
     if response.node_expansion_required && !block {
         patch_claim_status(
+            shared,
             &claims,
             pvc,
             json!({ "status": {
@@ -207,6 +211,7 @@ async fn expand(
         );
     } else {
         patch_claim_status(
+            shared,
             &claims,
             pvc,
             json!({ "status": {
@@ -227,17 +232,25 @@ async fn expand(
 }
 
 async fn patch_claim_status(
+    shared: &Shared,
     claims: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
     patch: Value,
 ) -> anyhow::Result<()> {
-    claims
+    let written = claims
         .patch_status(
             &pvc.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
         .await
-        .map(drop)
-        .context("writing the claim's resize status")
+        .context("writing the claim's resize status")?;
+    // Not looked at again until the cache has this write.
+    if let Some(version) = written.metadata.resource_version.clone() {
+        shared
+            .expect
+            .resizes
+            .expect(&informer::key(&written), Expect::Version(version));
+    }
+    Ok(())
 }

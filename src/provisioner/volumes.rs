@@ -16,6 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::json;
 
+use super::informer::Expect;
 use super::rules;
 use super::{Next, Shared, is_api};
 
@@ -43,7 +44,7 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
     }
     if !matches!(phase(&pv), Some("Released" | "Failed")) && claim_is_gone(&shared, &pv).await? {
         // What the PV controller writes when the claim is gone.
-        volumes(&shared)
+        let released = volumes(&shared)
             .patch_status(
                 &name,
                 &PatchParams::default(),
@@ -51,6 +52,7 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
             )
             .await
             .context("marking the PV Released")?;
+        expect_written(&shared, &released);
         return Ok(Next::Done);
     }
     if rules::should_delete(&pv, &shared.driver) {
@@ -65,12 +67,30 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
     Ok(Next::Done)
 }
 
+/// The cache must show this state of the PV before it is looked at again.
+fn expect(shared: &Shared, name: &str, what: Expect) {
+    shared.expect.volumes.expect(name, what);
+}
+
+fn expect_written(shared: &Shared, written: &PersistentVolume) {
+    if let Some(version) = &written.metadata.resource_version {
+        expect(
+            shared,
+            &written.name_any(),
+            Expect::Version(version.clone()),
+        );
+    }
+}
+
 async fn patch_pv(shared: &Shared, name: &str, patch: &serde_json::Value) -> anyhow::Result<()> {
     match volumes(shared)
         .patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(written) => {
+            expect_written(shared, &written);
+            Ok(())
+        }
         Err(e) if is_api(&e, 404) => Ok(()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("patching PV {name}"))),
     }
@@ -158,6 +178,8 @@ async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> 
         }
         patch_pv(shared, &name, &patch).await?;
     }
+    // Gone once the finalizer is off: nothing to do until its deletion is seen.
+    expect(shared, &name, Expect::Deleted);
     shared.metrics.succeeded("delete", started);
     tracing::info!(pv = %name, volume = %handle, "deleted");
     Ok(Next::Done)

@@ -236,6 +236,12 @@ pub struct KubeArgs {
     #[arg(long, env = "RETRY_INTERVAL_MAX", value_parser = humantime::parse_duration, default_value = "5m")]
     pub retry_interval_max: Duration,
 
+    /// How long a new claim waits for kube-controller-manager to annotate it before
+    /// stowage does (writing first would make the PV controller's pending write fail
+    /// with a conflict). 0 = never wait.
+    #[arg(long, env = "ANNOTATION_GRACE", value_parser = humantime::parse_duration, default_value = "150ms")]
+    pub annotation_grace: Duration,
+
     /// Timeout of one CSI call from the loops (CreateVolume, DeleteVolume, …).
     #[arg(long, env = "CSI_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub csi_timeout: Duration,

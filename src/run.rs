@@ -451,6 +451,7 @@ pub async fn start_loops(
             max: args.retry_interval_max,
         },
         workers: args.max_csi_calls,
+        annotation_grace: args.annotation_grace,
         identity: provisioner::rules::provisioner_identity(
             &csi.caps.driver_name,
             i64::try_from(started.as_millis()).unwrap_or(i64::MAX),

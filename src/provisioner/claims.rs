@@ -91,9 +91,53 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
             Err(anyhow::anyhow!(message))
         }
         Decision::Provision => {
+            if let Some(wait) = annotation_wait(&shared, &pvc) {
+                return Ok(Next::After(wait));
+            }
             let class = class.expect("Provision implies the class exists");
-            provision(&shared, &pvc, &class, &finalizer).await
+            let result = provision(&shared, &pvc, &class, &finalizer).await;
+            if result.is_ok() {
+                forget_seen(&shared, &pvc);
+            }
+            result
         }
+    }
+}
+
+/// Give kube-controller-manager's PV controller a moment to annotate a new claim
+/// (`volume.kubernetes.io/storage-provisioner`). It reads the claim, then writes the
+/// annotation with that resourceVersion: a claim written by stowage in between makes
+/// its write fail with a conflict, which it reports as a ProvisioningFailed event. A
+/// claim it has annotated (or one nobody annotates within the grace: no PV controller
+/// running, or one slowed by its rate limit) goes ahead, and stowage's first write
+/// carries the annotation, so a later PV controller sync has nothing to write.
+fn annotation_wait(shared: &Shared, pvc: &PersistentVolumeClaim) -> Option<std::time::Duration> {
+    let grace = shared.settings.annotation_grace;
+    if grace.is_zero()
+        || pvc
+            .annotations()
+            .contains_key(rules::ANN_STORAGE_PROVISIONER)
+    {
+        return None;
+    }
+    let uid = pvc.metadata.uid.clone().unwrap_or_default();
+    let mut seen = shared.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.len() > 10_000 {
+        seen.retain(|_, at| at.elapsed() < grace * 4);
+    }
+    let first = *seen.entry(uid).or_insert_with(Instant::now);
+    grace
+        .checked_sub(first.elapsed())
+        .filter(|left| !left.is_zero())
+}
+
+fn forget_seen(shared: &Shared, pvc: &PersistentVolumeClaim) {
+    if let Some(uid) = &pvc.metadata.uid {
+        shared
+            .first_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
     }
 }
 
@@ -246,10 +290,16 @@ async fn add_finalizer(
     }
     let mut finalizers = pvc.finalizers().to_vec();
     finalizers.push(finalizer.to_owned());
+    // The PV controller's annotations too, as it writes them: once they are there it
+    // has nothing left to write to this claim.
     let patch = json!({
         "metadata": {
             "finalizers": finalizers,
             "resourceVersion": pvc.metadata.resource_version,
+            "annotations": {
+                rules::ANN_STORAGE_PROVISIONER: shared.driver,
+                rules::ANN_BETA_STORAGE_PROVISIONER: shared.driver,
+            },
         }
     });
     claims(shared, pvc.namespace().as_deref().unwrap_or_default())

@@ -62,6 +62,9 @@ pub struct Settings {
     pub workers: usize,
     /// The `storage.kubernetes.io/csiProvisionerIdentity` of this process.
     pub identity: String,
+    /// How long a new claim waits for the PV controller's
+    /// `volume.kubernetes.io/storage-provisioner` annotation before stowage writes it.
+    pub annotation_grace: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,6 +161,8 @@ pub struct LoopExpectations {
 /// Everything a reconciler reads or calls.
 pub struct Shared {
     pub expect: LoopExpectations,
+    /// When each unbound claim (by uid) was first looked at.
+    pub first_seen: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     pub client: kube::Client,
     pub csi: Csi,
     pub driver: String,
@@ -297,6 +302,7 @@ impl Loops {
 
         let shared = Arc::new(Shared {
             expect: expect.clone(),
+            first_seen: std::sync::Mutex::default(),
             events: Events::new(client.clone(), &driver),
             client,
             csi,

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the command line (`controller`, `node`, `local`, `bench`).
+//! - [`config`]: the command line (`controller`, `node`, `local`, `nfs-server`, `bench`).
 //! - [`run`]: wiring only: build backends, bind sockets, spawn tasks, shut down.
 //! - [`telemetry`], [`metrics`]: logs; Prometheus `/metrics` and `/healthz`.
 //! - [`volume`]: domain types, free of tonic/kube/backend crates.
@@ -12,10 +12,12 @@
 //!   of `stowage local`) and the EBS backend (aws-sdk-ec2).
 //! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata and
 //!   filesystem statistics on the node.
-//! - [`provisioner`]: the external-provisioner-style loops; [`provisioner::rules`] holds
+//! - [`provisioner`]: the Kubernetes loops (provisioner, attacher, resizer, leader
+//!   election) over kube-rs, driving CSI over the socket; [`provisioner::rules`] holds
 //!   their pure decisions and object builders (k8s-openapi types only, no I/O).
-//! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS concurrent
-//!   CreateVolume with EC2 calls per volume.
+//! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS
+//!   concurrent CreateVolume with EC2 calls per volume; `bench provision`, claims to
+//!   Bound against a cluster.
 #![forbid(unsafe_code)]
 
 pub mod backend;

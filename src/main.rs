@@ -1,10 +1,5 @@
 use clap::Parser;
 
-/// mimalloc hands freed pages back to the OS promptly, so the controller's RSS follows
-/// its live heap instead of the high-water mark of glibc's per-thread arenas.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = stowage::config::Cli::parse();

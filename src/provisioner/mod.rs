@@ -268,7 +268,9 @@ impl Loops {
             })
         };
 
-        let config = watcher::Config::default();
+        // Pages of 100: a list of thousands of objects never sits in memory at once
+        // as JSON and parsed copies (the largest transient allocation of the loops).
+        let config = watcher::Config::default().page_size(100);
         let claims = informer::start(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             config.clone(),

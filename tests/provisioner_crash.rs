@@ -26,7 +26,8 @@ const CLAIMS: usize = 100;
 const PROVISION_KILLS: usize = 10;
 const DELETED: usize = 50;
 const DELETE_KILLS: usize = 5;
-/// Each kill comes this long (ms, uniformly) after the previous restart.
+/// Each kill comes this long (ms, uniformly) after the loops of the previous
+/// restart began to run.
 const KILL_AFTER_MS: (u64, u64) = (20, 400);
 /// Concurrent API calls of the test's own creates and deletes.
 const PARALLEL: usize = 16;
@@ -112,15 +113,40 @@ impl<'a> Controller<'a> {
         }
     }
 
-    /// Kill and restart `kills` times, each kill at a random moment after the last
-    /// (re)start; prints what each kill interrupted.
+    /// Wait until the running instance's loops run (`stowage_leader` is 1 once the
+    /// informers have synced and the workers start); returns how long that took.
+    async fn loops_running(&self) -> Duration {
+        let stowage = self.current.as_ref().expect("a running instance");
+        let start = Instant::now();
+        loop {
+            let text = stowage.http_get("/metrics").await.unwrap_or_default();
+            if metric(&text, "stowage_leader", &[]) == Some(1.0) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < deadline(),
+                "the loops of stowage {} never ran:\n{}",
+                stowage.label,
+                stowage.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Kill and restart `kills` times, each kill at a random moment after the loops of
+    /// the last (re)start began to run (on a real cluster with many objects, the
+    /// informers' first lists alone may take longer than the window); prints what each
+    /// kill interrupted.
     async fn crash_repeatedly(&mut self, rng: &mut Rng, kills: usize, phase: &str) {
         for i in 1..=kills {
             let after = rng.between(KILL_AFTER_MS.0, KILL_AFTER_MS.1);
+            let startup = self.loops_running().await;
             tokio::time::sleep(Duration::from_millis(after)).await;
             self.kill();
             let state = snapshot(self.cluster, &self.data).await;
-            println!("{phase}: SIGKILL {i}/{kills} {after} ms after start: {state}");
+            println!(
+                "{phase}: SIGKILL {i}/{kills} {after} ms after the loops ran ({startup:?} after start): {state}"
+            );
             if std::env::var_os("STOWAGE_CRASH_LOGS").is_some() {
                 let log = self.dead.last().expect("just killed").log();
                 let lines: Vec<&str> = log.lines().collect();
@@ -452,86 +478,99 @@ async fn sigkill_while_provisioning_and_deleting_leaves_no_orphan_and_no_duplica
     );
 }
 
-/// Poll the data dir (every 100 µs) until a volume directory appears.
-async fn first_volume_dir(data: &Path) -> String {
-    let data = data.to_path_buf();
+/// Spin until the volume directory `name` appears in `data`, then SIGKILL `pid` at
+/// once (from the polling thread: no hand-over in between).
+async fn kill_when_the_volume_dir_appears(data: &Path, name: &str, pid: i32) {
+    let dir = data.join(name);
     let limit = deadline();
     tokio::task::spawn_blocking(move || {
         let start = Instant::now();
-        loop {
-            if let Some(dir) = volume_dirs(&data).into_iter().next() {
-                return dir;
-            }
+        while !dir.exists() {
             assert!(
                 start.elapsed() < limit,
-                "no volume directory appeared in {}",
-                data.display()
+                "the volume directory {} never appeared",
+                dir.display()
             );
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::yield_now();
         }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("SIGKILL");
     })
     .await
     .unwrap()
 }
 
+/// A volume made, its PV not yet: the claim, deleted while stowage is down, is held by
+/// the provisioning finalizer, and the restarted stowage deletes the volume and lets
+/// the claim go. A kill that comes too late (the PV already made) takes the ordinary
+/// deletion path, which is checked as well, and the case is tried again (up to
+/// [`ATTEMPTS`] times) until the kill lands between the volume and its PV.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_right_after_create_volume_then_the_claim_is_deleted() {
     const TEST: &str = "sigkill_right_after_create_volume";
+    const ATTEMPTS: usize = 5;
     let cluster = Cluster::start(TEST).await;
     let class = cluster
         .create_class("stowage-nfs", "Delete", &[], false)
         .await;
     let mut controller = Controller::start(&cluster).await;
     let data = controller.data.clone();
-    let claim = cluster.create_claim(&simple_claim("victim", &class)).await;
-    let expected = format!("pvc-{}", claim.uid().unwrap());
-    let dir = first_volume_dir(&data).await;
-    controller.kill();
-    assert_eq!(dir, expected);
+    let finalizer = cluster.provisioning_finalizer();
+    for attempt in 1..=ATTEMPTS {
+        let name = format!("victim-{attempt}");
+        let claim = cluster.create_claim(&simple_claim(&name, &class)).await;
+        let volume = format!("pvc-{}", claim.uid().unwrap());
+        let pid = controller.current.as_ref().unwrap().pid();
+        kill_when_the_volume_dir_appears(&data, &volume, pid).await;
+        controller.kill();
 
-    let at_kill = cluster.claims().get("victim").await.unwrap();
-    let pv = cluster.volumes().get_opt(&expected).await.unwrap();
-    println!(
-        "at SIGKILL: {}\n{}",
-        describe_claim(&at_kill),
-        describe_pv_opt(&pv)
-    );
-    assert!(
-        at_kill
-            .finalizers()
-            .contains(&cluster.provisioning_finalizer())
-            || pv.is_some(),
-        "a volume directory exists, but neither a PV nor the provisioning finalizer protects it"
-    );
-
-    // Deleted while stowage is down: a volume without a PV keeps its claim.
-    cluster.delete_claim("victim").await;
-    let pv = cluster.volumes().get_opt(&expected).await.unwrap();
-    let after_delete = cluster.claims().get_opt("victim").await.unwrap();
-    println!(
-        "deleted while down: {}\n{}",
-        after_delete
-            .as_ref()
-            .map_or_else(|| "claim gone".to_owned(), describe_claim),
-        describe_pv_opt(&pv)
-    );
-    if pv.is_none() {
-        let claim = after_delete.expect("the claim of a volume without a PV was let go");
-        assert!(
-            claim
-                .finalizers()
-                .contains(&cluster.provisioning_finalizer())
+        let at_kill = cluster.claims().get(&name).await.unwrap();
+        let pv = cluster.volumes().get_opt(&volume).await.unwrap();
+        println!(
+            "attempt {attempt}, at SIGKILL: {}\n  {}",
+            describe_claim(&at_kill),
+            describe_pv_opt(&pv)
         );
-        assert!(claim.metadata.deletion_timestamp.is_some());
-    }
+        assert!(
+            at_kill.finalizers().contains(&finalizer) || pv.is_some(),
+            "volume directory {volume} exists, but neither a PV nor the provisioning finalizer protects it"
+        );
 
-    controller.restart().await;
-    cluster.wait_claim_gone("victim").await;
-    cluster.wait_pv_gone(&expected).await;
-    wait_backend(&data, &BTreeSet::new()).await;
-    assert!(
-        cluster.our_pvs().await.is_empty(),
-        "{}",
-        cluster.describe().await
-    );
+        // Deleted while stowage is down: a volume without a PV keeps its claim.
+        cluster.delete_claim(&name).await;
+        let pv = cluster.volumes().get_opt(&volume).await.unwrap();
+        let after_delete = cluster.claims().get_opt(&name).await.unwrap();
+        println!(
+            "attempt {attempt}, deleted while down: {}\n  {}",
+            after_delete
+                .as_ref()
+                .map_or_else(|| "claim gone".to_owned(), describe_claim),
+            describe_pv_opt(&pv)
+        );
+        let finalizer_path = pv.is_none();
+        if finalizer_path {
+            let claim = after_delete.expect("the claim of a volume without a PV was let go");
+            assert!(claim.finalizers().contains(&finalizer));
+            assert!(claim.metadata.deletion_timestamp.is_some());
+        }
+
+        controller.restart().await;
+        cluster.wait_claim_gone(&name).await;
+        cluster.wait_pv_gone(&volume).await;
+        wait_backend(&data, &BTreeSet::new()).await;
+        assert!(
+            cluster.our_pvs().await.is_empty(),
+            "{}",
+            cluster.describe().await
+        );
+        if finalizer_path {
+            println!("{TEST}: the kill landed between the volume and its PV (attempt {attempt})");
+            return;
+        }
+        println!("{TEST}: attempt {attempt}: the PV was made before the kill; again");
+    }
+    panic!("in {ATTEMPTS} attempts, no kill landed between a volume and its PV");
 }

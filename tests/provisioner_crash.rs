@@ -507,11 +507,12 @@ async fn kill_when_the_volume_dir_appears(data: &Path, name: &str, pid: i32) {
 /// the provisioning finalizer, and the restarted stowage deletes the volume and lets
 /// the claim go. A kill that comes too late (the PV already made) takes the ordinary
 /// deletion path, which is checked as well, and the case is tried again (up to
-/// [`ATTEMPTS`] times) until the kill lands between the volume and its PV.
+/// `ATTEMPTS` times; on the fake with the PV's first create failing) until the kill
+/// lands between the volume and its PV.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_right_after_create_volume_then_the_claim_is_deleted() {
     const TEST: &str = "sigkill_right_after_create_volume";
-    const ATTEMPTS: usize = 5;
+    const ATTEMPTS: usize = 10;
     let cluster = Cluster::start(TEST).await;
     let class = cluster
         .create_class("stowage-nfs", "Delete", &[], false)
@@ -521,6 +522,13 @@ async fn sigkill_right_after_create_volume_then_the_claim_is_deleted() {
     let finalizer = cluster.provisioning_finalizer();
     for attempt in 1..=ATTEMPTS {
         let name = format!("victim-{attempt}");
+        if attempt > 1
+            && let Some(fake) = &cluster.fake
+        {
+            // Too late before: hold the PV back (its first create fails, retried after
+            // the backoff) so that the kill lands before it.
+            fake.fail_next("create", "persistentvolumes", 1, 500, "InternalError");
+        }
         let claim = cluster.create_claim(&simple_claim(&name, &class)).await;
         let volume = format!("pvc-{}", claim.uid().unwrap());
         let pid = controller.current.as_ref().unwrap().pid();

@@ -631,10 +631,23 @@ impl Stowage {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Stowage {
+        let data = cluster.dir.path().join(label).join("data");
+        Self::start_with_data(cluster, label, &data, extra, env).await
+    }
+
+    /// Like [`Self::start_with_env`], with the data directory `data` (which may be
+    /// another instance's: a restart after a crash).
+    pub async fn start_with_data(
+        cluster: &Cluster,
+        label: &str,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Stowage {
         let dir = cluster.dir.path().join(label);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("csi.sock");
-        let data = dir.join("data");
+        let data = data.to_path_buf();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stowage"));
         command
             .arg("local")

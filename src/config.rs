@@ -217,11 +217,11 @@ pub struct KubeArgs {
     pub leader_election_retry_period: Duration,
 
     /// Kubernetes API requests per second (sustained) this process may send.
-    #[arg(long, env = "KUBE_API_QPS", default_value_t = 1000.0)]
+    #[arg(long, env = "KUBE_API_QPS", default_value_t = 5000.0)]
     pub kube_api_qps: f64,
 
     /// Kubernetes API requests this process may send in a burst above --kube-api-qps.
-    #[arg(long, env = "KUBE_API_BURST", default_value_t = 2000)]
+    #[arg(long, env = "KUBE_API_BURST", default_value_t = 10000)]
     pub kube_api_burst: u32,
 
     /// CSI calls the loops keep in flight at most.

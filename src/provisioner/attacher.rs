@@ -21,7 +21,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::csi::{access_mode, capability};
+use super::csi::pv_capability;
 use super::informer::Expect;
 use super::{Next, Shared, is_api};
 use crate::csi::proto;
@@ -233,26 +233,17 @@ async fn publish_request(
 ) -> Result<proto::ControllerPublishVolumeRequest, String> {
     let (volume_id, node_id) = volume_and_node(shared, va).await?;
     let pv = attached_pv(shared, va)?;
-    let spec = pv.spec.clone().unwrap_or_default();
-    let csi = spec.csi.clone().unwrap_or_default();
-    let mode = spec
-        .access_modes
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find_map(|m| access_mode(m))
+    let csi = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.clone())
+        .unwrap_or_default();
+    let capability = pv_capability(&pv)
         .ok_or_else(|| format!("PV {} has no known access mode", pv.name_any()))?;
-    let block = spec.volume_mode.as_deref() == Some("Block");
-    let mount_flags = spec.mount_options.clone().unwrap_or_default();
     Ok(proto::ControllerPublishVolumeRequest {
         volume_id,
         node_id,
-        volume_capability: Some(capability(
-            mode,
-            block,
-            csi.fs_type.as_deref(),
-            &mount_flags,
-        )),
+        volume_capability: Some(capability),
         readonly: csi.read_only.unwrap_or(false),
         secrets: HashMap::new(),
         volume_context: csi

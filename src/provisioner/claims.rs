@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
@@ -561,7 +561,9 @@ async fn create_request(
         .map(|mode| capability(*mode, modes.block, fs_type.as_deref(), &mount_flags))
         .collect();
     let secrets = match rules::provisioner_secret(class_parameters, pvc, name)? {
-        Some(reference) => read_secret(shared, &reference.0, &reference.1).await?,
+        Some((namespace, name)) => super::read_secret(&shared.client, &namespace, &name)
+            .await
+            .map_err(|e| format!("reading provisioner secret {namespace}/{name}: {e}"))?,
         None => HashMap::new(),
     };
     let accessibility_requirements = requirements(shared, pvc, class).await?;
@@ -578,23 +580,6 @@ async fn create_request(
         accessibility_requirements,
         mutable_parameters: HashMap::new(),
     })
-}
-
-async fn read_secret(
-    shared: &Shared,
-    namespace: &str,
-    name: &str,
-) -> Result<HashMap<String, String>, String> {
-    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
-        .get(name)
-        .await
-        .map_err(|e| format!("reading provisioner secret {namespace}/{name}: {e}"))?;
-    Ok(secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-        .collect())
 }
 
 /// Accessibility requirements, when the driver has topology: WaitForFirstConsumer →

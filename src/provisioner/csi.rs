@@ -263,6 +263,24 @@ pub fn capability(
     }
 }
 
+/// The capability a PV was provisioned for: its first known access mode, its volume
+/// mode, the csi fsType and its mountOptions. `None` without a known access mode.
+pub fn pv_capability(
+    pv: &k8s_openapi::api::core::v1::PersistentVolume,
+) -> Option<proto::VolumeCapability> {
+    let spec = pv.spec.as_ref()?;
+    let mode = spec
+        .access_modes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find_map(|m| access_mode(m))?;
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    let fs_type = spec.csi.as_ref().and_then(|c| c.fs_type.as_deref());
+    let mount_flags = spec.mount_options.clone().unwrap_or_default();
+    Some(capability(mode, block, fs_type, &mount_flags))
+}
+
 /// Kubernetes access modes (`ReadWriteOnce` …) → CSI access modes, as
 /// [`super::rules::access_modes`] maps a claim's.
 pub fn access_mode(kubernetes: &str) -> Option<AccessMode> {

@@ -502,6 +502,23 @@ fn hash_map(map: &BTreeMap<String, String>) -> std::collections::HashMap<String,
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// A Secret's data as the string map CSI calls carry.
+async fn read_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<std::collections::HashMap<String, String>, kube::Error> {
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await?;
+    Ok(secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+        .collect())
+}
+
 /// True for a Kubernetes API answer with this HTTP code.
 fn is_api(error: &kube::Error, code: u16) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == code)

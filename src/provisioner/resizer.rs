@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::csi::{access_mode, capability};
+use super::csi::pv_capability;
 use super::informer::Expect;
 use super::rules;
 use super::{Next, Shared, informer};
@@ -130,12 +130,6 @@ async fn expand(
     );
     let spec = pv.spec.clone().unwrap_or_default();
     let csi = spec.csi.clone().unwrap_or_default();
-    let mode = spec
-        .access_modes
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find_map(|m| access_mode(m));
     let block = spec.volume_mode.as_deref() == Some("Block");
     let request = proto::ControllerExpandVolumeRequest {
         volume_id: csi.volume_handle.clone(),
@@ -144,14 +138,7 @@ async fn expand(
             limit_bytes: 0,
         }),
         secrets: Default::default(),
-        volume_capability: mode.map(|mode| {
-            capability(
-                mode,
-                block,
-                csi.fs_type.as_deref(),
-                &spec.mount_options.clone().unwrap_or_default(),
-            )
-        }),
+        volume_capability: pv_capability(pv),
     };
     let response = match shared.csi.expand(request).await {
         Ok(response) => response,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
@@ -200,14 +200,7 @@ async fn deletion_secrets(
     let (Some(name), Some(namespace)) = (name, namespace) else {
         return Ok(HashMap::new());
     };
-    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
-        .get(name)
+    super::read_secret(&shared.client, namespace, name)
         .await
-        .with_context(|| format!("reading deletion secret {namespace}/{name}"))?;
-    Ok(secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-        .collect())
+        .with_context(|| format!("reading deletion secret {namespace}/{name}"))
 }

@@ -191,6 +191,11 @@ pub struct KubeArgs {
     )]
     pub loops: Vec<Loop>,
 
+    /// Serve CSI only, without the Kubernetes loops (e.g. beside the upstream sidecars,
+    /// or with no cluster at all).
+    #[arg(long, env = "NO_LOOPS", conflicts_with_all = ["kubeconfig", "loops", "leader_election"])]
+    pub no_loops: bool,
+
     /// Run the loops only while holding a coordination.k8s.io Lease (one active
     /// replica of several).
     #[arg(long, env = "LEADER_ELECTION")]

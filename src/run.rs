@@ -381,6 +381,9 @@ async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::R
     })
     .await?;
     tracing::info!(socket = %running.socket.display(), "controller serving");
+    if args.kube.no_loops {
+        return running.until_signal(signals).await;
+    }
     let loops = start_loops(&args.kube, &running, &args.common.driver_name).await;
     let loops = match loops {
         Ok(loops) => loops,
@@ -592,6 +595,7 @@ async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> 
         println!("stowage local: metrics on http://{addr}/metrics");
     }
     let loops = match &args_kube.kubeconfig {
+        Some(_) if args_kube.no_loops => None,
         Some(path) => {
             println!(
                 "stowage local: provisioning for the cluster in {}",

@@ -767,6 +767,7 @@ async fn controller_killed_after_ec2_answers_leaves_exactly_one_volume() {
         std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
             .args([
                 "controller",
+                "--no-loops",
                 "--backend",
                 "ebs",
                 "--ebs-endpoint",

@@ -42,9 +42,10 @@ pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
                 .await
                 .with_context(|| format!("loading --kubeconfig {}", path.display()))
         }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster service account"),
+        None => kube::Config::infer().await.context(
+            "no --kubeconfig and no in-cluster service account for the Kubernetes loops \
+                 (--no-loops serves CSI only)",
+        ),
     }
 }
 

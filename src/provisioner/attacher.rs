@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::csi::pv_capability;
 use super::informer::Expect;
-use super::{Next, Shared, is_api};
+use super::{Next, Shared, finalizers_without, is_api};
 use crate::csi::proto;
 
 /// external-attacher's finalizer name for a driver.
@@ -146,7 +146,7 @@ async fn detach(shared: &Shared, va: &VolumeAttachment, finalizer: &str) -> anyh
         json!({ "status": { "attached": false, "attachmentMetadata": null, "detachError": null }}),
     )
     .await?;
-    let finalizers: Vec<&String> = va.finalizers().iter().filter(|f| *f != finalizer).collect();
+    let finalizers = finalizers_without(va, finalizer);
     match api(shared)
         .patch(
             &name,

@@ -26,7 +26,7 @@ use serde_json::json;
 use super::csi::capability;
 use super::informer::Expect;
 use super::rules::{self, Decision};
-use super::{Next, Shared, hash_map, informer, is_api};
+use super::{Next, Shared, finalizers_without, hash_map, informer, is_api};
 use crate::csi::proto;
 use crate::volume::{Segments, Volume};
 
@@ -319,11 +319,7 @@ async fn remove_finalizer(
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<()> {
-    let finalizers: Vec<&String> = pvc
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizer)
-        .collect();
+    let finalizers = finalizers_without(pvc, finalizer);
     let patch = json!({
         "metadata": {
             "finalizers": finalizers,
@@ -364,12 +360,7 @@ async fn bind(
         let writes = rules::bind_claim_patch(&current, pv);
         let mut patch = writes.claim;
         if has_finalizer(&current, finalizer) {
-            let kept: Vec<&String> = current
-                .finalizers()
-                .iter()
-                .filter(|f| *f != finalizer)
-                .collect();
-            patch["metadata"]["finalizers"] = json!(kept);
+            patch["metadata"]["finalizers"] = json!(finalizers_without(&current, finalizer));
         }
         match api
             .patch(

@@ -492,9 +492,15 @@ pub async fn run(
     }
 }
 
-/// `namespace/name` of a claim.
-pub fn claim_key(pvc: &PersistentVolumeClaim) -> String {
-    informer::key(pvc)
+/// An object's finalizers without `finalizer`: the list a merge patch sets to remove it.
+fn finalizers_without<'a>(object: &'a impl kube::Resource, finalizer: &str) -> Vec<&'a String> {
+    object
+        .meta()
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != finalizer)
+        .collect()
 }
 
 /// A string map for CSI requests.

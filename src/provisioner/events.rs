@@ -1,5 +1,9 @@
 //! Events for `kubectl describe` (events.k8s.io/v1), published in the background so
-//! they never sit on a claim's critical path. A Warning repeated for the same object,
+//! they never sit on a claim's critical path: they wait in a bounded queue and go out
+//! a few at a time (client-go's broadcaster sends one at a time), so in a burst of
+//! claims the API server spends itself on the binds first and the events follow. A
+//! full queue drops the event (counted in `stowage_events_dropped_total`), as client-go
+//! does. A Warning repeated for the same object,
 //! reason and message (a retry failing the same way) is aggregated into one Event whose
 //! `series.count` grows, instead of a new object per retry; Normal events are one-shot
 //! and remembered nowhere, so memory does not grow with the number of volumes.
@@ -11,13 +15,15 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 
 /// How long a repeated Warning keeps counting into the same Event.
 const SERIES_TTL: Duration = Duration::from_secs(10 * 60);
@@ -25,6 +31,17 @@ const SERIES_TTL: Duration = Duration::from_secs(10 * 60);
 const MAX_SERIES: usize = 4096;
 /// The API limits notes to 1 kB.
 const MAX_NOTE: usize = 1000;
+/// Events waiting to be sent; more are dropped.
+const QUEUE: usize = 10_000;
+/// Events sent at once.
+const IN_FLIGHT: usize = 4;
+
+struct Pending {
+    regarding: ObjectReference,
+    type_: &'static str,
+    reason: String,
+    note: String,
+}
 
 struct Series {
     namespace: String,
@@ -33,13 +50,19 @@ struct Series {
     last: Instant,
 }
 
+/// The handle the loops emit through (cheap to clone).
 #[derive(Clone)]
 pub struct Events {
+    queue: mpsc::Sender<Pending>,
+    dropped: Counter,
+}
+
+/// What sends the queued events.
+struct Publisher {
     client: kube::Client,
     controller: String,
     instance: String,
-    in_flight: Arc<Semaphore>,
-    series: Arc<Mutex<HashMap<u64, Series>>>,
+    series: Mutex<HashMap<u64, Series>>,
 }
 
 fn now() -> MicroTime {
@@ -58,7 +81,8 @@ fn truncate(mut text: String) -> String {
 }
 
 impl Events {
-    pub fn new(client: kube::Client, driver_name: &str) -> Events {
+    /// Start the publisher task (it ends when the last handle is dropped).
+    pub fn start(client: kube::Client, driver_name: &str, dropped: Counter) -> Events {
         let instance = std::env::var("POD_NAME")
             .ok()
             .or_else(|| {
@@ -67,13 +91,30 @@ impl Events {
                     .map(|h| h.to_string_lossy().into_owned())
             })
             .unwrap_or_else(|| driver_name.to_owned());
-        Events {
+        let publisher = Arc::new(Publisher {
             client,
             controller: driver_name.to_owned(),
             instance,
-            in_flight: Arc::new(Semaphore::new(64)),
-            series: Arc::default(),
-        }
+            series: Mutex::default(),
+        });
+        let (queue, pending) = mpsc::channel::<Pending>(QUEUE);
+        tokio::spawn(
+            tokio_stream::wrappers::ReceiverStream::new(pending).for_each_concurrent(
+                IN_FLIGHT,
+                move |event| {
+                    let publisher = Arc::clone(&publisher);
+                    async move {
+                        let result = publisher
+                            .publish(&event.regarding, event.type_, &event.reason, &event.note)
+                            .await;
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
+                        }
+                    }
+                },
+            ),
+        );
+        Events { queue, dropped }
     }
 
     pub fn normal(&self, regarding: ObjectReference, reason: &str, note: String) {
@@ -85,19 +126,21 @@ impl Events {
     }
 
     fn emit(&self, regarding: ObjectReference, type_: &'static str, reason: &str, note: String) {
-        let this = self.clone();
-        let reason = reason.to_owned();
-        let note = truncate(note);
-        tokio::spawn(async move {
-            let Ok(_slot) = this.in_flight.acquire().await else {
-                return;
-            };
-            if let Err(e) = this.publish(&regarding, type_, &reason, &note).await {
-                tracing::debug!(error = %e, %reason, "publishing an event failed");
-            }
-        });
+        let event = Pending {
+            regarding,
+            type_,
+            reason: reason.to_owned(),
+            note: truncate(note),
+        };
+        if let Err(e) = self.queue.try_send(event) {
+            self.dropped.inc();
+            let event = e.into_inner();
+            tracing::debug!(reason = %event.reason, "event queue full; dropping the event");
+        }
     }
+}
 
+impl Publisher {
     async fn publish(
         &self,
         regarding: &ObjectReference,

@@ -86,6 +86,7 @@ pub struct LoopMetrics {
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     pub requests: client::RequestCounts,
     leader: Gauge,
+    events_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -100,6 +101,7 @@ impl LoopMetrics {
             latency: Family::new_with_constructor(latency_histogram),
             requests: Family::default(),
             leader: Gauge::default(),
+            events_dropped: Counter::default(),
         };
         metrics.register(
             "stowage_operations",
@@ -121,6 +123,11 @@ impl LoopMetrics {
             "stowage_leader",
             "1 while this replica runs the loops (holds the Lease or needs none)",
             this.leader.clone(),
+        );
+        metrics.register(
+            "stowage_events_dropped",
+            "Events not published because the event queue was full",
+            this.events_dropped.clone(),
         );
         this
     }
@@ -305,7 +312,7 @@ impl Loops {
         let shared = Arc::new(Shared {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
-            events: Events::new(client.clone(), &driver),
+            events: Events::start(client.clone(), &driver, metrics.events_dropped.clone()),
             client,
             csi,
             driver,

@@ -550,6 +550,61 @@ async fn provisioning_retries_through_api_failures() {
     assert!(count("patch", "persistentvolumes/status") >= 3, "{calls:?}");
 }
 
+/// The finalizer of a deleted PV comes off through conflicts (on a real cluster
+/// kube-controller-manager drops `kubernetes.io/pv-protection` meanwhile, and a patch
+/// of the stale finalizer list was refused): it is re-read and retried, and
+/// DeleteVolume is not called again for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pv_finalizer_conflicts_do_not_repeat_delete_volume() {
+    const N: usize = 3;
+    let cluster = Cluster::start("pv_finalizer_conflicts").await;
+    let Some(fake) = cluster.fake_or_skip("pv_finalizer_conflicts", FAULTS) else {
+        return;
+    };
+    let stowage = Stowage::start(&cluster, "stowage", &["--retry-interval-max", "300ms"]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    let names: Vec<String> = (0..N).map(|i| format!("data-{i}")).collect();
+    for name in &names {
+        cluster.create_claim(&simple_claim(name, &class)).await;
+    }
+    let bound = cluster.wait_all_bound(&names).await;
+    settle().await;
+    let patches = |fake: &common::fake_kube::FakeKube| {
+        fake.calls()
+            .get(&("patch".to_owned(), "persistentvolumes".to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = patches(fake);
+    // N conflicts however they fall: fewer than the 5 a removal retries by itself.
+    fake.fail_next("patch", "persistentvolumes", N, 409, "Conflict");
+    for name in &names {
+        cluster.delete_claim(name).await;
+    }
+    for (_, pv) in &bound {
+        cluster.wait_pv_gone(&pv.name_any()).await;
+    }
+    wait_dirs(&stowage, &[]).await;
+    settle().await;
+    assert!(
+        patches(fake) - before >= 2 * N as u64,
+        "{N} conflicts and one removal per PV: {} PV patches",
+        patches(fake) - before
+    );
+    let n = N as f64;
+    assert_eq!(
+        (
+            csi_calls(&stowage, "CreateVolume").await,
+            csi_calls(&stowage, "DeleteVolume").await,
+            operations(&stowage, "delete", "success").await,
+        ),
+        (n, n, n),
+        "(CreateVolume, DeleteVolume, deletes) for {N} volumes"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Conflicts and broken watches.
 

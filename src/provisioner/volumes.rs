@@ -96,6 +96,43 @@ async fn patch_pv(shared: &Shared, name: &str, patch: &serde_json::Value) -> any
     }
 }
 
+/// Remove our finalizer from a deleted PV, guarded by its resourceVersion: the other
+/// finalizers move meanwhile (kube-controller-manager drops `kubernetes.io/pv-protection`
+/// of a deleted PV), and a patch from a stale list would put them back (which the API
+/// server refuses on a deleted object). A conflict re-reads the PV and tries again;
+/// DeleteVolume is not repeated for it.
+async fn drop_finalizer(shared: &Shared, mut pv: PersistentVolume) -> anyhow::Result<()> {
+    let name = pv.name_any();
+    for _ in 0..5 {
+        let Some(patch) = rules::finalizer_patch(&pv, false) else {
+            return Ok(());
+        };
+        match volumes(shared)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_api(&e, 404) => return Ok(()),
+            Err(e) if is_api(&e, 409) => {
+                match volumes(shared)
+                    .get_opt(&name)
+                    .await
+                    .with_context(|| format!("re-reading PV {name}"))?
+                {
+                    Some(live) => pv = live,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("removing the finalizer of PV {name}"))
+                );
+            }
+        }
+    }
+    anyhow::bail!("PV {name} kept changing; its finalizer is removed on the next attempt")
+}
+
 /// The PV points at a claim that no longer exists (or was replaced, or is bound to
 /// another PV). Asked of the API server, not the cache, before anything is released.
 async fn claim_is_gone(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<bool> {
@@ -160,24 +197,22 @@ async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> 
         return Err(anyhow::Error::new(e).context("DeleteVolume"));
     }
     // Delete the PV object, then let it go by dropping our finalizer.
+    let mut current = pv.clone();
     if pv.metadata.deletion_timestamp.is_none() {
         match volumes(shared)
             .delete(&name, &DeleteParams::default())
             .await
         {
-            Ok(_) => {}
+            // Still there (finalizers): its new version; else gone already.
+            Ok(deleted) => match deleted.left() {
+                Some(pending) => current = pending,
+                None => return Ok(Next::Done),
+            },
             Err(e) if is_api(&e, 404) => return Ok(Next::Done),
             Err(e) => return Err(anyhow::Error::new(e).context(format!("deleting PV {name}"))),
         }
     }
-    if let Some(patch) = rules::finalizer_patch(pv, false) {
-        // The resourceVersion changed with the delete; drop the guard.
-        let mut patch = patch;
-        if let Some(metadata) = patch["metadata"].as_object_mut() {
-            metadata.remove("resourceVersion");
-        }
-        patch_pv(shared, &name, &patch).await?;
-    }
+    drop_finalizer(shared, current).await?;
     // Gone once the finalizer is off: nothing to do until its deletion is seen.
     expect(shared, &name, Expect::Deleted);
     shared.metrics.succeeded("delete", started);

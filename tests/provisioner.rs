@@ -477,11 +477,7 @@ async fn a_claim_deleted_while_its_pv_cannot_be_created_leaves_no_volume() {
                 .get("orphan")
                 .await
                 .map_err(|e| e.to_string())?;
-            let attempts = fake
-                .calls()
-                .get(&("create".to_owned(), "persistentvolumes".to_owned()))
-                .copied()
-                .unwrap_or(0);
+            let attempts = fake.calls_of("create", "persistentvolumes");
             let dirs = stowage_ref.volume_dirs();
             let held = claim
                 .finalizers()
@@ -536,12 +532,7 @@ async fn provisioning_retries_through_api_failures() {
     wait_dirs(&stowage, &[pv.name_any()]).await;
     assert_eq!(cluster.our_pvs().await.len(), 1);
     let calls = fake.calls();
-    let count = |verb: &str, resource: &str| {
-        calls
-            .get(&(verb.to_owned(), resource.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let count = |verb: &str, resource: &str| fake.calls_of(verb, resource);
     assert!(count("create", "persistentvolumes") >= 4, "{calls:?}");
     assert!(
         count("patch", "persistentvolumeclaims/status") >= 3,
@@ -571,13 +562,8 @@ async fn pv_finalizer_conflicts_do_not_repeat_delete_volume() {
     }
     let bound = cluster.wait_all_bound(&names).await;
     settle().await;
-    let patches = |fake: &common::fake_kube::FakeKube| {
-        fake.calls()
-            .get(&("patch".to_owned(), "persistentvolumes".to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
-    let before = patches(fake);
+    let patches = || fake.calls_of("patch", "persistentvolumes");
+    let before = patches();
     // N conflicts however they fall: fewer than the 5 a removal retries by itself.
     fake.fail_next("patch", "persistentvolumes", N, 409, "Conflict");
     for name in &names {
@@ -589,9 +575,9 @@ async fn pv_finalizer_conflicts_do_not_repeat_delete_volume() {
     wait_dirs(&stowage, &[]).await;
     settle().await;
     assert!(
-        patches(fake) - before >= 2 * N as u64,
+        patches() - before >= 2 * N as u64,
         "{N} conflicts and one removal per PV: {} PV patches",
-        patches(fake) - before
+        patches() - before
     );
     let n = N as f64;
     assert_eq!(
@@ -641,18 +627,10 @@ async fn conflicts_and_broken_watches_still_bind_every_claim_once() {
         }
     })
     .await;
-    let patches_before = fake
-        .calls()
-        .get(&("patch".to_owned(), "persistentvolumeclaims".to_owned()))
-        .copied()
-        .unwrap_or(0);
+    let patches_before = fake.calls_of("patch", "persistentvolumeclaims");
     fake.fail_next("patch", "persistentvolumeclaims", 4, 409, "Conflict");
     cluster.wait_bound("c-0").await;
-    let patches = fake
-        .calls()
-        .get(&("patch".to_owned(), "persistentvolumeclaims".to_owned()))
-        .copied()
-        .unwrap_or(0);
+    let patches = fake.calls_of("patch", "persistentvolumeclaims");
     assert!(
         patches - patches_before >= 5,
         "4 conflicts and the bind: {} claim patches",

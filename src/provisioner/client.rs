@@ -1,8 +1,8 @@
 //! The Kubernetes API client of the loops: kubeconfig or in-cluster config, HTTP/2 to
 //! the API server (one multiplexed connection, like client-go, instead of kube's
 //! HTTP/1.1 pool that opens a TLS connection per concurrent request), a client-side
-//! rate limit (QPS + burst, like client-go's token bucket) and a count and latency of
-//! every request by verb and resource for `/metrics` and the provisioning benchmark.
+//! rate limit (QPS + burst, like client-go's token bucket) and a count of every
+//! request by verb and resource for `/metrics` and the provisioning benchmark.
 //!
 //! Owns only the HTTP client stack; it never interprets the objects.
 

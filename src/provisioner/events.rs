@@ -104,10 +104,7 @@ impl Events {
                 move |event| {
                     let publisher = Arc::clone(&publisher);
                     async move {
-                        let result = publisher
-                            .publish(&event.regarding, event.type_, &event.reason, &event.note)
-                            .await;
-                        if let Err(e) = result {
+                        if let Err(e) = publisher.publish(&event).await {
                             tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
                         }
                     }
@@ -141,13 +138,13 @@ impl Events {
 }
 
 impl Publisher {
-    async fn publish(
-        &self,
-        regarding: &ObjectReference,
-        type_: &str,
-        reason: &str,
-        note: &str,
-    ) -> Result<(), kube::Error> {
+    async fn publish(&self, event: &Pending) -> Result<(), kube::Error> {
+        let (regarding, type_, reason, note) = (
+            &event.regarding,
+            event.type_,
+            event.reason.as_str(),
+            event.note.as_str(),
+        );
         let namespace = regarding
             .namespace
             .clone()

@@ -197,22 +197,22 @@ async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> 
         return Err(anyhow::Error::new(e).context("DeleteVolume"));
     }
     // Delete the PV object, then let it go by dropping our finalizer.
-    let mut current = pv.clone();
-    if pv.metadata.deletion_timestamp.is_none() {
+    let pending = if pv.metadata.deletion_timestamp.is_none() {
         match volumes(shared)
             .delete(&name, &DeleteParams::default())
             .await
         {
-            // Still there (finalizers): its new version; else gone already.
-            Ok(deleted) => match deleted.left() {
-                Some(pending) => current = pending,
-                None => return Ok(Next::Done),
-            },
+            // Still there (finalizers): its new version; `None` when gone already.
+            Ok(deleted) => deleted.left(),
             Err(e) if is_api(&e, 404) => return Ok(Next::Done),
             Err(e) => return Err(anyhow::Error::new(e).context(format!("deleting PV {name}"))),
         }
+    } else {
+        Some(pv.clone())
+    };
+    if let Some(pending) = pending {
+        drop_finalizer(shared, pending).await?;
     }
-    drop_finalizer(shared, current).await?;
     // Gone once the finalizer is off: nothing to do until its deletion is seen.
     expect(shared, &name, Expect::Deleted);
     shared.metrics.succeeded("delete", started);

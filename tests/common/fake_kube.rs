@@ -376,6 +376,16 @@ impl FakeKube {
         self.shared.lock().calls.clone()
     }
 
+    /// Requests of one verb and resource so far (`"patch"`, `"persistentvolumes/status"`).
+    pub fn calls_of(&self, verb: &str, resource: &str) -> u64 {
+        self.shared
+            .lock()
+            .calls
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// create + update + patch + delete requests (failed ones included).
     pub fn total_writes(&self) -> u64 {
         let st = self.shared.lock();

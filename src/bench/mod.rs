@@ -1,6 +1,8 @@
 //! `stowage bench`: CreateVolume+DeleteVolume pairs per second and CreateVolume latency
 //! over the CSI socket against the NFS backend, printed beside the raw MKDIR round trip
 //! to the same server measured the same way, so the overhead over the wire is visible.
+//! Also the raw SYMLINK and MKDIR + SYMLINK at once: the wire work of a new volume (its
+//! directory and its record), so what CreateVolume adds on top of it shows too.
 //! Benchmarks live here, never as timed assertions in tests.
 
 use std::net::IpAddr;
@@ -110,7 +112,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let raw = {
         let (target, config, args) = (target.clone(), client_config.clone(), args.clone());
-        on_client_thread(async move { raw_mkdir(&target, &config, &args).await }).await?
+        on_client_thread(async move { raw_series(&target, &config, &args).await }).await?
     };
 
     let backend = NfsBackend::new(NfsConfig {
@@ -153,7 +155,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>10} {:>10} {:>12}",
         "series", "p50", "p99", "pairs/s"
     );
-    for series in [&raw, &probe, &csi] {
+    for series in raw.iter().chain([&probe, &csi]) {
         println!(
             "{:<34} {:>10.1?} {:>10.1?} {:>12.0}",
             series.name,
@@ -162,7 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             series.pairs_per_second
         );
     }
-    let ratio = csi.percentile(0.5).as_secs_f64() / raw.percentile(0.5).as_secs_f64();
+    let ratio = csi.percentile(0.5).as_secs_f64() / raw[0].percentile(0.5).as_secs_f64();
     println!("CreateVolume p50 / MKDIR p50 = {ratio:.2}");
     Ok(())
 }
@@ -181,38 +183,88 @@ async fn on_client_thread<T: Send + 'static>(
     .await?
 }
 
-/// One MKDIR RPC (+ RMDIR, unmeasured) per sample, on one pooled connection.
-async fn raw_mkdir(
+/// What one raw sample does on the wire.
+#[derive(Clone, Copy)]
+enum RawOp {
+    Mkdir,
+    Symlink,
+    /// MKDIR and SYMLINK at once on two connections: the wire work of a new volume.
+    MkdirAndSymlink,
+}
+
+/// A record-sized symlink target, as CreateVolume writes one.
+const RAW_RECORD: &str = r#"{"capacity_bytes":1073741824,"placement":{"server":"127.0.0.1","share":"/export","sub_dir":["bench"],"mode":511,"owner":null}}"#;
+
+/// The raw NFS series: one operation per sample (+ its removal, unmeasured), through
+/// the same client pool CreateVolume uses.
+async fn raw_series(
     target: &NfsTarget,
     config: &ClientConfig,
     args: &BenchArgs,
-) -> anyhow::Result<Series> {
+) -> anyhow::Result<Vec<Series>> {
     let client = NfsClient::new(target.clone(), config.clone());
     client
         .mkdir_all(&["stowage-bench-raw"], 0o755, None)
         .await?;
+    let mut all = Vec::new();
+    for (op, name) in [
+        (RawOp::Mkdir, "NFS MKDIR (raw RPC)"),
+        (RawOp::Symlink, "NFS SYMLINK (raw RPC)"),
+        (RawOp::MkdirAndSymlink, "NFS MKDIR + SYMLINK at once (raw)"),
+    ] {
+        all.push(raw_op(&client, op, name, args).await?);
+    }
+    client.remove_all(&["stowage-bench-raw"]).await?;
+    Ok(all)
+}
+
+async fn raw_op(
+    client: &NfsClient,
+    op: RawOp,
+    name: &'static str,
+    args: &BenchArgs,
+) -> anyhow::Result<Series> {
     let mut samples = Vec::with_capacity(args.count);
     let started = Instant::now();
     for i in 0..args.warmup + args.count {
         if i == args.warmup {
             samples.clear();
         }
-        let name = format!("d{i}");
-        let path = ["stowage-bench-raw", name.as_str()];
+        let dir_name = format!("d{i}");
+        let link_name = format!("l{i}");
+        let dir = ["stowage-bench-raw", dir_name.as_str()];
+        let link = ["stowage-bench-raw", link_name.as_str()];
         let t = Instant::now();
-        client
-            .create_dir(&path, 0o755, None)
-            .await
-            .context("MKDIR")?;
+        match op {
+            RawOp::Mkdir => {
+                client
+                    .create_dir(&dir, 0o755, None)
+                    .await
+                    .context("MKDIR")?;
+            }
+            RawOp::Symlink => client.symlink(&link, RAW_RECORD).await.context("SYMLINK")?,
+            RawOp::MkdirAndSymlink => {
+                let (made, linked) = tokio::join!(
+                    client.create_dir(&dir, 0o755, None),
+                    client.symlink(&link, RAW_RECORD)
+                );
+                made.context("MKDIR")?;
+                linked.context("SYMLINK")?;
+            }
+        }
         samples.push(t.elapsed());
-        client.remove_dir(&path).await.context("RMDIR")?;
+        if matches!(op, RawOp::Mkdir | RawOp::MkdirAndSymlink) {
+            client.remove_dir(&dir).await.context("RMDIR")?;
+        }
+        if matches!(op, RawOp::Symlink | RawOp::MkdirAndSymlink) {
+            client.remove_file(&link).await.context("REMOVE")?;
+        }
     }
     let measured = started
         .elapsed()
         .mul_f64(args.count as f64 / (args.warmup + args.count) as f64);
-    client.remove_all(&["stowage-bench-raw"]).await?;
     Ok(Series {
-        name: "NFS MKDIR (raw RPC)",
+        name,
         pairs_per_second: args.count as f64 / measured.as_secs_f64(),
         samples,
     })

@@ -16,6 +16,9 @@
 //!   port clients connect to is a small RPC relay (`Relay`): it answers portmap
 //!   GETPORT, NFS MKDIR, RMDIR and FSSTAT itself, and passes every other record
 //!   unchanged to the `nfs3_server` listener on a loopback port.
+//! - The relay also answers SYMLINK (every CreateVolume writes its record with one):
+//!   one blocking file system call instead of the loopback hop plus `nfs3_server`'s
+//!   three (directory attributes before, the link, directory attributes after).
 //!
 //! # File handles
 //!
@@ -67,9 +70,10 @@ use nfs3_server::vfs::{
 use nfs3_types::nfs3::{
     self as nfs, FSSTAT3args, FSSTAT3res, FSSTAT3resfail, FSSTAT3resok, MKDIR3args, MKDIR3res,
     MKDIR3resfail, MKDIR3resok, NFS_PROGRAM, Nfs3Option, RMDIR3args, RMDIR3res, RMDIR3resfail,
-    RMDIR3resok, createverf3, fattr3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3,
-    post_op_attr, pre_op_attr, sattr3, set_atime, set_gid3, set_mode3, set_mtime, set_size3,
-    set_uid3, specdata3, stable_how, wcc_attr, wcc_data,
+    RMDIR3resok, SYMLINK3args, SYMLINK3res, SYMLINK3resfail, SYMLINK3resok, createverf3, fattr3,
+    filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, post_op_attr, pre_op_attr, sattr3,
+    set_atime, set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3, stable_how,
+    wcc_attr, wcc_data,
 };
 use nfs3_types::rpc::{
     RPC_VERSION_2, accept_stat_data, accepted_reply, call_body, fragment_header, msg_body,
@@ -241,6 +245,7 @@ struct Relay {
 enum Intercepted {
     GetPort,
     Mkdir,
+    Symlink,
     Rmdir,
     Fsstat,
 }
@@ -249,6 +254,7 @@ impl Intercepted {
     fn of(call: &call_body<'_>) -> Option<Self> {
         const GETPORT: u32 = portmap::PMAP_PROG::PMAPPROC_GETPORT as u32;
         const MKDIR: u32 = NFS_PROGRAM::NFSPROC3_MKDIR as u32;
+        const SYMLINK: u32 = NFS_PROGRAM::NFSPROC3_SYMLINK as u32;
         const RMDIR: u32 = NFS_PROGRAM::NFSPROC3_RMDIR as u32;
         const FSSTAT: u32 = NFS_PROGRAM::NFSPROC3_FSSTAT as u32;
         if call.rpcvers != RPC_VERSION_2 {
@@ -257,6 +263,7 @@ impl Intercepted {
         match (call.prog, call.vers, call.proc) {
             (portmap::PROGRAM, portmap::VERSION, GETPORT) => Some(Self::GetPort),
             (nfs::PROGRAM, nfs::VERSION, MKDIR) => Some(Self::Mkdir),
+            (nfs::PROGRAM, nfs::VERSION, SYMLINK) => Some(Self::Symlink),
             (nfs::PROGRAM, nfs::VERSION, RMDIR) => Some(Self::Rmdir),
             (nfs::PROGRAM, nfs::VERSION, FSSTAT) => Some(Self::Fsstat),
             _ => None,
@@ -365,6 +372,10 @@ impl Relay {
                 Some(args) => success(xid, &self.mkdir(args).await),
                 None => garbage_args(xid),
             },
+            Intercepted::Symlink => match unpack_all::<SYMLINK3args<'_>>(args) {
+                Some(args) => success(xid, &self.symlink(args).await),
+                None => garbage_args(xid),
+            },
             Intercepted::Rmdir => match unpack_all::<RMDIR3args<'_>>(args) {
                 Some(args) => success(xid, &self.rmdir(args).await),
                 None => garbage_args(xid),
@@ -403,6 +414,28 @@ impl Relay {
             }),
             Ok((Err(stat), dir_wcc)) => MKDIR3res::Err((stat, MKDIR3resfail { dir_wcc })),
             Err(_) => MKDIR3res::Err((nfsstat3::NFS3ERR_SERVERFAULT, MKDIR3resfail::default())),
+        }
+    }
+
+    async fn symlink(&self, args: SYMLINK3args<'_>) -> SYMLINK3res {
+        let dir = match self.fs.decode(&args.where_.dir) {
+            Ok(dir) => dir,
+            Err(stat) => return SYMLINK3res::Err((stat, SYMLINK3resfail::default())),
+        };
+        let name = args.where_.name.as_ref().to_vec();
+        let target = args.symlink.symlink_data.as_ref().to_vec();
+        let attrs = args.symlink.symlink_attributes;
+        let fs = Arc::clone(&self.fs);
+        let outcome =
+            tokio::task::spawn_blocking(move || fs.symlink(dir, &name, &target, &attrs)).await;
+        match outcome {
+            Ok((Ok((id, attr)), dir_wcc)) => SYMLINK3res::Ok(SYMLINK3resok {
+                obj: Nfs3Option::Some(self.fs.encode(id)),
+                obj_attributes: Nfs3Option::Some(attr),
+                dir_wcc,
+            }),
+            Ok((Err(stat), dir_wcc)) => SYMLINK3res::Err((stat, SYMLINK3resfail { dir_wcc })),
+            Err(_) => SYMLINK3res::Err((nfsstat3::NFS3ERR_SERVERFAULT, SYMLINK3resfail::default())),
         }
     }
 
@@ -992,9 +1025,33 @@ impl MirrorFs {
         }
     }
 
+    /// SYMLINK, with the directory's attributes before and after.
     fn symlink(
         &self,
         dir: NodeId,
+        name: &[u8],
+        target: &[u8],
+        attrs: &sattr3,
+    ) -> (Result<(NodeId, fattr3), nfsstat3>, wcc_data) {
+        let (dfd, rel) = match self.open_dir(dir, OFlag::O_PATH) {
+            Ok(opened) => opened,
+            Err(stat) => return (Err(stat), wcc_data::default()),
+        };
+        let before = pre_op(&dfd);
+        let result = self.symlink_in(&dfd, &rel, name, target, attrs);
+        (
+            result,
+            wcc_data {
+                before,
+                after: post_op(&dfd),
+            },
+        )
+    }
+
+    fn symlink_in(
+        &self,
+        dfd: &OwnedFd,
+        rel: &Path,
         name: &[u8],
         target: &[u8],
         attrs: &sattr3,
@@ -1003,9 +1060,8 @@ impl MirrorFs {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
-        let (dfd, rel) = self.open_dir(dir, OFlag::O_PATH)?;
-        symlinkat(OsStr::from_bytes(target), &dfd, name).map_err(nfs_err)?;
-        let st = fstatat(&dfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(nfs_err)?;
+        symlinkat(OsStr::from_bytes(target), dfd, name).map_err(nfs_err)?;
+        let st = fstatat(dfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(nfs_err)?;
         let id = NodeId::of(&st);
         let owner_and_times = sattr3 {
             mode: set_mode3::None,
@@ -1018,10 +1074,10 @@ impl MirrorFs {
             id,
             &owner_and_times,
         ) {
-            let _ = unlinkat(&dfd, name, UnlinkatFlags::NoRemoveDir);
+            let _ = unlinkat(dfd, name, UnlinkatFlags::NoRemoveDir);
             return Err(stat);
         }
-        let st = fstatat(&dfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(nfs_err)?;
+        let st = fstatat(dfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(nfs_err)?;
         Ok((self.remember(rel.join(name), &st), fattr(&st)))
     }
 
@@ -1521,7 +1577,7 @@ impl NfsFileSystem for MirrorVfs {
     ) -> Result<(NodeId, fattr3), nfsstat3> {
         let (dir, name) = (*dirid, linkname.as_ref().to_vec());
         let (target, attr) = (symlink.as_ref().to_vec(), attr.clone());
-        self.blocking(move |fs| fs.symlink(dir, &name, &target, &attr))
+        self.blocking(move |fs| fs.symlink(dir, &name, &target, &attr).0)
             .await
     }
 
@@ -2008,6 +2064,101 @@ mod tests {
             assert_eq!(disk_names(f.tmp.path()), names(&["data"]));
             assert_eq!(disk_names(&f.data), names(&["a"]));
             assert_eq!(disk_names(&f.data.join("a")), names(&[]));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn symlink_replies_carry_the_link_and_the_directory_before_and_after() {
+        within(async {
+            let f = fixture().await;
+            let mut c = mount(&f.server).await;
+            let root = c.root_nfs_fh3();
+            let dir = mkdir(&mut c, &root, b"records", with_mode(0o700))
+                .await
+                .expect("mkdir")
+                .0;
+            let record = br#"{"capacity_bytes":1}"#;
+            let owner = if is_root() {
+                sattr3 {
+                    uid: set_uid3::Some(1234),
+                    gid: set_gid3::Some(4321),
+                    ..sattr3::default()
+                }
+            } else {
+                sattr3::default()
+            };
+            let args = |name: &'static [u8], attrs: sattr3| SYMLINK3args {
+                where_: dirop(&dir, name),
+                symlink: symlinkdata3 {
+                    symlink_attributes: attrs,
+                    symlink_data: nfspath3::from(record.to_vec()),
+                },
+            };
+            let ok = match c.symlink(&args(b"pvc-1", owner)).await.expect("SYMLINK") {
+                Nfs3Result::Ok(ok) => ok,
+                Nfs3Result::Err((stat, _)) => panic!("SYMLINK failed: {stat:?}"),
+            };
+            let on_disk = f.data.join("records/pvc-1");
+            assert_eq!(
+                std::fs::read_link(&on_disk)
+                    .expect("read_link")
+                    .as_os_str()
+                    .as_bytes(),
+                record
+            );
+            let meta = on_disk.symlink_metadata().expect("stat");
+            let Nfs3Option::Some(attr) = ok.obj_attributes else {
+                panic!("no attributes in the SYMLINK reply");
+            };
+            assert_eq!(attr.type_, ftype3::NF3LNK);
+            assert_eq!(attr.fileid, meta.ino());
+            assert_eq!(attr.size, record.len() as u64);
+            if is_root() {
+                assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
+                assert_eq!((attr.uid, attr.gid), (1234, 4321));
+            }
+            let Nfs3Option::Some(fh) = ok.obj else {
+                panic!("no handle in the SYMLINK reply");
+            };
+            assert_eq!(readlink(&mut c, &fh).await.expect("readlink"), record);
+            let (Nfs3Option::Some(before), Nfs3Option::Some(after)) =
+                (ok.dir_wcc.before, ok.dir_wcc.after)
+            else {
+                panic!("no directory attributes in the SYMLINK reply");
+            };
+            assert_eq!(
+                after.fileid,
+                f.data.join("records").metadata().expect("stat").ino()
+            );
+            assert!(after.size >= before.size && after.mtime != nfstime3::default());
+
+            // An existing name: EXIST, the first link untouched, nothing else made.
+            match c
+                .symlink(&args(b"pvc-1", sattr3::default()))
+                .await
+                .expect("SYMLINK")
+            {
+                Nfs3Result::Err((stat, _)) => assert_eq!(stat, nfsstat3::NFS3ERR_EXIST),
+                Nfs3Result::Ok(_) => panic!("a second SYMLINK of one name succeeded"),
+            }
+            assert_eq!(
+                std::fs::read_link(&on_disk)
+                    .expect("read_link")
+                    .as_os_str()
+                    .as_bytes(),
+                record
+            );
+            // A hostile name: INVAL, nothing made.
+            match c
+                .symlink(&args(b"..", sattr3::default()))
+                .await
+                .expect("SYMLINK")
+            {
+                Nfs3Result::Err((stat, _)) => assert_eq!(stat, nfsstat3::NFS3ERR_INVAL),
+                Nfs3Result::Ok(_) => panic!("SYMLINK named .. succeeded"),
+            }
+            assert_eq!(disk_names(&f.data.join("records")), names(&["pvc-1"]));
         })
         .await;
     }

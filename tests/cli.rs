@@ -1,5 +1,6 @@
 //! The real `stowage` binary: `stowage local` prints its socket, serves, and on
-//! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message.
+//! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message;
+//! `stowage bench` runs end to end.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -142,4 +143,42 @@ fn bad_flags_fail_with_a_message() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nfs-share"));
+}
+
+/// `stowage bench` (the benchmark, never a timed test) runs end to end: every series is
+/// printed with a measured p50, then the CreateVolume/MKDIR ratio. No timing is checked.
+#[test]
+fn bench_prints_every_series() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["bench", "--count", "20", "--warmup", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for series in [
+        "NFS MKDIR (raw RPC)",
+        "NFS SYMLINK (raw RPC)",
+        "NFS MKDIR + SYMLINK at once (raw)",
+        "CSI Probe (socket, no storage)",
+        "CSI CreateVolume (socket)",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} line in:\n{stdout}"));
+        let p50 = line[series.len()..].split_whitespace().next().unwrap();
+        assert!(
+            p50.ends_with('s') && p50 != "0.0ns",
+            "{series}: p50 {p50:?}"
+        );
+    }
+    let ratio = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CreateVolume p50 / MKDIR p50 = "))
+        .unwrap_or_else(|| panic!("no ratio in:\n{stdout}"));
+    assert!(ratio.parse::<f64>().unwrap() > 0.0, "{ratio}");
 }

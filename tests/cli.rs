@@ -163,6 +163,7 @@ fn bench_prints_every_series() {
         "NFS MKDIR (raw RPC)",
         "NFS SYMLINK (raw RPC)",
         "NFS MKDIR + SYMLINK at once (raw)",
+        "backend CreateVolume (no socket)",
         "CSI Probe (socket, no storage)",
         "CSI CreateVolume (socket)",
     ] {

@@ -2,7 +2,8 @@
 //! over the CSI socket against the NFS backend, printed beside the raw MKDIR round trip
 //! to the same server measured the same way, so the overhead over the wire is visible.
 //! Also the raw SYMLINK and MKDIR + SYMLINK at once: the wire work of a new volume (its
-//! directory and its record), so what CreateVolume adds on top of it shows too.
+//! directory and its record), and the backend's CreateVolume called in-process, so what
+//! the backend and what the socket add on top of the wire each show.
 //! Benchmarks live here, never as timed assertions in tests.
 
 use std::net::IpAddr;
@@ -115,14 +116,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         on_client_thread(async move { raw_series(&target, &config, &args).await }).await?
     };
 
-    let backend = NfsBackend::new(NfsConfig {
+    let nfs_config = NfsConfig {
         default_export: Some(DefaultExport {
             target: target.clone(),
             local_dir: None,
         }),
         client: client_config,
         resolve_timeout: Duration::from_secs(5),
-    });
+    };
+    let in_process = {
+        let (config, args) = (nfs_config.clone(), args.clone());
+        on_client_thread(async move { backend_pairs(NfsBackend::new(config), &args).await }).await?
+    };
+    let backend = NfsBackend::new(nfs_config);
     let running = start(Plan {
         socket: scratch.path().join("csi.sock"),
         driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
@@ -155,7 +161,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>10} {:>10} {:>12}",
         "series", "p50", "p99", "pairs/s"
     );
-    for series in raw.iter().chain([&probe, &csi]) {
+    for series in raw.iter().chain([&in_process, &probe, &csi]) {
         println!(
             "{:<34} {:>10.1?} {:>10.1?} {:>12.0}",
             series.name,
@@ -293,27 +299,57 @@ async fn csi_probe(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result
     })
 }
 
-/// CreateVolume (measured) + DeleteVolume over the CSI socket.
-async fn csi_pairs(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
-    let mut client = ControllerClient::new(channel::connect(socket).await?);
-    let capability = proto::VolumeCapability {
-        access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
-        access_mode: Some(vc::AccessMode {
-            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+/// The CreateVolume request of sample `i`: 1 GiB, one mount capability, no parameters
+/// (the default export).
+fn create_request(prefix: &str, i: usize) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: format!("{prefix}-{i}"),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 1 << 30,
+            limit_bytes: 0,
         }),
-    };
+        volume_capabilities: vec![proto::VolumeCapability {
+            access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
+            access_mode: Some(vc::AccessMode {
+                mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+/// CreateVolume (measured) + DeleteVolume called on the backend in this thread: the
+/// same requests as over the socket, without the socket.
+async fn backend_pairs(backend: NfsBackend, args: &BenchArgs) -> anyhow::Result<Series> {
     let mut samples = Vec::with_capacity(args.count);
     let mut measured = Duration::ZERO;
     for i in 0..args.warmup + args.count {
-        let request = proto::CreateVolumeRequest {
-            name: format!("bench-{i}"),
-            capacity_range: Some(proto::CapacityRange {
-                required_bytes: 1 << 30,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![capability.clone()],
-            ..Default::default()
-        };
+        let request = create_request("bench-in-process", i);
+        let t = Instant::now();
+        let create = crate::csi::validate::create_volume(&request)
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+        let volume = backend.create_volume(&create).await?;
+        let created = t.elapsed();
+        backend.delete_volume(&volume.id).await?;
+        if i >= args.warmup {
+            samples.push(created);
+            measured += t.elapsed();
+        }
+    }
+    Ok(Series {
+        name: "backend CreateVolume (no socket)",
+        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
+        samples,
+    })
+}
+
+/// CreateVolume (measured) + DeleteVolume over the CSI socket.
+async fn csi_pairs(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
+    let mut client = ControllerClient::new(channel::connect(socket).await?);
+    let mut samples = Vec::with_capacity(args.count);
+    let mut measured = Duration::ZERO;
+    for i in 0..args.warmup + args.count {
+        let request = create_request("bench", i);
         let t = Instant::now();
         let volume = client
             .create_volume(request)
@@ -367,24 +403,10 @@ async fn ebs(endpoint: &str, volumes: usize) -> anyhow::Result<()> {
     })
     .await?;
     let client = ControllerClient::new(channel::connect(&running.socket).await?);
-    let capability = proto::VolumeCapability {
-        access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
-        access_mode: Some(vc::AccessMode {
-            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-    };
     let started = Instant::now();
     let calls = (0..volumes).map(|i| {
         let mut client = client.clone();
-        let request = proto::CreateVolumeRequest {
-            name: format!("bench-{i}"),
-            capacity_range: Some(proto::CapacityRange {
-                required_bytes: 1 << 30,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![capability.clone()],
-            ..Default::default()
-        };
+        let request = create_request("bench", i);
         async move { client.create_volume(request).await }
     });
     let created = futures::future::join_all(calls).await;

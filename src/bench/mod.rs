@@ -3,7 +3,8 @@
 //! to the same server measured the same way, so the overhead over the wire is visible.
 //! Also the raw SYMLINK and MKDIR + SYMLINK at once: the wire work of a new volume (its
 //! directory and its record), and the backend's CreateVolume called in-process, so what
-//! the backend and what the socket add on top of the wire each show.
+//! the backend and what the socket add on top of the wire each show. The series take
+//! turns sample by sample, so they all see the same server state.
 //! Benchmarks live here, never as timed assertions in tests.
 
 use std::net::IpAddr;
@@ -63,22 +64,6 @@ pub enum BenchKind {
     Provision(provision::ProvisionArgs),
 }
 
-/// Latency samples of one series.
-struct Series {
-    name: &'static str,
-    samples: Vec<Duration>,
-    pairs_per_second: f64,
-}
-
-impl Series {
-    fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.samples.clone();
-        sorted.sort();
-        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted.get(index).copied().unwrap_or_default()
-    }
-}
-
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(BenchKind::Provision(provision)) = args.what {
         return provision::run(provision).await;
@@ -111,28 +96,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         privileged_port: nix::unistd::geteuid().is_root(),
         ..ClientConfig::default()
     };
-    let raw = {
-        let (target, config, args) = (target.clone(), client_config.clone(), args.clone());
-        on_client_thread(async move { raw_series(&target, &config, &args).await }).await?
-    };
-
     let nfs_config = NfsConfig {
         default_export: Some(DefaultExport {
             target: target.clone(),
             local_dir: None,
         }),
-        client: client_config,
+        client: client_config.clone(),
         resolve_timeout: Duration::from_secs(5),
     };
-    let in_process = {
-        let (config, args) = (nfs_config.clone(), args.clone());
-        on_client_thread(async move { backend_pairs(NfsBackend::new(config), &args).await }).await?
-    };
-    let backend = NfsBackend::new(nfs_config);
     let running = start(Plan {
         socket: scratch.path().join("csi.sock"),
         driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
-        backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
+        backends: Backends::new(vec![
+            Arc::new(NfsBackend::new(nfs_config.clone())) as Arc<dyn Backend>
+        ]),
         controller: true,
         node: None,
         mounter: Arc::new(SystemMounter::default()),
@@ -142,35 +119,44 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     let (socket, bench_args) = (running.socket.clone(), args.clone());
     let measured = on_client_thread(async move {
-        let probe = csi_probe(&socket, &bench_args).await?;
-        let csi = csi_pairs(&socket, &bench_args).await?;
-        anyhow::Ok((probe, csi))
+        let mut clients = Clients {
+            raw: NfsClient::new(target, client_config),
+            backend: NfsBackend::new(nfs_config),
+            identity: IdentityClient::new(channel::connect(&socket).await?),
+            controller: ControllerClient::new(channel::connect(&socket).await?),
+        };
+        clients.interleaved(&bench_args).await
     })
     .await;
     running.stop().await?;
     if let Some(server) = embedded {
         server.shutdown().await;
     }
-    let (probe, csi) = measured?;
+    let all = measured?;
 
     println!(
-        "stowage bench: {label}, {} measured ops per series after {} warm-up",
+        "stowage bench: {label}, {} measured ops per series after {} warm-up, interleaved",
         args.count, args.warmup
     );
     println!(
         "{:<34} {:>10} {:>10} {:>12}",
         "series", "p50", "p99", "pairs/s"
     );
-    for series in raw.iter().chain([&in_process, &probe, &csi]) {
+    for series in &all {
         println!(
             "{:<34} {:>10.1?} {:>10.1?} {:>12.0}",
-            series.name,
+            series.op.name(),
             series.percentile(0.50),
             series.percentile(0.99),
-            series.pairs_per_second
+            series.pairs_per_second()
         );
     }
-    let ratio = csi.percentile(0.5).as_secs_f64() / raw[0].percentile(0.5).as_secs_f64();
+    let p50 = |op: Op| {
+        all.iter()
+            .find(|s| s.op == op)
+            .map_or(0.0, |s| s.percentile(0.5).as_secs_f64())
+    };
+    let ratio = p50(Op::CreateVolume) / p50(Op::Mkdir);
     println!("CreateVolume p50 / MKDIR p50 = {ratio:.2}");
     Ok(())
 }
@@ -189,114 +175,177 @@ async fn on_client_thread<T: Send + 'static>(
     .await?
 }
 
-/// What one raw sample does on the wire.
-#[derive(Clone, Copy)]
-enum RawOp {
+/// One kind of sample. Every series takes its turn in each round, so all of them see
+/// the same server state (a server's file system gets slower to allocate in as it
+/// churns; a series run after another would pay for the other's deletions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// One MKDIR on the wire.
     Mkdir,
+    /// One SYMLINK of a record-sized target.
     Symlink,
     /// MKDIR and SYMLINK at once on two connections: the wire work of a new volume.
     MkdirAndSymlink,
+    /// The backend's CreateVolume called in this thread: the wire work plus the
+    /// backend's own, without the socket.
+    Backend,
+    /// Identity Probe: the floor of any call over the socket.
+    Probe,
+    /// CreateVolume over the socket.
+    CreateVolume,
+}
+
+const OPS: [Op; 6] = [
+    Op::Mkdir,
+    Op::Symlink,
+    Op::MkdirAndSymlink,
+    Op::Backend,
+    Op::Probe,
+    Op::CreateVolume,
+];
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Mkdir => "NFS MKDIR (raw RPC)",
+            Op::Symlink => "NFS SYMLINK (raw RPC)",
+            Op::MkdirAndSymlink => "NFS MKDIR + SYMLINK at once (raw)",
+            Op::Backend => "backend CreateVolume (no socket)",
+            Op::Probe => "CSI Probe (socket, no storage)",
+            Op::CreateVolume => "CSI CreateVolume (socket)",
+        }
+    }
+}
+
+/// Latency samples of one series, and the time its pairs (the measured call plus its
+/// cleanup: RMDIR, REMOVE, DeleteVolume) took in all.
+struct Series {
+    op: Op,
+    samples: Vec<Duration>,
+    pairs_time: Duration,
+}
+
+impl Series {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.samples.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted.get(index).copied().unwrap_or_default()
+    }
+
+    fn pairs_per_second(&self) -> f64 {
+        self.samples.len() as f64 / self.pairs_time.as_secs_f64()
+    }
 }
 
 /// A record-sized symlink target, as CreateVolume writes one.
 const RAW_RECORD: &str = r#"{"capacity_bytes":1073741824,"placement":{"server":"127.0.0.1","share":"/export","sub_dir":["bench"],"mode":511,"owner":null}}"#;
 
-/// The raw NFS series: one operation per sample (+ its removal, unmeasured), through
-/// the same client pool CreateVolume uses.
-async fn raw_series(
-    target: &NfsTarget,
-    config: &ClientConfig,
-    args: &BenchArgs,
-) -> anyhow::Result<Vec<Series>> {
-    let client = NfsClient::new(target.clone(), config.clone());
-    client
-        .mkdir_all(&["stowage-bench-raw"], 0o755, None)
-        .await?;
-    let mut all = Vec::new();
-    for (op, name) in [
-        (RawOp::Mkdir, "NFS MKDIR (raw RPC)"),
-        (RawOp::Symlink, "NFS SYMLINK (raw RPC)"),
-        (RawOp::MkdirAndSymlink, "NFS MKDIR + SYMLINK at once (raw)"),
-    ] {
-        all.push(raw_op(&client, op, name, args).await?);
-    }
-    client.remove_all(&["stowage-bench-raw"]).await?;
-    Ok(all)
+/// Directory of the raw series on the export.
+const RAW_DIR: &str = "stowage-bench-raw";
+
+/// Everything that takes samples, all on the client thread.
+struct Clients {
+    /// The NFS client pool for the raw series (the same kind CreateVolume uses).
+    raw: NfsClient,
+    /// A backend of its own for the in-process series.
+    backend: NfsBackend,
+    identity: IdentityClient<tonic::transport::Channel>,
+    controller: ControllerClient<tonic::transport::Channel>,
 }
 
-async fn raw_op(
-    client: &NfsClient,
-    op: RawOp,
-    name: &'static str,
-    args: &BenchArgs,
-) -> anyhow::Result<Series> {
-    let mut samples = Vec::with_capacity(args.count);
-    let started = Instant::now();
-    for i in 0..args.warmup + args.count {
-        if i == args.warmup {
-            samples.clear();
-        }
-        let dir_name = format!("d{i}");
-        let link_name = format!("l{i}");
-        let dir = ["stowage-bench-raw", dir_name.as_str()];
-        let link = ["stowage-bench-raw", link_name.as_str()];
-        let t = Instant::now();
-        match op {
-            RawOp::Mkdir => {
-                client
-                    .create_dir(&dir, 0o755, None)
-                    .await
-                    .context("MKDIR")?;
+impl Clients {
+    /// `warmup + count` rounds of one sample of every series.
+    async fn interleaved(&mut self, args: &BenchArgs) -> anyhow::Result<Vec<Series>> {
+        self.raw.mkdir_all(&[RAW_DIR], 0o755, None).await?;
+        let mut all: Vec<Series> = OPS
+            .iter()
+            .map(|&op| Series {
+                op,
+                samples: Vec::with_capacity(args.count),
+                pairs_time: Duration::ZERO,
+            })
+            .collect();
+        for i in 0..args.warmup + args.count {
+            for series in &mut all {
+                let started = Instant::now();
+                let measured = self.sample(series.op, i).await?;
+                if i >= args.warmup {
+                    series.samples.push(measured);
+                    series.pairs_time += started.elapsed();
+                }
             }
-            RawOp::Symlink => client.symlink(&link, RAW_RECORD).await.context("SYMLINK")?,
-            RawOp::MkdirAndSymlink => {
+        }
+        self.raw.remove_all(&[RAW_DIR]).await?;
+        Ok(all)
+    }
+
+    /// One sample of `op` (sample number `i`): the measured call's latency; its cleanup
+    /// follows, unmeasured.
+    async fn sample(&mut self, op: Op, i: usize) -> anyhow::Result<Duration> {
+        let (dir_name, link_name) = (format!("d{i}"), format!("l{i}"));
+        let dir = [RAW_DIR, dir_name.as_str()];
+        let link = [RAW_DIR, link_name.as_str()];
+        let raw = &self.raw;
+        let started = Instant::now();
+        let measured = match op {
+            Op::Mkdir => {
+                raw.create_dir(&dir, 0o755, None).await.context("MKDIR")?;
+                let measured = started.elapsed();
+                raw.remove_dir(&dir).await.context("RMDIR")?;
+                measured
+            }
+            Op::Symlink => {
+                raw.symlink(&link, RAW_RECORD).await.context("SYMLINK")?;
+                let measured = started.elapsed();
+                raw.remove_file(&link).await.context("REMOVE")?;
+                measured
+            }
+            Op::MkdirAndSymlink => {
                 let (made, linked) = tokio::join!(
-                    client.create_dir(&dir, 0o755, None),
-                    client.symlink(&link, RAW_RECORD)
+                    raw.create_dir(&dir, 0o755, None),
+                    raw.symlink(&link, RAW_RECORD)
                 );
                 made.context("MKDIR")?;
                 linked.context("SYMLINK")?;
+                let measured = started.elapsed();
+                raw.remove_dir(&dir).await.context("RMDIR")?;
+                raw.remove_file(&link).await.context("REMOVE")?;
+                measured
             }
-        }
-        samples.push(t.elapsed());
-        if matches!(op, RawOp::Mkdir | RawOp::MkdirAndSymlink) {
-            client.remove_dir(&dir).await.context("RMDIR")?;
-        }
-        if matches!(op, RawOp::Symlink | RawOp::MkdirAndSymlink) {
-            client.remove_file(&link).await.context("REMOVE")?;
-        }
+            Op::Backend => {
+                let request = create_request("bench-in-process", i);
+                let create = crate::csi::validate::create_volume(&request)
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+                let volume = self.backend.create_volume(&create).await?;
+                let measured = started.elapsed();
+                self.backend.delete_volume(&volume.id).await?;
+                measured
+            }
+            Op::Probe => {
+                self.identity.probe(proto::ProbeRequest {}).await?;
+                started.elapsed()
+            }
+            Op::CreateVolume => {
+                let volume = self
+                    .controller
+                    .create_volume(create_request("bench", i))
+                    .await?
+                    .into_inner()
+                    .volume
+                    .context("no volume")?;
+                let measured = started.elapsed();
+                self.controller
+                    .delete_volume(proto::DeleteVolumeRequest {
+                        volume_id: volume.volume_id,
+                        ..Default::default()
+                    })
+                    .await?;
+                measured
+            }
+        };
+        Ok(measured)
     }
-    let measured = started
-        .elapsed()
-        .mul_f64(args.count as f64 / (args.warmup + args.count) as f64);
-    Ok(Series {
-        name,
-        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
-        samples,
-    })
-}
-
-/// The floor of any CSI call here: Identity Probe over the same socket.
-async fn csi_probe(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
-    let mut client = IdentityClient::new(channel::connect(socket).await?);
-    let mut samples = Vec::with_capacity(args.count);
-    let started = Instant::now();
-    for i in 0..args.warmup + args.count {
-        if i == args.warmup {
-            samples.clear();
-        }
-        let t = Instant::now();
-        client.probe(proto::ProbeRequest {}).await?;
-        samples.push(t.elapsed());
-    }
-    let measured = started
-        .elapsed()
-        .mul_f64(args.count as f64 / (args.warmup + args.count) as f64);
-    Ok(Series {
-        name: "CSI Probe (socket, no storage)",
-        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
-        samples,
-    })
 }
 
 /// The CreateVolume request of sample `i`: 1 GiB, one mount capability, no parameters
@@ -316,64 +365,6 @@ fn create_request(prefix: &str, i: usize) -> proto::CreateVolumeRequest {
         }],
         ..Default::default()
     }
-}
-
-/// CreateVolume (measured) + DeleteVolume called on the backend in this thread: the
-/// same requests as over the socket, without the socket.
-async fn backend_pairs(backend: NfsBackend, args: &BenchArgs) -> anyhow::Result<Series> {
-    let mut samples = Vec::with_capacity(args.count);
-    let mut measured = Duration::ZERO;
-    for i in 0..args.warmup + args.count {
-        let request = create_request("bench-in-process", i);
-        let t = Instant::now();
-        let create = crate::csi::validate::create_volume(&request)
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-        let volume = backend.create_volume(&create).await?;
-        let created = t.elapsed();
-        backend.delete_volume(&volume.id).await?;
-        if i >= args.warmup {
-            samples.push(created);
-            measured += t.elapsed();
-        }
-    }
-    Ok(Series {
-        name: "backend CreateVolume (no socket)",
-        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
-        samples,
-    })
-}
-
-/// CreateVolume (measured) + DeleteVolume over the CSI socket.
-async fn csi_pairs(socket: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Series> {
-    let mut client = ControllerClient::new(channel::connect(socket).await?);
-    let mut samples = Vec::with_capacity(args.count);
-    let mut measured = Duration::ZERO;
-    for i in 0..args.warmup + args.count {
-        let request = create_request("bench", i);
-        let t = Instant::now();
-        let volume = client
-            .create_volume(request)
-            .await?
-            .into_inner()
-            .volume
-            .context("no volume")?;
-        let create = t.elapsed();
-        client
-            .delete_volume(proto::DeleteVolumeRequest {
-                volume_id: volume.volume_id,
-                ..Default::default()
-            })
-            .await?;
-        if i >= args.warmup {
-            samples.push(create);
-            measured += t.elapsed();
-        }
-    }
-    Ok(Series {
-        name: "CSI CreateVolume (socket)",
-        pairs_per_second: args.count as f64 / measured.as_secs_f64(),
-        samples,
-    })
 }
 
 /// N concurrent CreateVolume over the socket against an EC2 endpoint: volumes/s and

@@ -397,45 +397,61 @@ impl Relay {
         }
     }
 
-    async fn mkdir(&self, args: MKDIR3args<'_>) -> MKDIR3res {
-        let dir = match self.fs.decode(&args.where_.dir) {
-            Ok(dir) => dir,
-            Err(stat) => return MKDIR3res::Err((stat, MKDIR3resfail::default())),
-        };
-        let name = args.where_.name.as_ref().to_vec();
-        let attrs = args.attributes;
+    /// MKDIR and SYMLINK: a blocking call that makes one entry in the directory `dir`.
+    /// Gives the new object's handle and attributes, or the status, each with the
+    /// directory's attributes before and after.
+    async fn make_entry(
+        &self,
+        dir: &nfs_fh3,
+        make: impl FnOnce(&MirrorFs, NodeId) -> (Result<(NodeId, fattr3), nfsstat3>, wcc_data)
+        + Send
+        + 'static,
+    ) -> Result<(nfs_fh3, fattr3, wcc_data), (nfsstat3, wcc_data)> {
+        let dir = self
+            .fs
+            .decode(dir)
+            .map_err(|stat| (stat, wcc_data::default()))?;
         let fs = Arc::clone(&self.fs);
-        let outcome = tokio::task::spawn_blocking(move || fs.mkdir(dir, &name, &attrs)).await;
-        match outcome {
-            Ok((Ok((id, attr)), dir_wcc)) => MKDIR3res::Ok(MKDIR3resok {
-                obj: Nfs3Option::Some(self.fs.encode(id)),
+        match tokio::task::spawn_blocking(move || make(&fs, dir)).await {
+            Ok((Ok((id, attr)), dir_wcc)) => Ok((self.fs.encode(id), attr, dir_wcc)),
+            Ok((Err(stat), dir_wcc)) => Err((stat, dir_wcc)),
+            Err(_) => Err((nfsstat3::NFS3ERR_SERVERFAULT, wcc_data::default())),
+        }
+    }
+
+    async fn mkdir(&self, args: MKDIR3args<'_>) -> MKDIR3res {
+        let (name, attrs) = (args.where_.name.as_ref().to_vec(), args.attributes);
+        let made = self
+            .make_entry(&args.where_.dir, move |fs, dir| {
+                fs.mkdir(dir, &name, &attrs)
+            })
+            .await;
+        match made {
+            Ok((fh, attr, dir_wcc)) => MKDIR3res::Ok(MKDIR3resok {
+                obj: Nfs3Option::Some(fh),
                 obj_attributes: Nfs3Option::Some(attr),
                 dir_wcc,
             }),
-            Ok((Err(stat), dir_wcc)) => MKDIR3res::Err((stat, MKDIR3resfail { dir_wcc })),
-            Err(_) => MKDIR3res::Err((nfsstat3::NFS3ERR_SERVERFAULT, MKDIR3resfail::default())),
+            Err((stat, dir_wcc)) => MKDIR3res::Err((stat, MKDIR3resfail { dir_wcc })),
         }
     }
 
     async fn symlink(&self, args: SYMLINK3args<'_>) -> SYMLINK3res {
-        let dir = match self.fs.decode(&args.where_.dir) {
-            Ok(dir) => dir,
-            Err(stat) => return SYMLINK3res::Err((stat, SYMLINK3resfail::default())),
-        };
         let name = args.where_.name.as_ref().to_vec();
         let target = args.symlink.symlink_data.as_ref().to_vec();
         let attrs = args.symlink.symlink_attributes;
-        let fs = Arc::clone(&self.fs);
-        let outcome =
-            tokio::task::spawn_blocking(move || fs.symlink(dir, &name, &target, &attrs)).await;
-        match outcome {
-            Ok((Ok((id, attr)), dir_wcc)) => SYMLINK3res::Ok(SYMLINK3resok {
-                obj: Nfs3Option::Some(self.fs.encode(id)),
+        let made = self
+            .make_entry(&args.where_.dir, move |fs, dir| {
+                fs.symlink(dir, &name, &target, &attrs)
+            })
+            .await;
+        match made {
+            Ok((fh, attr, dir_wcc)) => SYMLINK3res::Ok(SYMLINK3resok {
+                obj: Nfs3Option::Some(fh),
                 obj_attributes: Nfs3Option::Some(attr),
                 dir_wcc,
             }),
-            Ok((Err(stat), dir_wcc)) => SYMLINK3res::Err((stat, SYMLINK3resfail { dir_wcc })),
-            Err(_) => SYMLINK3res::Err((nfsstat3::NFS3ERR_SERVERFAULT, SYMLINK3resfail::default())),
+            Err((stat, dir_wcc)) => SYMLINK3res::Err((stat, SYMLINK3resfail { dir_wcc })),
         }
     }
 

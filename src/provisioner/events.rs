@@ -13,10 +13,8 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -34,8 +32,6 @@ const MAX_SERIES: usize = 4096;
 const MAX_NOTE: usize = 1000;
 /// Events waiting to be sent; more are dropped.
 const QUEUE: usize = 10_000;
-/// Events sent at once.
-const IN_FLIGHT: usize = 1;
 
 struct Pending {
     regarding: ObjectReference,
@@ -63,7 +59,7 @@ struct Publisher {
     client: kube::Client,
     controller: String,
     instance: String,
-    series: Mutex<HashMap<u64, Series>>,
+    series: HashMap<u64, Series>,
 }
 
 fn now() -> MicroTime {
@@ -92,26 +88,21 @@ impl Events {
                     .map(|h| h.to_string_lossy().into_owned())
             })
             .unwrap_or_else(|| driver_name.to_owned());
-        let publisher = Arc::new(Publisher {
+        let mut publisher = Publisher {
             client,
             controller: driver_name.to_owned(),
             instance,
-            series: Mutex::default(),
+            series: HashMap::new(),
+        };
+        let (queue, mut pending) = mpsc::channel::<Pending>(QUEUE);
+        // One at a time (see the module docs).
+        tokio::spawn(async move {
+            while let Some(event) = pending.recv().await {
+                if let Err(e) = publisher.publish(&event).await {
+                    tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
+                }
+            }
         });
-        let (queue, pending) = mpsc::channel::<Pending>(QUEUE);
-        tokio::spawn(
-            tokio_stream::wrappers::ReceiverStream::new(pending).for_each_concurrent(
-                IN_FLIGHT,
-                move |event| {
-                    let publisher = Arc::clone(&publisher);
-                    async move {
-                        if let Err(e) = publisher.publish(&event).await {
-                            tracing::debug!(error = %e, reason = %event.reason, "publishing an event failed");
-                        }
-                    }
-                },
-            ),
-        );
         Events { queue, dropped }
     }
 
@@ -139,7 +130,7 @@ impl Events {
 }
 
 impl Publisher {
-    async fn publish(&self, event: &Pending) -> Result<(), kube::Error> {
+    async fn publish(&mut self, event: &Pending) -> Result<(), kube::Error> {
         let (regarding, type_, reason, note) = (
             &event.regarding,
             event.type_,
@@ -165,7 +156,7 @@ impl Publisher {
         });
         if let Some(key) = key {
             let repeat = {
-                let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+                let series = &mut self.series;
                 series.retain(|_, s| s.last.elapsed() < SERIES_TTL);
                 series.get_mut(&key).map(|s| {
                     s.count += 1;
@@ -205,7 +196,7 @@ impl Publisher {
         };
         api.create(&PostParams::default(), &event).await?;
         if let Some(key) = key {
-            let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            let series = &mut self.series;
             if series.len() >= MAX_SERIES
                 && let Some(oldest) = series.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k)
             {

@@ -332,6 +332,23 @@ async fn an_unknown_class_parameter_fails_with_an_event_naming_it() {
         }
     })
     .await;
+    // The repeated failure is one Event whose series counts the attempts, not an Event
+    // per attempt (events are published in the background, so wait for the count).
+    wait_for(
+        "the repeated warning counted into one series",
+        || async move {
+            let events = cluster_ref.events_about("painted").await;
+            let failed: Vec<_> = events
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("ProvisioningFailed"))
+                .collect();
+            match failed.as_slice() {
+                [one] if one.series.as_ref().is_some_and(|s| s.count >= 2) => Ok(()),
+                _ => Err(describe_events(&events)),
+            }
+        },
+    )
+    .await;
     let claim = cluster.claims().get("painted").await.unwrap();
     assert_eq!(
         phase_of_claim(&claim),

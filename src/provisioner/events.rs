@@ -155,19 +155,15 @@ impl Publisher {
             hasher.finish()
         });
         if let Some(key) = key {
-            let repeat = {
-                let series = &mut self.series;
-                series.retain(|_, s| s.last.elapsed() < SERIES_TTL);
-                series.get_mut(&key).map(|s| {
-                    s.count += 1;
-                    s.last = Instant::now();
-                    (s.namespace.clone(), s.name.clone(), s.count)
-                })
-            };
-            if let Some((namespace, name, count)) = repeat {
-                let patch = json!({ "series": EventSeries { count, last_observed_time: now() } });
-                return Api::<Event>::namespaced(self.client.clone(), &namespace)
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            self.series.retain(|_, s| s.last.elapsed() < SERIES_TTL);
+            if let Some(series) = self.series.get_mut(&key) {
+                series.count += 1;
+                series.last = Instant::now();
+                let patch = json!({
+                    "series": EventSeries { count: series.count, last_observed_time: now() }
+                });
+                return Api::<Event>::namespaced(self.client.clone(), &series.namespace)
+                    .patch(&series.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .map(drop);
             }

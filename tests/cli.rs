@@ -164,6 +164,7 @@ fn bench_prints_every_series() {
         "NFS SYMLINK (raw RPC)",
         "NFS MKDIR + SYMLINK at once (raw)",
         "backend CreateVolume (no socket)",
+        "unix socket echo (no gRPC)",
         "CSI Probe (socket, no storage)",
         "CSI CreateVolume (socket)",
     ] {

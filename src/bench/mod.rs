@@ -2,9 +2,10 @@
 //! over the CSI socket against the NFS backend, printed beside the raw MKDIR round trip
 //! to the same server measured the same way, so the overhead over the wire is visible.
 //! Also the raw SYMLINK and MKDIR + SYMLINK at once: the wire work of a new volume (its
-//! directory and its record), and the backend's CreateVolume called in-process, so what
-//! the backend and what the socket add on top of the wire each show. The series take
-//! turns sample by sample, so they all see the same server state.
+//! directory and its record), the backend's CreateVolume called in-process, a CSI Probe
+//! and a bare unix-socket echo, so what the backend, gRPC and the kernel each add on top
+//! of the wire show. The series take turns sample by sample, so they all see the same
+//! server state.
 //! Benchmarks live here, never as timed assertions in tests.
 
 use std::net::IpAddr;
@@ -124,6 +125,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             backend: NfsBackend::new(nfs_config),
             identity: IdentityClient::new(channel::connect(&socket).await?),
             controller: ControllerClient::new(channel::connect(&socket).await?),
+            echo: start_echo()?,
         };
         clients.interleaved(&bench_args).await
     })
@@ -189,17 +191,21 @@ enum Op {
     /// The backend's CreateVolume called in this thread: the wire work plus the
     /// backend's own, without the socket.
     Backend,
-    /// Identity Probe: the floor of any call over the socket.
+    /// A bare unix-socket echo, no gRPC: the kernel's and the scheduler's share of
+    /// any call over the socket (two threads woken).
+    Echo,
+    /// Identity Probe: the floor of any gRPC call over the socket.
     Probe,
     /// CreateVolume over the socket.
     CreateVolume,
 }
 
-const OPS: [Op; 6] = [
+const OPS: [Op; 7] = [
     Op::Mkdir,
     Op::Symlink,
     Op::MkdirAndSymlink,
     Op::Backend,
+    Op::Echo,
     Op::Probe,
     Op::CreateVolume,
 ];
@@ -211,6 +217,7 @@ impl Op {
             Op::Symlink => "NFS SYMLINK (raw RPC)",
             Op::MkdirAndSymlink => "NFS MKDIR + SYMLINK at once (raw)",
             Op::Backend => "backend CreateVolume (no socket)",
+            Op::Echo => "unix socket echo (no gRPC)",
             Op::Probe => "CSI Probe (socket, no storage)",
             Op::CreateVolume => "CSI CreateVolume (socket)",
         }
@@ -252,6 +259,31 @@ struct Clients {
     backend: NfsBackend,
     identity: IdentityClient<tonic::transport::Channel>,
     controller: ControllerClient<tonic::transport::Channel>,
+    /// Our end of the echo thread's socket pair.
+    echo: tokio::net::UnixStream,
+}
+
+/// Bytes sent and echoed back per echo sample: about a Probe's request.
+const ECHO_SIZE: usize = 88;
+
+/// Start a thread that echoes what arrives on its end of a unix socket pair with
+/// blocking reads and writes (no runtime: the least a server can do) until the pair is
+/// closed; our end is registered with this thread's runtime, as the CSI client is.
+fn start_echo() -> anyhow::Result<tokio::net::UnixStream> {
+    use std::io::{Read, Write};
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    std::thread::Builder::new()
+        .name("bench-echo".into())
+        .spawn(move || {
+            let mut buf = [0u8; ECHO_SIZE];
+            while let Ok(n @ 1..) = theirs.read(&mut buf) {
+                if theirs.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        })?;
+    ours.set_nonblocking(true)?;
+    Ok(tokio::net::UnixStream::from_std(ours)?)
 }
 
 impl Clients {
@@ -321,6 +353,13 @@ impl Clients {
                 let measured = started.elapsed();
                 self.backend.delete_volume(&volume.id).await?;
                 measured
+            }
+            Op::Echo => {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; ECHO_SIZE];
+                self.echo.write_all(&buf).await.context("echo write")?;
+                self.echo.read_exact(&mut buf).await.context("echo read")?;
+                started.elapsed()
             }
             Op::Probe => {
                 self.identity.probe(proto::ProbeRequest {}).await?;

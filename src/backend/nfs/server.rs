@@ -559,15 +559,17 @@ async fn read_record(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<
     }
 }
 
-/// Writes `record` as a single last fragment.
+/// Writes `record` as a single last fragment, header and body in one write (two
+/// writes on a no-delay socket are two segments, and the reader may wake for each).
 async fn write_record(w: &mut (impl AsyncWrite + Unpin), record: &[u8]) -> io::Result<()> {
     let len = u32::try_from(record.len())
         .ok()
         .filter(|len| *len <= fragment_header::MASK)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "RPC record too large"))?;
-    w.write_all(&fragment_header::new(len, true).into_xdr_buf())
-        .await?;
-    w.write_all(record).await
+    let mut framed = Vec::with_capacity(4 + record.len());
+    framed.extend_from_slice(&fragment_header::new(len, true).into_xdr_buf());
+    framed.extend_from_slice(record);
+    w.write_all(&framed).await
 }
 
 // ---------------------------------------------------------------------------

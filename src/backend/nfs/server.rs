@@ -63,6 +63,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Buf;
 use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
 use nfs3_server::vfs::{
     DirEntryPlus, FileHandle, NextResult, NfsFileSystem, NfsReadFileSystem, ReadDirPlusIterator,
@@ -559,17 +560,17 @@ async fn read_record(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<
     }
 }
 
-/// Writes `record` as a single last fragment, header and body in one write (two
-/// writes on a no-delay socket are two segments, and the reader may wake for each).
+/// Writes `record` as a single last fragment, header and body in one vectored write
+/// (two writes on a no-delay socket are two segments, and the reader may wake for
+/// each), without copying the body.
 async fn write_record(w: &mut (impl AsyncWrite + Unpin), record: &[u8]) -> io::Result<()> {
     let len = u32::try_from(record.len())
         .ok()
         .filter(|len| *len <= fragment_header::MASK)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "RPC record too large"))?;
-    let mut framed = Vec::with_capacity(4 + record.len());
-    framed.extend_from_slice(&fragment_header::new(len, true).into_xdr_buf());
-    framed.extend_from_slice(record);
-    w.write_all(&framed).await
+    let header = fragment_header::new(len, true).into_xdr_buf();
+    w.write_all_buf(&mut Buf::chain(header.as_slice(), record))
+        .await
 }
 
 // ---------------------------------------------------------------------------

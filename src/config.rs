@@ -209,6 +209,13 @@ pub struct KubeArgs {
     #[arg(long, env = "POD_NAME")]
     pub leader_election_identity: Option<String>,
 
+    /// This pod's uid (downward API `metadata.uid`): while this replica leads, the
+    /// Lease names its pod as owner, so deleting the pod (e.g. `helm uninstall`, which
+    /// also removes the RBAC a hand-back needs) deletes the Lease with it. Used only
+    /// when the Lease is in the pod's namespace (`POD_NAMESPACE`).
+    #[arg(long, env = "POD_UID")]
+    pub leader_election_owner_uid: Option<String>,
+
     /// How long a Lease holds without renewal before another replica may take it.
     #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
     pub leader_election_lease_duration: Duration,

@@ -461,16 +461,32 @@ pub async fn start_loops(
             u16::try_from(started.subsec_nanos() % 10_000).unwrap_or(0),
         ),
     };
+    let pod_namespace = std::env::var("POD_NAMESPACE").ok().or_else(|| {
+        std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            .ok()
+            .map(|s| s.trim().to_owned())
+    });
+    let lease_namespace = args
+        .leader_election_namespace
+        .clone()
+        .or_else(|| pod_namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
     let election = args.leader_election.then(|| leader::Election {
-        namespace: args
-            .leader_election_namespace
-            .clone()
-            .or_else(|| {
-                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-                    .ok()
-                    .map(|s| s.trim().to_owned())
-            })
-            .unwrap_or_else(|| "default".to_owned()),
+        owner: match (
+            &args.leader_election_owner_uid,
+            &args.leader_election_identity,
+        ) {
+            (Some(uid), Some(pod))
+                if pod_namespace.as_deref() == Some(lease_namespace.as_str()) =>
+            {
+                Some(leader::PodOwner {
+                    name: pod.clone(),
+                    uid: uid.clone(),
+                })
+            }
+            _ => None,
+        },
+        namespace: lease_namespace,
         name: csi.caps.driver_name.replace(['.', '/'], "-"),
         identity: args.leader_election_identity.clone().unwrap_or_else(|| {
             let host = nix::unistd::gethostname()

@@ -65,13 +65,13 @@ async fn attach(
     has_finalizer: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let name = va.name_any();
+    let mut current = va.clone();
     if !has_finalizer {
         let mut finalizers = va.finalizers().to_vec();
         finalizers.push(finalizer.to_owned());
-        api(shared)
+        current = api(shared)
             .patch(
-                &name,
+                &va.name_any(),
                 &PatchParams::default(),
                 &Patch::Merge(&json!({ "metadata": {
                     "finalizers": finalizers,
@@ -80,13 +80,14 @@ async fn attach(
             )
             .await
             .context("adding the attacher finalizer")?;
+        expect_version(shared, &current);
     }
     let metadata = if shared.csi.caps.publish_unpublish {
         let request = match publish_request(shared, va).await {
             Ok(request) => request,
             Err(message) => {
                 shared.metrics.failed("attach", "InvalidAttachment");
-                write_status(shared, &name, error_status("attachError", &message)).await?;
+                write_status(shared, &current, error_status("attachError", &message)).await?;
                 anyhow::bail!(message);
             }
         };
@@ -95,36 +96,32 @@ async fn attach(
             Err(e) => {
                 shared.metrics.failed("attach", &format!("{:?}", e.code()));
                 let message = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
-                write_status(shared, &name, error_status("attachError", &message)).await?;
+                write_status(shared, &current, error_status("attachError", &message)).await?;
                 return Err(anyhow::Error::new(e).context("ControllerPublishVolume"));
             }
         }
     } else {
         HashMap::new()
     };
-    write_status(
-        shared,
-        &name,
-        json!({ "status": {
-            "attached": true,
-            "attachmentMetadata": metadata,
-            "attachError": null,
-        }}),
-    )
-    .await?;
-    shared.metrics.succeeded("attach", started);
+    let status = json!({ "status": {
+        "attached": true,
+        "attachmentMetadata": metadata,
+        "attachError": null,
+    }});
+    if write_status(shared, &current, status).await?.is_some() {
+        shared.metrics.succeeded("attach", started);
+    }
     Ok(())
 }
 
 async fn detach(shared: &Shared, va: &VolumeAttachment, finalizer: &str) -> anyhow::Result<()> {
     let started = Instant::now();
-    let name = va.name_any();
     if shared.csi.caps.publish_unpublish {
         let (volume_id, node_id) = match volume_and_node(shared, va).await {
             Ok(ids) => ids,
             Err(message) => {
                 shared.metrics.failed("detach", "InvalidAttachment");
-                write_status(shared, &name, error_status("detachError", &message)).await?;
+                write_status(shared, va, error_status("detachError", &message)).await?;
                 anyhow::bail!(message);
             }
         };
@@ -136,26 +133,38 @@ async fn detach(shared: &Shared, va: &VolumeAttachment, finalizer: &str) -> anyh
         if let Err(e) = shared.csi.unpublish(request).await {
             shared.metrics.failed("detach", &format!("{:?}", e.code()));
             let message = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
-            write_status(shared, &name, error_status("detachError", &message)).await?;
+            write_status(shared, va, error_status("detachError", &message)).await?;
             return Err(anyhow::Error::new(e).context("ControllerUnpublishVolume"));
         }
     }
-    write_status(
-        shared,
-        &name,
-        json!({ "status": { "attached": false, "attachmentMetadata": null, "detachError": null }}),
-    )
-    .await?;
-    let finalizers = finalizers_without(va, finalizer);
+    let status = json!({ "status": {
+        "attached": false, "attachmentMetadata": null, "detachError": null,
+    }});
+    // `None`: the attachment is gone already, or no longer ours to finish.
+    let Some(current) = write_status(shared, va, status).await? else {
+        shared.metrics.succeeded("detach", started);
+        return Ok(());
+    };
+    let finalizers = finalizers_without(&current, finalizer);
     match api(shared)
         .patch(
-            &name,
+            &current.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(&json!({ "metadata": { "finalizers": finalizers } })),
+            &Patch::Merge(&json!({ "metadata": {
+                "finalizers": finalizers,
+                "resourceVersion": current.metadata.resource_version,
+            }})),
         )
         .await
     {
-        Ok(_) => {}
+        // Without our finalizer a deleted attachment goes away: not looked at again
+        // until the cache shows that, so a stale copy never starts a second
+        // ControllerUnpublish.
+        Ok(written) if written.finalizers().is_empty() => shared
+            .expect
+            .attachments
+            .expect(&written.name_any(), Expect::Deleted),
+        Ok(written) => expect_version(shared, &written),
         Err(e) if is_api(&e, 404) => {}
         Err(e) => return Err(anyhow::Error::new(e).context("removing the attacher finalizer")),
     }
@@ -170,19 +179,37 @@ fn error_status(field: &str, message: &str) -> Value {
     }}})
 }
 
-async fn write_status(shared: &Shared, name: &str, patch: Value) -> anyhow::Result<()> {
-    let written = api(shared)
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("writing VolumeAttachment {name} status"))?;
-    // Not looked at again until the cache has this write.
-    if let Some(version) = written.metadata.resource_version {
+/// Patch the attachment's status, guarded by the version `va` shows (re-read once on a
+/// conflict). `None` when the attachment is gone, or changed in a way that makes the
+/// write moot: attach results only while it is not being deleted, detach results only
+/// while it is and still carries our finalizer.
+async fn write_status(
+    shared: &Shared,
+    va: &VolumeAttachment,
+    patch: Value,
+) -> anyhow::Result<Option<VolumeAttachment>> {
+    let deleting = va.metadata.deletion_timestamp.is_some();
+    let finalizer = finalizer(&shared.driver);
+    let written = super::patch_status_guarded(&api(shared), va, &patch, |live| {
+        live.metadata.deletion_timestamp.is_some() == deleting
+            && (!deleting || live.finalizers().contains(&finalizer))
+    })
+    .await
+    .with_context(|| format!("writing VolumeAttachment {} status", va.name_any()))?;
+    if let Some(written) = &written {
+        expect_version(shared, written);
+    }
+    Ok(written)
+}
+
+/// Not looked at again until the cache has this write.
+fn expect_version(shared: &Shared, written: &VolumeAttachment) {
+    if let Some(version) = written.metadata.resource_version.clone() {
         shared
             .expect
             .attachments
-            .expect(name, Expect::Version(version));
+            .expect(&written.name_any(), Expect::Version(version));
     }
-    Ok(())
 }
 
 fn attached_pv(shared: &Shared, va: &VolumeAttachment) -> Result<Arc<PersistentVolume>, String> {

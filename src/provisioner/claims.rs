@@ -91,6 +91,10 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
             Err(anyhow::anyhow!(message))
         }
         Decision::Provision => {
+            if let Some(pv) = shared.volumes.find(|pv| rules::is_prebound_to(pv, &pvc)) {
+                tracing::debug!(claim = %key, pv = %pv.name_any(), "a PV is pre-bound to the claim; the PV controller binds it");
+                return Ok(Next::Done);
+            }
             if let Some(wait) = annotation_wait(&shared, &pvc) {
                 return Ok(Next::After(wait));
             }
@@ -402,60 +406,59 @@ async fn bind(
     write_statuses(shared, &bound, pv).await
 }
 
-/// The two status writes of a bind, skipped when already there.
+/// The two status writes of a bind, each made only while its object still waits for
+/// it ([`rules::claim_awaits_bound_status`], [`rules::pv_awaits_bound_status`]) and
+/// guarded by the version read: a phase the PV controller wrote meanwhile (`Lost`,
+/// `Released`, or `Bound` itself) is never overwritten.
 async fn write_statuses(
     shared: &Shared,
     pvc: &PersistentVolumeClaim,
     pv: &PersistentVolume,
 ) -> anyhow::Result<()> {
     let writes = rules::bind_claim_patch(pvc, pv);
-    let pv_bound = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
-    let claim_status = pvc.status.clone().unwrap_or_default();
-    // Like the PV controller, capacity and access modes are copied only when the claim
-    // becomes Bound: later the claim's capacity is the resizer's to change.
-    let claim_bound = claim_status.phase.as_deref() == Some("Bound");
     let namespace = pvc.namespace().unwrap_or_default();
     let claim_api = claims(shared, &namespace);
     let volume_api = volumes(shared);
-    let params = PatchParams::default();
     let (pv_result, claim_result) = tokio::join!(
         async {
-            if pv_bound {
-                return Ok(());
+            if !rules::pv_awaits_bound_status(pv) {
+                return Ok::<(), kube::Error>(());
             }
-            volume_api
-                .patch_status(
-                    &pv.name_any(),
-                    &params,
-                    &Patch::Merge(&writes.volume_status),
-                )
-                .await
-                .map(drop)
+            super::patch_status_guarded(
+                &volume_api,
+                pv,
+                &writes.volume_status,
+                rules::pv_awaits_bound_status,
+            )
+            .await
+            .map(drop)
         },
         async {
-            if claim_bound {
-                return Ok(());
+            // Like the PV controller, capacity and access modes are copied only when the
+            // claim becomes Bound: later the claim's capacity is the resizer's to change.
+            if !rules::claim_awaits_bound_status(pvc) {
+                return Ok::<(), kube::Error>(());
             }
-            claim_api
-                .patch_status(
-                    &pvc.name_any(),
-                    &params,
-                    &Patch::Merge(&writes.claim_status),
-                )
-                .await
-                .map(|written| expect_written(shared, &written))
+            let volume = pv.name_any();
+            let written = super::patch_status_guarded(&claim_api, pvc, &writes.claim_status, |c| {
+                rules::claim_awaits_bound_status(c)
+                    && c.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(&volume)
+            })
+            .await?;
+            if let Some(written) = written {
+                expect_written(shared, &written);
+            }
+            Ok(())
         }
     );
     pv_result.context("setting the PV status to Bound")?;
     claim_result.context("setting the claim status to Bound")?;
-    if claim_bound {
-        expect_written(shared, pvc);
-    }
     Ok(())
 }
 
 /// A claim with `spec.volumeName`: finish a bind interrupted after its first write,
-/// and make sure our finalizer is gone.
+/// and make sure our finalizer is gone. Only the writes still missing are made (see
+/// [`write_statuses`]); a claim the PV controller marked `Lost` is left to it.
 async fn finish_bind(
     shared: &Shared,
     pvc: &PersistentVolumeClaim,
@@ -464,7 +467,7 @@ async fn finish_bind(
 ) -> anyhow::Result<Next> {
     if has_finalizer(pvc, finalizer) {
         remove_finalizer(shared, pvc, finalizer).await?;
-        return Ok(Next::Done);
+        return Ok(Next::Again);
     }
     let Some(pv) = shared.volumes.get(&ObjectRef::new(volume)) else {
         return Ok(Next::Done);

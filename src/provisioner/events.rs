@@ -4,10 +4,12 @@
 //! API server spends itself on the binds first and the events follow (four at a time
 //! took a quarter of the API server's writes during a 1,000-claim burst). A
 //! full queue drops the event (counted in `stowage_events_dropped_total`), as client-go
-//! does. A Warning repeated for the same object,
-//! reason and message (a retry failing the same way) is aggregated into one Event whose
-//! `series.count` grows, instead of a new object per retry; Normal events are one-shot
-//! and remembered nowhere, so memory does not grow with the number of volumes.
+//! does. An event repeated for the same object, type, reason and message (a retry
+//! failing the same way, its `Provisioning` before each attempt) is aggregated into one
+//! Event whose `series.count` grows, instead of a new object per retry, as client-go's
+//! event correlator does; like its LRU cache, at most [`MAX_SERIES`] are remembered
+//! (the least recently seen is dropped first), so memory does not grow with the number
+//! of volumes.
 //!
 //! Owns only Event objects.
 
@@ -24,10 +26,11 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-/// How long a repeated Warning keeps counting into the same Event.
+/// How long a repeated event keeps counting into the same Event.
 const SERIES_TTL: Duration = Duration::from_secs(10 * 60);
-/// Most Warning series remembered at once (oldest dropped first).
-const MAX_SERIES: usize = 4096;
+/// Most series remembered at once (least recently seen dropped first; client-go's
+/// correlator keeps 4096 too).
+pub const MAX_SERIES: usize = 4096;
 /// The API limits notes to 1 kB.
 const MAX_NOTE: usize = 1000;
 /// Events waiting to be sent; more are dropped.
@@ -142,31 +145,30 @@ impl Publisher {
             .clone()
             .unwrap_or_else(|| "default".to_owned());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        let key = (type_ == "Warning").then(|| {
+        let key = {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             (
                 &regarding.uid,
                 &regarding.name,
                 &regarding.namespace,
+                type_,
                 reason,
                 note,
             )
                 .hash(&mut hasher);
             hasher.finish()
-        });
-        if let Some(key) = key {
-            self.series.retain(|_, s| s.last.elapsed() < SERIES_TTL);
-            if let Some(series) = self.series.get_mut(&key) {
-                series.count += 1;
-                series.last = Instant::now();
-                let patch = json!({
-                    "series": EventSeries { count: series.count, last_observed_time: now() }
-                });
-                return Api::<Event>::namespaced(self.client.clone(), &series.namespace)
-                    .patch(&series.name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map(drop);
-            }
+        };
+        self.series.retain(|_, s| s.last.elapsed() < SERIES_TTL);
+        if let Some(series) = self.series.get_mut(&key) {
+            series.count += 1;
+            series.last = Instant::now();
+            let patch = json!({
+                "series": EventSeries { count: series.count, last_observed_time: now() }
+            });
+            return Api::<Event>::namespaced(self.client.clone(), &series.namespace)
+                .patch(&series.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(drop);
         }
         let time = now();
         let name = format!(
@@ -191,23 +193,21 @@ impl Publisher {
             ..Event::default()
         };
         api.create(&PostParams::default(), &event).await?;
-        if let Some(key) = key {
-            let series = &mut self.series;
-            if series.len() >= MAX_SERIES
-                && let Some(oldest) = series.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k)
-            {
-                series.remove(&oldest);
-            }
-            series.insert(
-                key,
-                Series {
-                    namespace,
-                    name,
-                    count: 1,
-                    last: Instant::now(),
-                },
-            );
+        let series = &mut self.series;
+        if series.len() >= MAX_SERIES
+            && let Some(oldest) = series.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k)
+        {
+            series.remove(&oldest);
         }
+        series.insert(
+            key,
+            Series {
+                namespace,
+                name,
+                count: 1,
+                last: Instant::now(),
+            },
+        );
         Ok(())
     }
 }

@@ -64,14 +64,26 @@ where
     Informer { store, task }
 }
 
-/// What a reconciler expects the cache to show next, after its own writes: a
-/// reconcile of that key waits (instead of acting on the older cached object and
-/// repeating work) until the informer has seen the expected resourceVersion, or the
-/// object's deletion, or `EXPECTATION_TTL` has passed. Like kube-controller-manager's
-/// controller expectations, keyed by queue key.
+/// What a loop knows about the cache after its own work, per queue key:
+///
+/// - **Expectations**: after a write, a reconcile of that key waits (instead of acting
+///   on the older cached object and repeating work) until the informer has seen the
+///   written resourceVersion, or the object's deletion, or `EXPECTATION_TTL` has
+///   passed. Like kube-controller-manager's controller expectations.
+/// - **Handled versions**: the resourceVersion the loop last left each object at (the
+///   one it reconciled, or its own last write). An event whose object is still at that
+///   version brings nothing new (the loop's own write coming back, a relist), so the
+///   worker skips it instead of reconciling again — which would repeat a failed call
+///   ahead of its backoff.
 #[derive(Clone, Default)]
 pub struct Expectations {
-    pending: Arc<std::sync::Mutex<HashMap<String, (Expect, Instant)>>>,
+    state: Arc<std::sync::Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<String, (Expect, Instant)>,
+    handled: HashMap<String, String>,
 }
 
 /// The cache state a reconciler waits for.
@@ -87,20 +99,32 @@ pub enum Expect {
 pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);
 
 impl Expectations {
+    /// Record the loop's own write (or deletion) of the key's object.
     pub fn expect(&self, key: &str, expect: Expect) {
-        self.lock().insert(key.to_owned(), (expect, Instant::now()));
+        let mut state = self.lock();
+        match &expect {
+            Expect::Version(version) => state.handled.insert(key.to_owned(), version.clone()),
+            Expect::Deleted => state.handled.remove(key),
+        };
+        state
+            .pending
+            .insert(key.to_owned(), (expect, Instant::now()));
     }
 
     /// Called for every informer event before its key is queued: drops an expectation
-    /// the event meets.
+    /// the event meets, and forgets deleted objects.
     pub fn observe(&self, key: &str, resource_version: Option<&str>, deleted: bool) {
-        let mut pending = self.lock();
+        let mut state = self.lock();
         let cached = if deleted { None } else { resource_version };
-        if pending
+        if state
+            .pending
             .get(key)
             .is_some_and(|(expect, _)| met(expect, cached))
         {
-            pending.remove(key);
+            state.pending.remove(key);
+        }
+        if deleted {
+            state.handled.remove(key);
         }
     }
 
@@ -108,18 +132,34 @@ impl Expectations {
     /// object (`None`: not in the cache). Checking the cache, not only the events,
     /// covers an event that arrived before its write's reply.
     pub fn wait(&self, key: &str, cached: Option<&str>) -> Option<Duration> {
-        let mut pending = self.lock();
-        let (expect, since) = pending.get(key)?;
+        let mut state = self.lock();
+        let (expect, since) = state.pending.get(key)?;
         let left = EXPECTATION_TTL.checked_sub(since.elapsed());
         if left.is_none() || met(expect, cached) {
-            pending.remove(key);
+            state.pending.remove(key);
             return None;
         }
         left
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Expect, Instant)>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    /// A reconcile of the key starts with the object at `cached`: returns false when
+    /// the loop already left it at exactly that version (nothing new to look at), else
+    /// records it as handled.
+    pub fn begin(&self, key: &str, cached: Option<&str>, forced: bool) -> bool {
+        let mut state = self.lock();
+        let Some(cached) = cached else {
+            state.handled.remove(key);
+            return true;
+        };
+        if !forced && state.handled.get(key).is_some_and(|v| v == cached) {
+            return false;
+        }
+        state.handled.insert(key.to_owned(), cached.to_owned());
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -180,6 +220,22 @@ mod tests {
             e.wait("db/data-0", Some("11")).is_none(),
             "met expectations are gone"
         );
+    }
+
+    #[test]
+    fn an_unchanged_object_is_skipped_unless_forced() {
+        let e = Expectations::default();
+        assert!(e.begin("db/data-0", Some("10"), false), "first look");
+        assert!(!e.begin("db/data-0", Some("10"), false), "nothing new");
+        assert!(e.begin("db/data-0", Some("10"), true), "forced");
+        // The loop's own write: its event brings nothing new either.
+        e.expect("db/data-0", Expect::Version("12".into()));
+        assert!(!e.begin("db/data-0", Some("12"), false));
+        // Someone else's write does.
+        assert!(e.begin("db/data-0", Some("13"), false));
+        // A deleted object is forgotten; a new one by that name is looked at.
+        e.observe("db/data-0", Some("14"), true);
+        assert!(e.begin("db/data-0", Some("13"), false));
     }
 
     #[test]

@@ -5,12 +5,17 @@
 //! give up leadership when renewals have failed for the renew deadline; on shutdown,
 //! hand the Lease back so the other replica takes over at once.
 //!
+//! In a pod, the leader also names its pod as the Lease's owner: when the pod is
+//! deleted without having handed the Lease back (its RBAC deleted before it, as `helm
+//! uninstall` does; a node lost), the garbage collector deletes the Lease, and the next
+//! replica or install leads at once instead of waiting out a lease duration.
+//!
 //! Owns only the Lease object; the caller starts and stops the loops.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease as LeaseObject, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::time::Instant;
@@ -26,6 +31,27 @@ pub struct Election {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// The pod this replica runs in, made the Lease's owner while it leads.
+    pub owner: Option<PodOwner>,
+}
+
+/// A pod in the Lease's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodOwner {
+    pub name: String,
+    pub uid: String,
+}
+
+impl PodOwner {
+    fn reference(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: "v1".to_owned(),
+            kind: "Pod".to_owned(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            ..OwnerReference::default()
+        }
+    }
 }
 
 /// What identifies one state of the Lease: holder and renew time.
@@ -92,6 +118,7 @@ impl Lease {
                 metadata: ObjectMeta {
                     name: Some(self.election.name.clone()),
                     namespace: Some(self.election.namespace.clone()),
+                    owner_references: self.election.owner.as_ref().map(|o| vec![o.reference()]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -129,6 +156,9 @@ impl Lease {
         spec.lease_duration_seconds = Some(duration);
         spec.renew_time = Some(now());
         next.spec = Some(spec);
+        if let Some(owner) = &self.election.owner {
+            next.metadata.owner_references = Some(vec![owner.reference()]);
+        }
         match self
             .api
             .replace(&self.election.name, &PostParams::default(), &next)
@@ -184,27 +214,51 @@ impl Lease {
         }
     }
 
-    /// Hand the Lease back (best effort) so another replica need not wait for expiry.
+    /// Hand the Lease back so another replica need not wait for expiry: cleared holder,
+    /// a one-second duration, no owner. Tried until it works or the renew deadline
+    /// passes (a conflict re-reads the Lease); a failure is logged with its cause (the
+    /// owner reference still lets the garbage collector remove the Lease with the pod).
     pub async fn release(&mut self) {
-        let Ok(Some(mut current)) = self.api.get_opt(&self.election.name).await else {
-            return;
+        let deadline = Instant::now() + self.election.renew_deadline;
+        loop {
+            match self.try_release().await {
+                Ok(released) => {
+                    if released {
+                        tracing::info!("released the leader Lease");
+                    }
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "releasing the leader Lease failed; trying again");
+                    tokio::time::sleep(self.election.retry_period.min(Duration::from_millis(500)))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the leader Lease; the next leader waits for it to expire");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One attempt; `Ok(false)` when there is nothing to release (not ours, gone).
+    async fn try_release(&mut self) -> Result<bool, kube::Error> {
+        let Some(mut current) = self.api.get_opt(&self.election.name).await? else {
+            return Ok(false);
         };
         let Some(spec) = current.spec.as_mut() else {
-            return;
+            return Ok(false);
         };
         if spec.holder_identity.as_deref() != Some(self.election.identity.as_str()) {
-            return;
+            return Ok(false);
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(now());
-        match self
-            .api
+        current.metadata.owner_references = None;
+        self.api
             .replace(&self.election.name, &PostParams::default(), &current)
-            .await
-        {
-            Ok(_) => tracing::info!("released the leader Lease"),
-            Err(e) => tracing::warn!(error = %e, "releasing the leader Lease failed"),
-        }
+            .await?;
+        Ok(true)
     }
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
@@ -43,6 +44,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -189,6 +191,9 @@ pub enum Next {
     Done,
     /// Look again after this long (no backoff growth).
     After(Duration),
+    /// One step done (a write); take the next as soon as the cache shows the write.
+    /// A loop's own write never queues its key by itself.
+    Again,
 }
 
 /// A running set of loops; `stop` ends them.
@@ -224,10 +229,10 @@ impl Loops {
                 // happened) may now be released.
                 if deleted {
                     if let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref()) {
-                        q.add(volume);
+                        q.add_forced(volume);
                     }
                     if let Ok(name) = rules::pv_name(pvc) {
-                        q.add(&name);
+                        q.add_forced(&name);
                     }
                 }
             }));
@@ -238,14 +243,14 @@ impl Loops {
                 if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
                     && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
                 {
-                    cq.add(&format!("{ns}/{name}"));
+                    cq.add_forced(&format!("{ns}/{name}"));
                 }
             }));
             let q = volumes_q.clone();
             attachment_handlers.push(Arc::new(move |va, deleted| {
                 // DeleteVolume waits for attachments to go.
                 if deleted && let Some(pv) = va.spec.source.persistent_volume_name.as_ref() {
-                    q.add(pv);
+                    q.add_forced(pv);
                 }
             }));
         }
@@ -269,7 +274,7 @@ impl Loops {
                     if rules::claim_class(&pvc) == Some(name.as_str())
                         && pvc.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
                     {
-                        q.add(&informer::key(pvc.as_ref()));
+                        q.add_forced(&informer::key(pvc.as_ref()));
                     }
                 }
             })
@@ -421,18 +426,30 @@ where
             let expectations = expectations.clone();
             tokio::spawn(async move {
                 while let Some(key) = queue.next().await {
-                    if let Some(wait) = expectations.wait(&key, cached(&shared, &key).as_deref()) {
+                    let version = cached(&shared, &key);
+                    if let Some(wait) = expectations.wait(&key, version.as_deref()) {
                         // Our own last write is not in the cache yet: its event
                         // queues the key again (or the wait ends).
                         queue.add_after(&key, wait);
                         queue.done(&key);
                         continue;
                     }
+                    let forced = queue.take_forced(&key);
+                    if !expectations.begin(&key, version.as_deref(), forced) {
+                        // Nothing new since this loop last left the object: its own
+                        // write coming back, or a relist. A pending retry stays pending.
+                        queue.done(&key);
+                        continue;
+                    }
                     match reconcile(Arc::clone(&shared), key.clone()).await {
-                        Ok(Next::Done) => queue.forget(&key),
+                        Ok(Next::Done) => queue.settle(&key),
                         Ok(Next::After(delay)) => {
                             queue.forget(&key);
                             queue.add_after(&key, delay);
+                        }
+                        Ok(Next::Again) => {
+                            queue.forget(&key);
+                            queue.add_forced(&key);
                         }
                         Err(e) => {
                             let delay = queue.add_rate_limited(&key);
@@ -497,6 +514,44 @@ pub async fn run(
             return Ok(());
         }
     }
+}
+
+/// A status merge patch guarded by `object`'s resourceVersion. On a conflict the live
+/// object is read once more and patched again only if `still` holds for it; otherwise
+/// someone else has written the status meanwhile and it is theirs (`Ok(None)`).
+pub(crate) async fn patch_status_guarded<K>(
+    api: &Api<K>,
+    object: &K,
+    patch: &serde_json::Value,
+    still: impl Fn(&K) -> bool,
+) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let mut version = object.meta().resource_version.clone();
+    for attempt in 0..2 {
+        let mut guarded = patch.clone();
+        guarded["metadata"] = json!({ "resourceVersion": version });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&guarded))
+            .await
+        {
+            Ok(written) => return Ok(Some(written)),
+            Err(e) if is_api(&e, 409) && attempt == 0 => {
+                let Some(live) = api.get_opt(&name).await? else {
+                    return Ok(None);
+                };
+                if !still(&live) {
+                    return Ok(None);
+                }
+                version = live.meta().resource_version.clone();
+            }
+            Err(e) if is_api(&e, 404) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// An object's finalizers without `finalizer`: the list a merge patch sets to remove it.

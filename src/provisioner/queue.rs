@@ -3,6 +3,13 @@
 //! is being worked on is queued again when that work ends), and failures are retried
 //! after a per-key exponential backoff that a success resets.
 //!
+//! Two ways in: [`Queue::add`] says "the object may have changed" (its own watch
+//! event), and the worker may skip the key when the cache shows nothing new since its
+//! last reconcile (a loop's own write coming back, a relist); a *forced* key
+//! ([`Queue::add_forced`], and every key whose delay ran out: backoff, `Next::After`)
+//! is always reconciled. An event never cancels a pending delay, so a loop's own
+//! writes cannot cut its backoff short.
+//!
 //! Owns only scheduling. What a key means and how it is reconciled is the loops' job.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -38,6 +45,8 @@ struct State {
     dirty: HashSet<String>,
     /// Keys waiting for a time: the earliest wins.
     delayed: HashMap<String, Instant>,
+    /// Keys that must be reconciled when next handed out, changed or not.
+    forced: HashSet<String>,
     failures: HashMap<String, u32>,
     closed: bool,
 }
@@ -68,13 +77,13 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `key` now (no-op if already queued; after the current work if active).
+    /// Queue `key` now because its object may have changed (no-op if already queued;
+    /// after the current work if active). A pending delay stays pending.
     pub fn add(&self, key: &str) {
         let mut state = self.lock();
         if state.closed {
             return;
         }
-        state.delayed.remove(key);
         if state.active.contains(key) {
             state.dirty.insert(key.to_owned());
         } else if state.queued.insert(key.to_owned()) {
@@ -84,14 +93,27 @@ impl Queue {
         }
     }
 
-    /// Queue `key` after `delay` (an earlier pending time wins).
+    /// Queue `key` now, to be reconciled whether or not its object changed (something
+    /// it depends on did).
+    pub fn add_forced(&self, key: &str) {
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return;
+            }
+            state.forced.insert(key.to_owned());
+        }
+        self.add(key);
+    }
+
+    /// Queue `key` (forced) after `delay` (an earlier pending time wins).
     pub fn add_after(&self, key: &str, delay: Duration) {
         if delay.is_zero() {
-            return self.add(key);
+            return self.add_forced(key);
         }
         let at = Instant::now() + delay;
         let mut state = self.lock();
-        if state.closed || state.queued.contains(key) {
+        if state.closed {
             return;
         }
         let entry = state.delayed.entry(key.to_owned()).or_insert(at);
@@ -123,6 +145,20 @@ impl Queue {
     /// Reset `key`'s backoff (after a success).
     pub fn forget(&self, key: &str) {
         self.lock().failures.remove(key);
+    }
+
+    /// Reset `key`'s backoff and drop its pending delay: the reconcile is done with it
+    /// until something changes.
+    pub fn settle(&self, key: &str) {
+        let mut state = self.lock();
+        state.failures.remove(key);
+        state.delayed.remove(key);
+    }
+
+    /// Must the key just handed out be reconciled even if its object is unchanged?
+    /// (Consumes the mark.)
+    pub fn take_forced(&self, key: &str) -> bool {
+        self.lock().forced.remove(key)
     }
 
     /// Wait for a key to work on; `None` once the queue is closed.
@@ -192,6 +228,7 @@ impl Queue {
                     .collect();
                 for key in &due {
                     state.delayed.remove(key);
+                    state.forced.insert(key.clone());
                 }
                 let next = state.delayed.values().min().copied();
                 drop(state);

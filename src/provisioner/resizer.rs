@@ -4,6 +4,13 @@
 //! external-resizer writes it (`allocatedResources`, `allocatedResourceStatuses`,
 //! conditions `Resizing`, then `FileSystemResizePending` when the node must grow the
 //! filesystem, else the new capacity).
+//!
+//! The hand-over with the kubelet (KEP-1790): once the claim says `NodeResize*` for an
+//! allocated size that covers the request, the resize is the kubelet's — it writes
+//! `NodeResizeInProgress`, `NodeResizeFailed`/`Infeasible` or the final capacity, and
+//! the resizer neither calls the driver again nor writes the claim's status. Every
+//! status write is guarded by the resourceVersion it was decided on, so a write the
+//! kubelet made meanwhile is never overwritten.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +30,14 @@ use super::{Next, Shared, informer};
 use crate::csi::proto;
 
 const NODE_RESIZE_PENDING: &str = "NodeResizePending";
+const CONTROLLER_RESIZE_IN_PROGRESS: &str = "ControllerResizeInProgress";
+/// The resize states in which the node (kubelet) owns the claim's resize status.
+const NODE_STATES: [&str; 4] = [
+    NODE_RESIZE_PENDING,
+    "NodeResizeInProgress",
+    "NodeResizeFailed",
+    "NodeResizeInfeasible",
+];
 
 fn storage_of(
     map: Option<
@@ -45,27 +60,9 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
     if status.phase.as_deref() != Some("Bound") || pvc.metadata.deletion_timestamp.is_some() {
         return Ok(Next::Done);
     }
-    let Some(requested) = storage_of(
-        pvc.spec
-            .as_ref()
-            .and_then(|s| s.resources.as_ref())
-            .and_then(|r| r.requests.as_ref()),
-    ) else {
+    let Some(requested) = controller_step(&pvc) else {
         return Ok(Next::Done);
     };
-    let current = storage_of(status.capacity.as_ref()).unwrap_or(0);
-    if requested <= current {
-        return Ok(Next::Done);
-    }
-    let node_pending = status
-        .allocated_resource_statuses
-        .as_ref()
-        .and_then(|s| s.get("storage"))
-        .is_some_and(|s| s == NODE_RESIZE_PENDING)
-        && storage_of(status.allocated_resources.as_ref()) == Some(requested);
-    if node_pending {
-        return Ok(Next::Done);
-    }
     let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
         return Ok(Next::Done);
     };
@@ -101,6 +98,31 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
     expand(&shared, &pvc, &pv, requested).await
 }
 
+/// The size ControllerExpandVolume must reach for this claim now, or `None` when
+/// the controller has nothing to do: the request is met, or the node is growing the
+/// filesystem to an allocated size that covers the request.
+fn controller_step(pvc: &PersistentVolumeClaim) -> Option<i64> {
+    let status = pvc.status.as_ref()?;
+    let requested = storage_of(
+        pvc.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref()),
+    )?;
+    if requested <= storage_of(status.capacity.as_ref()).unwrap_or(0) {
+        return None;
+    }
+    let state = status
+        .allocated_resource_statuses
+        .as_ref()
+        .and_then(|s| s.get("storage"));
+    let allocated = storage_of(status.allocated_resources.as_ref()).unwrap_or(0);
+    if state.is_some_and(|s| NODE_STATES.contains(&s.as_str())) && allocated >= requested {
+        return None;
+    }
+    Some(requested)
+}
+
 async fn expand(
     shared: &Shared,
     pvc: &PersistentVolumeClaim,
@@ -112,17 +134,34 @@ async fn expand(
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(shared.client.clone(), &namespace);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let quantity = rules::bytes_to_quantity(requested);
-    patch_claim_status(
+    let Some(pvc) = patch_claim_status(
         shared,
         &claims,
         pvc,
         json!({ "status": {
             "allocatedResources": { "storage": quantity },
-            "allocatedResourceStatuses": { "storage": "ControllerResizeInProgress" },
+            "allocatedResourceStatuses": { "storage": CONTROLLER_RESIZE_IN_PROGRESS },
             "conditions": [{ "type": "Resizing", "status": "True", "lastTransitionTime": now }],
         }}),
+        |live| controller_step(live) == Some(requested),
     )
-    .await?;
+    .await?
+    else {
+        // The claim changed meanwhile (the kubelet's turn, a new request, deleted):
+        // its own event brings it back if there is work left.
+        return Ok(Next::Done);
+    };
+    let pvc = &pvc;
+    // Later writes only continue this resize: the claim must still be ours, at this size.
+    let still_ours = |live: &PersistentVolumeClaim| {
+        let status = live.status.clone().unwrap_or_default();
+        storage_of(status.allocated_resources.as_ref()) == Some(requested)
+            && status
+                .allocated_resource_statuses
+                .as_ref()
+                .and_then(|s| s.get("storage"))
+                .is_some_and(|s| s == CONTROLLER_RESIZE_IN_PROGRESS)
+    };
     shared.events.normal(
         pvc.object_ref(&()),
         "Resizing",
@@ -162,22 +201,26 @@ async fn expand(
                     "conditions": [{ "type": "ControllerResizeError", "status": "True",
                         "lastTransitionTime": now, "message": message }],
                 }}),
+                still_ours,
             )
             .await?;
             return Err(anyhow::Error::new(e).context("ControllerExpandVolume"));
         }
     };
     let size = response.capacity_bytes.max(requested);
-    Api::<PersistentVolume>::all(shared.client.clone())
-        .patch(
-            &pv.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(
-                &json!({ "spec": { "capacity": { "storage": rules::bytes_to_quantity(size) } } }),
-            ),
-        )
-        .await
-        .context("writing the PV's new capacity")?;
+    let pv_size = storage_of(pv.spec.as_ref().and_then(|s| s.capacity.as_ref())).unwrap_or(0);
+    if pv_size < size {
+        Api::<PersistentVolume>::all(shared.client.clone())
+            .patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(
+                    &json!({ "spec": { "capacity": { "storage": rules::bytes_to_quantity(size) } } }),
+                ),
+            )
+            .await
+            .context("writing the PV's new capacity")?;
+    }
     if response.node_expansion_required && !block {
         patch_claim_status(
             shared,
@@ -189,6 +232,7 @@ async fn expand(
                     "lastTransitionTime": now,
                     "message": "Waiting for user to (re-)start a pod to finish file system resize of volume on node." }],
             }}),
+            still_ours,
         )
         .await?;
         shared.events.normal(
@@ -206,6 +250,7 @@ async fn expand(
                 "allocatedResourceStatuses": null,
                 "conditions": [],
             }}),
+            still_ours,
         )
         .await?;
         shared.events.normal(
@@ -218,26 +263,106 @@ async fn expand(
     Ok(Next::Done)
 }
 
+/// A claim status write guarded by `pvc`'s resourceVersion (see
+/// [`super::patch_status_guarded`]); `None` when the claim moved on without us.
 async fn patch_claim_status(
     shared: &Shared,
     claims: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
     patch: Value,
-) -> anyhow::Result<()> {
-    let written = claims
-        .patch_status(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    still: impl Fn(&PersistentVolumeClaim) -> bool,
+) -> anyhow::Result<Option<PersistentVolumeClaim>> {
+    let written = super::patch_status_guarded(claims, pvc, &patch, still)
         .await
         .context("writing the claim's resize status")?;
     // Not looked at again until the cache has this write.
-    if let Some(version) = written.metadata.resource_version.clone() {
+    if let Some(version) = written
+        .as_ref()
+        .and_then(|w| w.metadata.resource_version.clone())
+    {
         shared
             .expect
             .resizes
-            .expect(&informer::key(&written), Expect::Version(version));
+            .expect(&informer::key(pvc), Expect::Version(version));
     }
-    Ok(())
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, VolumeResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    const GI: i64 = 1 << 30;
+
+    fn storage(bytes: i64) -> Option<BTreeMap<String, Quantity>> {
+        Some(BTreeMap::from([(
+            "storage".to_owned(),
+            rules::bytes_to_quantity(bytes),
+        )]))
+    }
+
+    fn claim(
+        requested: i64,
+        capacity: i64,
+        allocated: Option<i64>,
+        state: Option<&str>,
+    ) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            spec: Some(PersistentVolumeClaimSpec {
+                resources: Some(VolumeResourceRequirements {
+                    requests: storage(requested),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: Some(PersistentVolumeClaimStatus {
+                phase: Some("Bound".into()),
+                capacity: storage(capacity),
+                allocated_resources: allocated.and_then(storage),
+                allocated_resource_statuses: state
+                    .map(|s| BTreeMap::from([("storage".to_owned(), s.to_owned())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_controller_expands_only_what_the_node_does_not_own() {
+        assert_eq!(
+            controller_step(&claim(GI, GI, None, None)),
+            None,
+            "request met"
+        );
+        assert_eq!(
+            controller_step(&claim(2 * GI, GI, None, None)),
+            Some(2 * GI)
+        );
+        // The node's turn for this size, whatever the kubelet wrote last.
+        for state in NODE_STATES {
+            assert_eq!(
+                controller_step(&claim(2 * GI, GI, Some(2 * GI), Some(state))),
+                None,
+                "{state}"
+            );
+            // A request grown past what the node is working on is the controller's again.
+            assert_eq!(
+                controller_step(&claim(3 * GI, GI, Some(2 * GI), Some(state))),
+                Some(3 * GI),
+                "{state}"
+            );
+        }
+        // An interrupted or failed controller resize is retried.
+        for state in [CONTROLLER_RESIZE_IN_PROGRESS, "ControllerResizeInfeasible"] {
+            assert_eq!(
+                controller_step(&claim(2 * GI, GI, Some(2 * GI), Some(state))),
+                Some(2 * GI)
+            );
+        }
+    }
 }

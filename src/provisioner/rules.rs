@@ -77,6 +77,7 @@ const RECLAIM_RETAIN: &str = "Retain";
 const RECLAIM_RECYCLE: &str = "Recycle";
 const PHASE_BOUND: &str = "Bound";
 const PHASE_RELEASED: &str = "Released";
+const PHASE_FAILED: &str = "Failed";
 const VOLUME_MODE_BLOCK: &str = "Block";
 const STORAGE: &str = "storage";
 
@@ -611,6 +612,63 @@ pub fn bind_claim_patch(pvc: &PersistentVolumeClaim, pv: &PersistentVolume) -> B
     }
 }
 
+/// Does the claim still wait for the `Bound` status of a bind? Only a claim whose
+/// phase is unset or `Pending`: `Bound` is done, and `Lost` is the PV controller's
+/// verdict (it cannot see the PV yet) which it lifts itself once its cache catches up;
+/// writing `Bound` over it would start a fight with it.
+pub fn claim_awaits_bound_status(pvc: &PersistentVolumeClaim) -> bool {
+    matches!(
+        pvc.status.as_ref().and_then(|s| s.phase.as_deref()),
+        None | Some("" | "Pending")
+    )
+}
+
+/// Does the PV still wait for the `Bound` status of a bind? Only while `Pending` or
+/// `Available` (unset on a new object): `Released` and `Failed` are the PV
+/// controller's, and a PV that is `Bound` is done.
+pub fn pv_awaits_bound_status(pv: &PersistentVolume) -> bool {
+    matches!(
+        pv.status.as_ref().and_then(|s| s.phase.as_deref()),
+        None | Some("" | "Pending" | "Available")
+    )
+}
+
+/// Is `pv` a PV someone created for this claim by hand: pre-bound by `claimRef`
+/// (namespace and name; uid empty or the claim's) and able to take it (as large as the
+/// request, the same volume mode, not being deleted)? The PV controller binds such a
+/// claim to that PV (`findMatchingVolume` matches pre-bound volumes first) and never
+/// asks for provisioning, so neither may stowage.
+pub fn is_prebound_to(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> bool {
+    let Some(spec) = pv.spec.as_ref() else {
+        return false;
+    };
+    let Some(claim_ref) = spec.claim_ref.as_ref() else {
+        return false;
+    };
+    let uid_matches = match claim_ref.uid.as_deref().filter(|u| !u.is_empty()) {
+        None => true,
+        Some(uid) => pvc.metadata.uid.as_deref() == Some(uid),
+    };
+    let names_match =
+        claim_ref.namespace == pvc.metadata.namespace && claim_ref.name == pvc.metadata.name;
+    let pv_bytes = spec
+        .capacity
+        .as_ref()
+        .and_then(|c| c.get(STORAGE))
+        .and_then(|q| parse_quantity(&q.0).ok())
+        .unwrap_or(0);
+    let fits = capacity_request(pvc).is_ok_and(|wanted| pv_bytes >= wanted);
+    let mode = |m: Option<&str>| m.unwrap_or("Filesystem").to_owned();
+    let same_mode = mode(spec.volume_mode.as_deref())
+        == mode(pvc.spec.as_ref().and_then(|s| s.volume_mode.as_deref()));
+    names_match
+        && uid_matches
+        && fits
+        && same_mode
+        && pv.metadata.deletion_timestamp.is_none()
+        && pv_name(pvc).ok().as_deref() != pv.metadata.name.as_deref()
+}
+
 /// Does stowage own this PV? Its `provisioned-by` annotation names the driver, or,
 /// without the annotation (a static PV), its `spec.csi.driver` does
 /// (sig-storage-lib `isProvisionerForVolume`).
@@ -623,6 +681,26 @@ pub fn is_ours(pv: &PersistentVolume, driver_name: &str) -> bool {
             .and_then(|s| s.csi.as_ref())
             .is_some_and(|csi| csi.driver == driver_name),
     }
+}
+
+/// May stowage write the PV controller's `Released` for this PV once its claim is gone?
+/// Only for a PV it provisioned itself, bound to a claim by uid, and not Released or
+/// Failed already. A PV whose `claimRef` has no uid is pre-bound by its creator and
+/// waits for the PV controller to bind it (which writes `Available` meanwhile): never
+/// released by stowage, or the two would overwrite each other forever.
+pub fn may_release(pv: &PersistentVolume, driver_name: &str) -> bool {
+    let claim_uid = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|c| c.uid.as_deref())
+        .filter(|uid| !uid.is_empty());
+    annotation(&pv.metadata, ANN_PROVISIONED_BY) == Some(driver_name)
+        && claim_uid.is_some()
+        && !matches!(
+            pv.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some(PHASE_RELEASED | PHASE_FAILED)
+        )
 }
 
 fn has_finalizer(pv: &PersistentVolume) -> bool {
@@ -872,7 +950,8 @@ fn display_name(metadata: &ObjectMeta) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        PersistentVolumeClaimSpec, PersistentVolumeStatus, VolumeResourceRequirements,
+        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PersistentVolumeStatus,
+        VolumeResourceRequirements,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
@@ -1361,6 +1440,115 @@ mod tests {
             ..CSIPersistentVolumeSource::default()
         });
         assert!(should_delete(&static_pv, DRIVER));
+    }
+
+    #[test]
+    fn only_our_own_bound_pvs_are_released_by_stowage() {
+        let bound_to = |uid: Option<&str>| {
+            let mut pv = pv("Bound", "Delete");
+            pv.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
+                namespace: Some("db".to_owned()),
+                name: Some("data-db-0".to_owned()),
+                uid: uid.map(str::to_owned),
+                ..ObjectReference::default()
+            });
+            pv
+        };
+        assert!(may_release(&bound_to(Some("0b3c")), DRIVER));
+        assert!(!may_release(&bound_to(Some("0b3c")), "other.csi"));
+        // Pre-bound by its creator (no uid yet): the PV controller's to bind.
+        assert!(!may_release(&bound_to(None), DRIVER));
+        assert!(!may_release(&bound_to(Some("")), DRIVER));
+        // A static PV (no provisioned-by): the PV controller releases it.
+        let mut static_pv = bound_to(Some("0b3c"));
+        static_pv.metadata.annotations = None;
+        static_pv.spec.as_mut().unwrap().csi = Some(CSIPersistentVolumeSource {
+            driver: DRIVER.to_owned(),
+            ..CSIPersistentVolumeSource::default()
+        });
+        assert!(!may_release(&static_pv, DRIVER));
+        for phase in ["Released", "Failed"] {
+            let mut pv = bound_to(Some("0b3c"));
+            pv.status.as_mut().unwrap().phase = Some(phase.to_owned());
+            assert!(!may_release(&pv, DRIVER), "{phase}");
+        }
+        assert!(!may_release(&pv("Bound", "Delete"), DRIVER), "no claimRef");
+    }
+
+    #[test]
+    fn bound_status_is_written_only_during_a_bind() {
+        let claim_in = |phase: Option<&str>| {
+            let mut claim = pvc("data");
+            claim.status = Some(PersistentVolumeClaimStatus {
+                phase: phase.map(str::to_owned),
+                ..PersistentVolumeClaimStatus::default()
+            });
+            claim
+        };
+        assert!(claim_awaits_bound_status(&claim_in(None)));
+        assert!(claim_awaits_bound_status(&claim_in(Some("Pending"))));
+        assert!(!claim_awaits_bound_status(&claim_in(Some("Bound"))));
+        assert!(
+            !claim_awaits_bound_status(&claim_in(Some("Lost"))),
+            "Lost is the PV controller's to lift"
+        );
+        assert!(pv_awaits_bound_status(&pv("Pending", "Delete")));
+        assert!(pv_awaits_bound_status(&pv("Available", "Delete")));
+        for phase in ["Bound", "Released", "Failed"] {
+            assert!(!pv_awaits_bound_status(&pv(phase, "Delete")), "{phase}");
+        }
+    }
+
+    #[test]
+    fn a_claim_with_a_prebound_pv_is_left_to_the_pv_controller() {
+        let claim = pvc("data"); // asks for 1Gi (see pvc())
+        let static_pv = |uid: Option<&str>, size: &str| {
+            let mut pv = pv("Available", "Retain");
+            pv.metadata.name = Some("static-1".to_owned());
+            pv.metadata.annotations = None;
+            let spec = pv.spec.as_mut().unwrap();
+            spec.capacity = Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(size.to_owned()),
+            )]));
+            spec.claim_ref = Some(ObjectReference {
+                namespace: claim.metadata.namespace.clone(),
+                name: claim.metadata.name.clone(),
+                uid: uid.map(str::to_owned),
+                ..ObjectReference::default()
+            });
+            pv
+        };
+        assert!(is_prebound_to(&static_pv(None, "1Gi"), &claim));
+        assert!(is_prebound_to(&static_pv(None, "5Gi"), &claim));
+        assert!(is_prebound_to(
+            &static_pv(claim.metadata.uid.as_deref(), "1Gi"),
+            &claim
+        ));
+        assert!(!is_prebound_to(&static_pv(Some("other"), "1Gi"), &claim));
+        assert!(
+            !is_prebound_to(&static_pv(None, "512Mi"), &claim),
+            "too small"
+        );
+        let mut block = static_pv(None, "1Gi");
+        block.spec.as_mut().unwrap().volume_mode = Some("Block".to_owned());
+        assert!(!is_prebound_to(&block, &claim), "other volume mode");
+        let mut other = static_pv(None, "1Gi");
+        other
+            .spec
+            .as_mut()
+            .unwrap()
+            .claim_ref
+            .as_mut()
+            .unwrap()
+            .name = Some("x".to_owned());
+        assert!(!is_prebound_to(&other, &claim));
+        let gone = deleting(static_pv(None, "1Gi"), |p| &mut p.metadata);
+        assert!(!is_prebound_to(&gone, &claim));
+        // The PV stowage made for this claim is not "pre-bound": it is bound by stowage.
+        let mut own = static_pv(claim.metadata.uid.as_deref(), "1Gi");
+        own.metadata.name = Some(pv_name(&claim).unwrap());
+        assert!(!is_prebound_to(&own, &claim));
     }
 
     #[test]

@@ -28,7 +28,8 @@ fn phase(pv: &PersistentVolume) -> Option<&str> {
     pv.status.as_ref().and_then(|s| s.phase.as_deref())
 }
 
-/// Reconcile the PV `name`.
+/// Reconcile the PV `name`: one step per call (a step that writes returns
+/// [`Next::Again`] and the next one starts from the cache that shows the write).
 pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next> {
     let Some(pv) = shared.volumes.get(&ObjectRef::new(&name)) else {
         return Ok(Next::Done);
@@ -40,20 +41,24 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
         && let Some(patch) = rules::finalizer_patch(&pv, true)
     {
         patch_pv(&shared, &name, &patch).await?;
-        return Ok(Next::Done);
+        return Ok(Next::Again);
     }
-    if !matches!(phase(&pv), Some("Released" | "Failed")) && claim_is_gone(&shared, &pv).await? {
-        // What the PV controller writes when the claim is gone.
+    if rules::may_release(&pv, &shared.driver) && claim_is_gone(&shared, &pv).await? {
+        // What the PV controller writes when the claim is gone, guarded by the version
+        // read: a PV the PV controller changed meanwhile is looked at again first.
         let released = volumes(&shared)
             .patch_status(
                 &name,
                 &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": { "phase": "Released" } })),
+                &Patch::Merge(&json!({
+                    "metadata": { "resourceVersion": pv.metadata.resource_version },
+                    "status": { "phase": "Released" },
+                })),
             )
             .await
             .context("marking the PV Released")?;
         expect_written(&shared, &released);
-        return Ok(Next::Done);
+        return Ok(Next::Again);
     }
     if rules::should_delete(&pv, &shared.driver) {
         return delete(&shared, &pv).await;
@@ -134,7 +139,8 @@ async fn drop_finalizer(shared: &Shared, mut pv: PersistentVolume) -> anyhow::Re
 }
 
 /// The PV points at a claim that no longer exists (or was replaced, or is bound to
-/// another PV). Asked of the API server, not the cache, before anything is released.
+/// another PV). Asked of the API server, not the cache, before anything is released
+/// (as the PV controller double-checks before it writes `Released`).
 async fn claim_is_gone(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<bool> {
     let Some(claim_ref) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
         return Ok(false);

@@ -1,13 +1,16 @@
 //! The provisioning reconciler: a claim of one of our StorageClasses → CreateVolume →
-//! the PV → the claim Bound, written by stowage itself (the same writes the PV
-//! controller makes, so the two agree when both run).
+//! the PV, pre-bound to the claim (`claimRef` with its uid), as external-provisioner
+//! makes it. Binding is the PV controller's (kube-controller-manager): it sets the
+//! claim's `volumeName`, `bind-completed` and both phases once *its* cache holds the
+//! PV. stowage never writes those: a claim marked bound before the PV controller can
+//! see its PV is one it declares `Lost`.
 //!
 //! Crash safety: before CreateVolume the claim gets the finalizer
-//! `<driver>/provisioning`; it comes off in the same write that binds the claim. So
-//! while a volume may exist without a PV, its claim cannot disappear: a claim deleted
-//! meanwhile is seen again with the finalizer, and the volume is looked up by name
-//! (CreateVolume is idempotent) and deleted before the finalizer goes. A restart
-//! re-runs CreateVolume for the same name (`pvc-<uid>`), so it never duplicates.
+//! `<driver>/provisioning`; it comes off once the PV exists. So while a volume may
+//! exist without a PV, its claim cannot disappear: a claim deleted meanwhile is seen
+//! again with the finalizer, and the volume is looked up by name (CreateVolume is
+//! idempotent) and deleted before the finalizer goes. A restart re-runs CreateVolume
+//! for the same name (`pvc-<uid>`), so it never duplicates.
 //!
 //! Reads decisions from [`super::rules`]; never touches backends except through CSI.
 
@@ -63,13 +66,14 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
         return Ok(Next::Done);
     };
     let finalizer = provisioning_finalizer(&shared.driver);
-    if let Some(volume) = pvc
+    if pvc
         .spec
         .as_ref()
         .and_then(|s| s.volume_name.as_deref())
-        .filter(|v| !v.is_empty())
+        .is_some_and(|v| !v.is_empty())
     {
-        return finish_bind(&shared, &pvc, volume, &finalizer).await;
+        // Bound (or being bound) by the PV controller: only our finalizer is left to go.
+        return settle(&shared, &pvc, &finalizer).await;
     }
     if pvc.metadata.deletion_timestamp.is_some() {
         if has_finalizer(&pvc, &finalizer) {
@@ -153,9 +157,9 @@ async fn provision(
 ) -> anyhow::Result<Next> {
     let started = Instant::now();
     let name = rules::pv_name(pvc).map_err(anyhow::Error::msg)?;
-    if let Some(pv) = existing_pv(shared, &name, pvc).await? {
-        bind(shared, pvc, &pv, finalizer).await?;
-        return Ok(Next::Done);
+    if existing_pv(shared, &name, pvc).await?.is_some() {
+        // Made before a crash or a failed finalizer write: the PV controller binds it.
+        return settle(shared, pvc, finalizer).await;
     }
     let class_name = class.name_any();
     let request = match create_request(shared, pvc, class, &name).await {
@@ -224,14 +228,15 @@ async fn provision(
         requested,
     )
     .map_err(anyhow::Error::msg)?;
-    let pv = create_pv(shared, &pv, &pvc).await?;
-    bind(shared, &pvc, &pv, finalizer).await?;
+    create_pv(shared, &pv, &pvc).await?;
     shared.metrics.succeeded("provision", started);
     shared.events.normal(
         pvc.object_ref(&()),
         "ProvisioningSucceeded",
         format!("Successfully provisioned volume {name}"),
     );
+    // The volume has its PV: the claim may go now, and the PV controller binds it.
+    remove_finalizer(shared, &pvc, finalizer).await?;
     Ok(Next::Done)
 }
 
@@ -317,55 +322,26 @@ async fn add_finalizer(
         .inspect(|written| expect_written(shared, written))
 }
 
-/// Remove the provisioning finalizer (guarded by the claim's resourceVersion).
+/// Remove the provisioning finalizer, guarded by the claim's resourceVersion (the
+/// other finalizers may move meanwhile). A conflict — the PV controller annotating the
+/// claim, say — re-reads the claim and tries again.
 async fn remove_finalizer(
     shared: &Shared,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<()> {
-    let finalizers = finalizers_without(pvc, finalizer);
-    let patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": pvc.metadata.resource_version,
-        }
-    });
-    match claims(shared, pvc.namespace().as_deref().unwrap_or_default())
-        .patch(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(written) => {
-            expect_written(shared, &written);
-            Ok(())
-        }
-        Err(e) if is_api(&e, 404) => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e).context("removing the provisioning finalizer")),
-    }
-}
-
-/// Bind `pvc` to its new `pv` with the PV controller's writes: the claim's volumeName
-/// and annotations (dropping our finalizer in the same write), then the PV's and the
-/// claim's status, both at once.
-async fn bind(
-    shared: &Shared,
-    pvc: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
-    finalizer: &str,
-) -> anyhow::Result<()> {
-    let namespace = pvc.namespace().unwrap_or_default();
-    let api = claims(shared, &namespace);
+    let api = claims(shared, pvc.namespace().as_deref().unwrap_or_default());
     let mut current = pvc.clone();
-    let mut attempts = 0;
-    let bound = loop {
-        let writes = rules::bind_claim_patch(&current, pv);
-        let mut patch = writes.claim;
-        if has_finalizer(&current, finalizer) {
-            patch["metadata"]["finalizers"] = json!(finalizers_without(&current, finalizer));
+    for _ in 0..3 {
+        if !has_finalizer(&current, finalizer) || current.metadata.uid != pvc.metadata.uid {
+            return Ok(());
         }
+        let patch = json!({
+            "metadata": {
+                "finalizers": finalizers_without(&current, finalizer),
+                "resourceVersion": current.metadata.resource_version,
+            }
+        });
         match api
             .patch(
                 &current.name_any(),
@@ -374,111 +350,38 @@ async fn bind(
             )
             .await
         {
-            Ok(bound) => {
-                expect_written(shared, &bound);
-                break bound;
+            Ok(written) => {
+                expect_written(shared, &written);
+                return Ok(());
             }
-            Err(e) if is_api(&e, 409) && attempts < 3 => {
-                attempts += 1;
-                current = api
-                    .get(&current.name_any())
+            Err(e) if is_api(&e, 404) => return Ok(()),
+            Err(e) if is_api(&e, 409) => {
+                match api
+                    .get_opt(&current.name_any())
                     .await
-                    .context("re-reading the claim after a conflict")?;
-                anyhow::ensure!(
-                    current.metadata.uid == pvc.metadata.uid,
-                    "claim {} was replaced while provisioning",
-                    informer::key(pvc)
-                );
-                if let Some(other) = current
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.volume_name.as_deref())
-                    .filter(|v| !v.is_empty() && *v != pv.name_any())
+                    .context("re-reading the claim")?
                 {
-                    anyhow::bail!("claim got bound to PV {other} meanwhile");
+                    Some(live) => current = live,
+                    None => return Ok(()),
                 }
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context("binding the claim (spec.volumeName)"));
+                return Err(anyhow::Error::new(e).context("removing the provisioning finalizer"));
             }
         }
-    };
-    write_statuses(shared, &bound, pv).await
+    }
+    anyhow::bail!("the claim kept changing; its finalizer is removed on the next attempt")
 }
 
-/// The two status writes of a bind, each made only while its object still waits for
-/// it ([`rules::claim_awaits_bound_status`], [`rules::pv_awaits_bound_status`]) and
-/// guarded by the version read: a phase the PV controller wrote meanwhile (`Lost`,
-/// `Released`, or `Bound` itself) is never overwritten.
-async fn write_statuses(
+/// A claim whose volume has its PV: drop our finalizer if it is still there.
+async fn settle(
     shared: &Shared,
     pvc: &PersistentVolumeClaim,
-    pv: &PersistentVolume,
-) -> anyhow::Result<()> {
-    let writes = rules::bind_claim_patch(pvc, pv);
-    let namespace = pvc.namespace().unwrap_or_default();
-    let claim_api = claims(shared, &namespace);
-    let volume_api = volumes(shared);
-    let (pv_result, claim_result) = tokio::join!(
-        async {
-            if !rules::pv_awaits_bound_status(pv) {
-                return Ok::<(), kube::Error>(());
-            }
-            super::patch_status_guarded(
-                &volume_api,
-                pv,
-                &writes.volume_status,
-                rules::pv_awaits_bound_status,
-            )
-            .await
-            .map(drop)
-        },
-        async {
-            // Like the PV controller, capacity and access modes are copied only when the
-            // claim becomes Bound: later the claim's capacity is the resizer's to change.
-            if !rules::claim_awaits_bound_status(pvc) {
-                return Ok::<(), kube::Error>(());
-            }
-            let volume = pv.name_any();
-            let written = super::patch_status_guarded(&claim_api, pvc, &writes.claim_status, |c| {
-                rules::claim_awaits_bound_status(c)
-                    && c.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(&volume)
-            })
-            .await?;
-            if let Some(written) = written {
-                expect_written(shared, &written);
-            }
-            Ok(())
-        }
-    );
-    pv_result.context("setting the PV status to Bound")?;
-    claim_result.context("setting the claim status to Bound")?;
-    Ok(())
-}
-
-/// A claim with `spec.volumeName`: finish a bind interrupted after its first write,
-/// and make sure our finalizer is gone. Only the writes still missing are made (see
-/// [`write_statuses`]); a claim the PV controller marked `Lost` is left to it.
-async fn finish_bind(
-    shared: &Shared,
-    pvc: &PersistentVolumeClaim,
-    volume: &str,
     finalizer: &str,
 ) -> anyhow::Result<Next> {
     if has_finalizer(pvc, finalizer) {
         remove_finalizer(shared, pvc, finalizer).await?;
-        return Ok(Next::Again);
     }
-    let Some(pv) = shared.volumes.get(&ObjectRef::new(volume)) else {
-        return Ok(Next::Done);
-    };
-    let ours = rules::is_ours(&pv, &shared.driver)
-        && check_pv_is_for(&pv, pvc).is_ok()
-        && rules::pv_name(pvc).as_deref() == Ok(volume);
-    if !ours || pvc.metadata.deletion_timestamp.is_some() {
-        return Ok(Next::Done);
-    }
-    write_statuses(shared, pvc, &pv).await?;
     Ok(Next::Done)
 }
 

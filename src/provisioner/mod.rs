@@ -223,23 +223,10 @@ impl Loops {
         let mut attachment_handlers: Vec<Handler<VolumeAttachment>> = Vec::new();
         if runs(Loop::Provisioner) {
             claim_handlers.push(observe_and_queue(&expect.claims, &claims_q));
-            let q = volumes_q.clone();
-            claim_handlers.push(Arc::new(move |pvc, deleted| {
-                // A claim gone: its PV (bound, or made before a bind that never
-                // happened) may now be released.
-                if deleted {
-                    if let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref()) {
-                        q.add_forced(volume);
-                    }
-                    if let Ok(name) = rules::pv_name(pvc) {
-                        q.add_forced(&name);
-                    }
-                }
-            }));
             volume_handlers.push(observe_and_queue(&expect.volumes, &volumes_q));
             let cq = claims_q.clone();
             volume_handlers.push(Arc::new(move |pv, _| {
-                // A PV for a claim: the claim's bind may be waiting for it.
+                // A PV for a claim: the claim may wait for it (its own, or one pre-bound).
                 if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
                     && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
                 {

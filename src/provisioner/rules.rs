@@ -33,10 +33,6 @@ pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storag
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 /// The deprecated claim annotation naming the StorageClass (wins over the spec field).
 pub const ANN_BETA_STORAGE_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
-/// PVC annotation: the bind is complete.
-pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
-/// Annotation: the bind was made by a controller, not by the user.
-pub const ANN_BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
 /// PV annotations external-provisioner writes for DeleteVolume's secrets (empty = none).
 pub const ANN_DELETION_SECRET_NAME: &str = "volume.kubernetes.io/provisioner-deletion-secret-name";
 pub const ANN_DELETION_SECRET_NAMESPACE: &str =
@@ -77,7 +73,6 @@ const RECLAIM_RETAIN: &str = "Retain";
 const RECLAIM_RECYCLE: &str = "Recycle";
 const PHASE_BOUND: &str = "Bound";
 const PHASE_RELEASED: &str = "Released";
-const PHASE_FAILED: &str = "Failed";
 const VOLUME_MODE_BLOCK: &str = "Block";
 const STORAGE: &str = "storage";
 
@@ -567,72 +562,6 @@ pub fn node_affinity(topology: &[crate::volume::Segments]) -> Option<VolumeNodeA
     })
 }
 
-/// The writes the Kubernetes PV controller makes to finish binding a claim to the PV
-/// created for it (`bindClaimToVolume`, `updateVolumePhase`, `updateClaimStatus`).
-/// stowage makes them itself so it also works where that controller is slow or absent;
-/// when the PV controller gets there first they are no-ops. Each is a JSON merge patch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BindWrites {
-    /// To the PVC (main resource): `spec.volumeName` and the `bind-completed` and
-    /// `bound-by-controller` annotations. Carries `metadata.uid` and
-    /// `metadata.resourceVersion`, so it fails if the claim was replaced or changed.
-    pub claim: Value,
-    /// To the PVC's `status` subresource: phase Bound, capacity and accessModes of the PV.
-    pub claim_status: Value,
-    /// To the PV's `status` subresource: phase Bound.
-    pub volume_status: Value,
-}
-
-/// The bind writes for `pvc` and its new `pv` (see [`BindWrites`]).
-pub fn bind_claim_patch(pvc: &PersistentVolumeClaim, pv: &PersistentVolume) -> BindWrites {
-    let pv_spec = pv.spec.clone().unwrap_or_default();
-    let mut claim_metadata = json!({
-        "uid": pvc.metadata.uid,
-        "annotations": {
-            ANN_BIND_COMPLETED: "yes",
-            ANN_BOUND_BY_CONTROLLER: "yes",
-        },
-    });
-    if let Some(version) = &pvc.metadata.resource_version {
-        claim_metadata["resourceVersion"] = json!(version);
-    }
-    BindWrites {
-        claim: json!({
-            "metadata": claim_metadata,
-            "spec": { "volumeName": pv.metadata.name },
-        }),
-        claim_status: json!({
-            "status": {
-                "phase": PHASE_BOUND,
-                "accessModes": pv_spec.access_modes,
-                "capacity": pv_spec.capacity,
-            },
-        }),
-        volume_status: json!({ "status": { "phase": PHASE_BOUND } }),
-    }
-}
-
-/// Does the claim still wait for the `Bound` status of a bind? Only a claim whose
-/// phase is unset or `Pending`: `Bound` is done, and `Lost` is the PV controller's
-/// verdict (it cannot see the PV yet) which it lifts itself once its cache catches up;
-/// writing `Bound` over it would start a fight with it.
-pub fn claim_awaits_bound_status(pvc: &PersistentVolumeClaim) -> bool {
-    matches!(
-        pvc.status.as_ref().and_then(|s| s.phase.as_deref()),
-        None | Some("" | "Pending")
-    )
-}
-
-/// Does the PV still wait for the `Bound` status of a bind? Only while `Pending` or
-/// `Available` (unset on a new object): `Released` and `Failed` are the PV
-/// controller's, and a PV that is `Bound` is done.
-pub fn pv_awaits_bound_status(pv: &PersistentVolume) -> bool {
-    matches!(
-        pv.status.as_ref().and_then(|s| s.phase.as_deref()),
-        None | Some("" | "Pending" | "Available")
-    )
-}
-
 /// Is `pv` a PV someone created for this claim by hand: pre-bound by `claimRef`
 /// (namespace and name; uid empty or the claim's) and able to take it (as large as the
 /// request, the same volume mode, not being deleted)? The PV controller binds such a
@@ -681,26 +610,6 @@ pub fn is_ours(pv: &PersistentVolume, driver_name: &str) -> bool {
             .and_then(|s| s.csi.as_ref())
             .is_some_and(|csi| csi.driver == driver_name),
     }
-}
-
-/// May stowage write the PV controller's `Released` for this PV once its claim is gone?
-/// Only for a PV it provisioned itself, bound to a claim by uid, and not Released or
-/// Failed already. A PV whose `claimRef` has no uid is pre-bound by its creator and
-/// waits for the PV controller to bind it (which writes `Available` meanwhile): never
-/// released by stowage, or the two would overwrite each other forever.
-pub fn may_release(pv: &PersistentVolume, driver_name: &str) -> bool {
-    let claim_uid = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.claim_ref.as_ref())
-        .and_then(|c| c.uid.as_deref())
-        .filter(|uid| !uid.is_empty());
-    annotation(&pv.metadata, ANN_PROVISIONED_BY) == Some(driver_name)
-        && claim_uid.is_some()
-        && !matches!(
-            pv.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some(PHASE_RELEASED | PHASE_FAILED)
-        )
 }
 
 fn has_finalizer(pv: &PersistentVolume) -> bool {
@@ -950,8 +859,7 @@ fn display_name(metadata: &ObjectMeta) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PersistentVolumeStatus,
-        VolumeResourceRequirements,
+        PersistentVolumeClaimSpec, PersistentVolumeStatus, VolumeResourceRequirements,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
@@ -1386,39 +1294,6 @@ mod tests {
     }
 
     #[test]
-    fn bind_writes_complete_the_bind() {
-        let claim = pvc("data");
-        let pv = build_pv(&claim, &class("fast", DRIVER), DRIVER, "id", &volume(), 1).unwrap();
-        let writes = bind_claim_patch(&claim, &pv);
-        assert_eq!(
-            writes.claim,
-            json!({
-                "metadata": {
-                    "uid": "0b3c-uid",
-                    "resourceVersion": "42",
-                    "annotations": {
-                        "pv.kubernetes.io/bind-completed": "yes",
-                        "pv.kubernetes.io/bound-by-controller": "yes",
-                    },
-                },
-                "spec": { "volumeName": "pvc-0b3c-uid" },
-            })
-        );
-        assert_eq!(
-            writes.claim_status,
-            json!({ "status": {
-                "phase": "Bound",
-                "accessModes": ["ReadWriteOnce"],
-                "capacity": { "storage": "2Gi" },
-            }})
-        );
-        assert_eq!(
-            writes.volume_status,
-            json!({ "status": { "phase": "Bound" } })
-        );
-    }
-
-    #[test]
     fn deletes_only_released_delete_policy_volumes_of_ours() {
         assert!(should_delete(&pv("Released", "Delete"), DRIVER));
         assert!(!should_delete(&pv("Bound", "Delete"), DRIVER));
@@ -1440,63 +1315,6 @@ mod tests {
             ..CSIPersistentVolumeSource::default()
         });
         assert!(should_delete(&static_pv, DRIVER));
-    }
-
-    #[test]
-    fn only_our_own_bound_pvs_are_released_by_stowage() {
-        let bound_to = |uid: Option<&str>| {
-            let mut pv = pv("Bound", "Delete");
-            pv.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
-                namespace: Some("db".to_owned()),
-                name: Some("data-db-0".to_owned()),
-                uid: uid.map(str::to_owned),
-                ..ObjectReference::default()
-            });
-            pv
-        };
-        assert!(may_release(&bound_to(Some("0b3c")), DRIVER));
-        assert!(!may_release(&bound_to(Some("0b3c")), "other.csi"));
-        // Pre-bound by its creator (no uid yet): the PV controller's to bind.
-        assert!(!may_release(&bound_to(None), DRIVER));
-        assert!(!may_release(&bound_to(Some("")), DRIVER));
-        // A static PV (no provisioned-by): the PV controller releases it.
-        let mut static_pv = bound_to(Some("0b3c"));
-        static_pv.metadata.annotations = None;
-        static_pv.spec.as_mut().unwrap().csi = Some(CSIPersistentVolumeSource {
-            driver: DRIVER.to_owned(),
-            ..CSIPersistentVolumeSource::default()
-        });
-        assert!(!may_release(&static_pv, DRIVER));
-        for phase in ["Released", "Failed"] {
-            let mut pv = bound_to(Some("0b3c"));
-            pv.status.as_mut().unwrap().phase = Some(phase.to_owned());
-            assert!(!may_release(&pv, DRIVER), "{phase}");
-        }
-        assert!(!may_release(&pv("Bound", "Delete"), DRIVER), "no claimRef");
-    }
-
-    #[test]
-    fn bound_status_is_written_only_during_a_bind() {
-        let claim_in = |phase: Option<&str>| {
-            let mut claim = pvc("data");
-            claim.status = Some(PersistentVolumeClaimStatus {
-                phase: phase.map(str::to_owned),
-                ..PersistentVolumeClaimStatus::default()
-            });
-            claim
-        };
-        assert!(claim_awaits_bound_status(&claim_in(None)));
-        assert!(claim_awaits_bound_status(&claim_in(Some("Pending"))));
-        assert!(!claim_awaits_bound_status(&claim_in(Some("Bound"))));
-        assert!(
-            !claim_awaits_bound_status(&claim_in(Some("Lost"))),
-            "Lost is the PV controller's to lift"
-        );
-        assert!(pv_awaits_bound_status(&pv("Pending", "Delete")));
-        assert!(pv_awaits_bound_status(&pv("Available", "Delete")));
-        for phase in ["Bound", "Released", "Failed"] {
-            assert!(!pv_awaits_bound_status(&pv(phase, "Delete")), "{phase}");
-        }
     }
 
     #[test]

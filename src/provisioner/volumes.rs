@@ -1,5 +1,5 @@
-//! The PV reconciler for PVs this driver provisioned: mark a PV Released when its claim
-//! is gone (the PV controller's write, so this works without it), then per reclaim
+//! The PV reconciler for PVs this driver provisioned, once the PV controller has marked
+//! one `Released` (its claim is gone; stowage never writes a PV's phase), per reclaim
 //! policy: Delete → DeleteVolume (once no VolumeAttachment uses the PV) → delete the PV
 //! → drop the provisioner finalizer; Retain → drop the finalizer only.
 //!
@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
-use serde_json::json;
 
 use super::informer::Expect;
 use super::rules;
@@ -41,23 +40,6 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
         && let Some(patch) = rules::finalizer_patch(&pv, true)
     {
         patch_pv(&shared, &name, &patch).await?;
-        return Ok(Next::Again);
-    }
-    if rules::may_release(&pv, &shared.driver) && claim_is_gone(&shared, &pv).await? {
-        // What the PV controller writes when the claim is gone, guarded by the version
-        // read: a PV the PV controller changed meanwhile is looked at again first.
-        let released = volumes(&shared)
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({
-                    "metadata": { "resourceVersion": pv.metadata.resource_version },
-                    "status": { "phase": "Released" },
-                })),
-            )
-            .await
-            .context("marking the PV Released")?;
-        expect_written(&shared, &released);
         return Ok(Next::Again);
     }
     if rules::should_delete(&pv, &shared.driver) {
@@ -136,42 +118,6 @@ async fn drop_finalizer(shared: &Shared, mut pv: PersistentVolume) -> anyhow::Re
         }
     }
     anyhow::bail!("PV {name} kept changing; its finalizer is removed on the next attempt")
-}
-
-/// The PV points at a claim that no longer exists (or was replaced, or is bound to
-/// another PV). Asked of the API server, not the cache, before anything is released
-/// (as the PV controller double-checks before it writes `Released`).
-async fn claim_is_gone(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<bool> {
-    let Some(claim_ref) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
-        return Ok(false);
-    };
-    let (Some(namespace), Some(name)) = (&claim_ref.namespace, &claim_ref.name) else {
-        return Ok(false);
-    };
-    let cached = shared.claims.get(&ObjectRef::new(name).within(namespace));
-    if cached.as_ref().is_some_and(|c| matches_ref(c, pv)) {
-        return Ok(false);
-    }
-    let live = Api::<PersistentVolumeClaim>::namespaced(shared.client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .context("reading the PV's claim")?;
-    Ok(!live.is_some_and(|c| matches_ref(&c, pv)))
-}
-
-/// The claim is the one the PV was made for and does not point at another PV.
-fn matches_ref(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> bool {
-    let uid = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.claim_ref.as_ref())
-        .and_then(|c| c.uid.as_deref());
-    let bound_elsewhere = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.volume_name.as_deref())
-        .is_some_and(|v| !v.is_empty() && v != pv.name_any());
-    claim.metadata.uid.as_deref() == uid && !bound_elsewhere
 }
 
 async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> {

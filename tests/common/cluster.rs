@@ -83,6 +83,9 @@ fn unique_tag() -> String {
 pub struct Cluster {
     /// The fake API server (None against a real cluster).
     pub fake: Option<FakeKube>,
+    /// On the fake: kube-controller-manager's PV controller, played by a stand-in
+    /// (binding claims to their PVs is its job, not stowage's).
+    pub pv_controller: Option<super::stand_ins::PvController>,
     pub client: kube::Client,
     pub kubeconfig: PathBuf,
     /// The namespace of the test's claims (and Leases).
@@ -99,6 +102,12 @@ pub struct Cluster {
 impl Cluster {
     /// The fake API server, or the real cluster when `STOWAGE_E2E_KUBECONFIG` is set.
     pub async fn start(test: &str) -> Cluster {
+        Self::start_with_pv_lag(test, Duration::ZERO).await
+    }
+
+    /// [`Self::start`]; on the fake, the PV controller stand-in sees each PV event
+    /// `lag` late (a busy kube-controller-manager).
+    pub async fn start_with_pv_lag(test: &str, lag: Duration) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let tag = unique_tag();
         match std::env::var(E2E_ENV) {
@@ -116,6 +125,7 @@ impl Cluster {
                 eprintln!("{test}: real cluster, namespace {namespace}, driver {driver}");
                 Cluster {
                     fake: None,
+                    pv_controller: None,
                     client,
                     kubeconfig,
                     namespace,
@@ -135,6 +145,7 @@ impl Cluster {
                 fake.write_kubeconfig(&kubeconfig);
                 Cluster {
                     client: fake.client(),
+                    pv_controller: Some(super::stand_ins::PvController::start(&fake, lag)),
                     fake: Some(fake),
                     kubeconfig,
                     namespace: "db".to_owned(),

@@ -52,7 +52,9 @@
 //!   namespace termination or pod graceful deletion (delete is immediate). Metadata
 //!   changes through `/status` are ignored. Core `events` and `events.k8s.io` events are
 //!   separate stores. Periodic bookmarks are every second (the real server: ~1/minute).
-//! - `total_writes()` counts create/update/patch/delete *requests*, failed ones included.
+//! - `total_writes()` counts create/update/patch/delete *requests*, failed ones and the
+//!   stand-ins' included; `calls()` leaves the stand-ins' requests (those with
+//!   [`STAND_IN_HEADER`]) to `stand_in_calls()`.
 //!
 //! Clients: [`FakeKube::client`] / [`http_client`] build kube's default client stack
 //! without TLS (see there why). That stack retries 429/503/504 by itself, so failures
@@ -274,6 +276,11 @@ struct Store {
     /// Events up to this resourceVersion are no longer in `history`.
     evicted_rv: u64,
     calls: BTreeMap<(String, String), u64>,
+    /// Requests of the stand-ins for kube-controller-manager and the kubelet
+    /// (header [`STAND_IN_HEADER`]), kept apart from `calls`.
+    stand_in_calls: BTreeMap<(String, String), u64>,
+    /// Write requests per object: (plural, name) → (by others, by stand-ins).
+    object_writes: BTreeMap<(String, String), (u64, u64)>,
     faults: Vec<Fault>,
     closed: bool,
 }
@@ -309,6 +316,8 @@ impl FakeKube {
                 history: VecDeque::new(),
                 evicted_rv: FIRST_RV,
                 calls: BTreeMap::new(),
+                stand_in_calls: BTreeMap::new(),
+                object_writes: BTreeMap::new(),
                 faults: Vec::new(),
                 closed: false,
             }),
@@ -371,7 +380,23 @@ impl FakeKube {
         std::fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     }
 
-    /// Requests so far by (audit verb, resource[/subresource]).
+    /// Requests of the stand-ins ([`crate::common::stand_ins`]) by (verb, resource).
+    pub fn stand_in_calls(&self) -> BTreeMap<(String, String), u64> {
+        self.shared.lock().stand_in_calls.clone()
+    }
+
+    /// Update/patch/delete requests to one object (main resource and subresources):
+    /// (by everyone but the stand-ins, by the stand-ins).
+    pub fn writes_to(&self, plural: &str, name: &str) -> (u64, u64) {
+        self.shared
+            .lock()
+            .object_writes
+            .get(&(plural.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Requests so far by (audit verb, resource[/subresource]), the stand-ins' apart.
     pub fn calls(&self) -> BTreeMap<(String, String), u64> {
         self.shared.lock().calls.clone()
     }
@@ -392,6 +417,7 @@ impl FakeKube {
         let writes = ["create", "update", "patch", "delete"];
         st.calls
             .iter()
+            .chain(&st.stand_in_calls)
             .filter(|((v, _), _)| writes.contains(&v.as_str()))
             .map(|(_, n)| n)
             .sum()
@@ -469,6 +495,14 @@ impl Drop for FakeKube {
 /// panics in this crate (rustls has both the ring and aws-lc-rs providers compiled in and
 /// no process default is installed).
 pub fn http_client(config: kube::Config) -> kube::Client {
+    http_client_as(config, false)
+}
+
+/// The request header that marks a stand-in's request (counted apart).
+pub const STAND_IN_HEADER: &str = "x-stowage-test-stand-in";
+
+/// [`http_client`], its requests marked as a stand-in's when `stand_in`.
+pub fn http_client_as(config: kube::Config, stand_in: bool) -> kube::Client {
     use kube::client::ConfigExt;
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -479,6 +513,14 @@ pub fn http_client(config: kube::Config) -> kube::Client {
             kube::client::retry::RetryPolicy::server_retry(),
         ))
         .option_layer(config.auth_layer().unwrap())
+        .map_request(move |mut request: http::Request<kube::client::Body>| {
+            if stand_in {
+                request
+                    .headers_mut()
+                    .insert(STAND_IN_HEADER, http::HeaderValue::from_static("1"));
+            }
+            request
+        })
         .map_err(|e| Box::new(e) as BoxError)
         .service(http);
     kube::Client::new(service, config.default_namespace)
@@ -699,12 +741,31 @@ async fn handle(
     };
     {
         let mut st = sh.lock();
-        *st.calls
+        let stand_in = headers.contains_key(STAND_IN_HEADER);
+        let calls = if stand_in {
+            &mut st.stand_in_calls
+        } else {
+            &mut st.calls
+        };
+        *calls
             .entry((verb.to_string(), resource.clone()))
             .or_default() += 1;
+        if let (Some(name), "update" | "patch" | "delete") = (&name, verb) {
+            let writes = st
+                .object_writes
+                .entry((r.plural.to_string(), name.clone()))
+                .or_default();
+            if stand_in {
+                writes.1 += 1;
+            } else {
+                writes.0 += 1;
+            }
+        }
+        // Injected faults are for the code under test, not the stand-ins.
         if let Some(f) = st
             .faults
             .iter_mut()
+            .filter(|_| !stand_in)
             .find(|f| f.left > 0 && f.verb == verb && f.resource == resource)
         {
             f.left -= 1;

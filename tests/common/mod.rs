@@ -233,3 +233,4 @@ pub mod fake_kube;
 pub mod fault_proxy;
 pub mod hypervisor;
 pub mod moto;
+pub mod stand_ins;

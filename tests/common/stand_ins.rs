@@ -90,8 +90,8 @@ fn bound_to(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> bool {
 }
 
 enum Change {
-    Claim(Option<PersistentVolumeClaim>, String),
-    Volume(Option<PersistentVolume>, String),
+    Claim(Option<Box<PersistentVolumeClaim>>, String),
+    Volume(Option<Box<PersistentVolume>>, String),
     Resync,
 }
 
@@ -123,7 +123,7 @@ impl PvController {
             while let Some(event) = stream.next().await {
                 let changes = match event {
                     Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
-                        vec![Change::Claim(Some(c.clone()), claim_key(&c))]
+                        vec![Change::Claim(Some(Box::new(c.clone())), claim_key(&c))]
                     }
                     Ok(watcher::Event::Delete(c)) => vec![Change::Claim(None, claim_key(&c))],
                     _ => vec![],
@@ -141,7 +141,7 @@ impl PvController {
             while let Some(event) = stream.next().await {
                 let change = match event {
                     Ok(watcher::Event::Apply(v) | watcher::Event::InitApply(v)) => {
-                        Change::Volume(Some(v.clone()), v.name_any())
+                        Change::Volume(Some(Box::new(v.clone())), v.name_any())
                     }
                     Ok(watcher::Event::Delete(v)) => Change::Volume(None, v.name_any()),
                     _ => continue,
@@ -195,11 +195,11 @@ impl Controller {
         while let Some(change) = rx.recv().await {
             match change {
                 Change::Claim(claim, key) => {
-                    self.store_claim(claim, &key);
+                    self.store_claim(claim.map(|c| *c), &key);
                     self.sync_claim(&key).await;
                 }
                 Change::Volume(volume, name) => {
-                    self.store_volume(volume, &name);
+                    self.store_volume(volume.map(|v| *v), &name);
                     self.sync_volume(&name).await;
                 }
                 Change::Resync => {

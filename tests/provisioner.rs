@@ -1213,7 +1213,9 @@ async fn a_lagging_pv_controller_never_marks_a_claim_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_pv_prebound_by_name_binds_without_a_fight() {
     const TEST: &str = "a_static_pv_prebound_by_name_binds_without_a_fight";
-    let cluster = Cluster::start(TEST).await;
+    // A busy controller-manager: its PV cache a little behind, so its writes of the PV
+    // conflict with any other writer's.
+    let cluster = Cluster::start_with_pv_lag(TEST, Duration::from_millis(300)).await;
     let Some(fake) = cluster.fake_or_skip(TEST, "counts writes per object") else {
         return;
     };

@@ -607,7 +607,7 @@ fn resize_state(claim: &PersistentVolumeClaim) -> Option<&str> {
 }
 
 /// A status merge patch guarded by `claim`'s resourceVersion, as the kubelet's
-/// `PatchPVCStatus` is; `None` on a conflict (counted).
+/// `PatchPVCStatus` is; `None` on a conflict (counted) or another error.
 async fn guarded(
     api: &Api<PersistentVolumeClaim>,
     claim: &PersistentVolumeClaim,
@@ -631,7 +631,11 @@ async fn guarded(
             counts.conflicts.fetch_add(1, Ordering::SeqCst);
             None
         }
-        Err(e) => panic!("kubelet stand-in: writing claim status: {e}"),
+        Err(e) => {
+            // The fake is going away with its test.
+            eprintln!("kubelet stand-in: writing claim status: {e}");
+            None
+        }
     }
 }
 
@@ -660,9 +664,9 @@ async fn expand_on_node(
         .await
         else {
             // Someone wrote the claim meanwhile: the reconciler looks again.
-            match api.get_opt(&claim.name_any()).await.unwrap() {
-                Some(live) => claim = live,
-                None => return,
+            match api.get_opt(&claim.name_any()).await {
+                Ok(Some(live)) => claim = live,
+                _ => return,
             }
             continue;
         };
@@ -695,9 +699,9 @@ async fn expand_on_node(
                 tokio::time::sleep(step).await;
                 claim = written;
             }
-            None => match api.get_opt(&claim.name_any()).await.unwrap() {
-                Some(live) => claim = live,
-                None => return,
+            None => match api.get_opt(&claim.name_any()).await {
+                Ok(Some(live)) => claim = live,
+                _ => return,
             },
         }
     }

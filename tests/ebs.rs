@@ -922,3 +922,58 @@ async fn a_client_token_reused_with_other_parameters_is_already_exists() {
     assert_eq!(e.moto.ec2().count_volumes().await, 0);
     e.stop().await;
 }
+
+/// A volume deleted while ControllerUnpublishVolume waits for its detach is detached
+/// from everything: the call answers OK (the CSI spec: a volume that no longer exists
+/// is unpublished), not NotFound — so the attacher does not retry a detach that is done.
+#[tokio::test]
+async fn unpublish_of_a_volume_deleted_while_detaching_is_ok() {
+    let Some(e) = Ebs::start("unpublish_of_a_volume_deleted_while_detaching_is_ok", 3).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let volume = create(&mut c, "pvc-vanishing", &[]).await;
+    c.controller_publish_volume(proto::ControllerPublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        node_id: e.instance.clone(),
+        volume_capability: Some(mount_capability()),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // EC2 detaches at once; its answer is held while the volume is deleted.
+    e.proxy
+        .delay_response("DetachVolume", 1, Duration::from_secs(2));
+    let unpublish = {
+        let mut c = e.controller();
+        let request = proto::ControllerUnpublishVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            node_id: e.instance.clone(),
+            ..Default::default()
+        };
+        tokio::spawn(async move { c.controller_unpublish_volume(request).await })
+    };
+    e.proxy
+        .wait_for_count("DetachVolume", 1, Duration::from_secs(10))
+        .await;
+    let ec2 = e.moto.ec2();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = ec2
+            .call("DeleteVolume", &[("VolumeId", &volume.volume_id)])
+            .await;
+        match reply.code() {
+            None => break,
+            // moto may still be detaching.
+            Some(code) => assert!(
+                std::time::Instant::now() < deadline,
+                "DeleteVolume kept failing: {code}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = unpublish.await.unwrap();
+    assert!(answer.is_ok(), "unpublish of a deleted volume: {answer:?}");
+    e.stop().await;
+}

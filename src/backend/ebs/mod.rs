@@ -574,10 +574,15 @@ impl Backend for EbsBackend {
             Err(BackendError::InUse(_)) => {} // already detaching
             Err(e) => return Err(e),
         }
-        self.cloud
+        match self
+            .cloud
             .wait(volume_id, Want::DetachedFrom(node_id.to_owned()))
             .await
-            .map(|_| ())
+        {
+            // Deleted while detaching: detached from everything, which is what was asked.
+            Ok(_) | Err(BackendError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn node_source(

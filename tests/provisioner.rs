@@ -1428,3 +1428,88 @@ async fn an_expansion_is_handed_to_the_kubelet_once() {
         );
     }
 }
+
+/// A leader stopped cleanly (SIGTERM: `helm uninstall`, a rollout) gives its Lease up:
+/// the holder is cleared at once, so the next replica leads at its first attempt
+/// instead of waiting out a lease period. The Lease names the leader's pod as its
+/// owner, so it goes with the pod when nobody is left to release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_releases_its_lease_and_the_next_leads_at_once() {
+    const TEST: &str = "a_stopped_leader_releases_its_lease";
+    let cluster = Cluster::start(TEST).await;
+    let namespace = if cluster.is_fake() {
+        "default".to_owned()
+    } else {
+        cluster.namespace.clone()
+    };
+    let flags = |identity: &'static str| {
+        vec![
+            "--leader-election".to_owned(),
+            "--leader-election-namespace".to_owned(),
+            namespace.clone(),
+            "--leader-election-identity".to_owned(),
+            identity.to_owned(),
+            // Longer than the test's deadline: only a release lets the next lead in time.
+            "--leader-election-lease-duration".to_owned(),
+            "60s".to_owned(),
+            "--leader-election-renew-deadline".to_owned(),
+            "40s".to_owned(),
+            "--leader-election-retry-period".to_owned(),
+            "200ms".to_owned(),
+        ]
+    };
+    let pod_uid = "0b9f6d1e-7c55-4a36-9d35-5f2a3c1b7e01";
+    let env = [("POD_NAMESPACE", namespace.as_str()), ("POD_UID", pod_uid)];
+    let flags_a = flags("replica-a");
+    let mut first = Stowage::start_with_env(&cluster, "replica-a", &as_strs(&flags_a), &env).await;
+    let (cluster_ref, ns) = (&cluster, namespace.as_str());
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), ns);
+    let lease_name = cluster.lease_name();
+    let (leases_ref, lease_ref) = (&leases, lease_name.as_str());
+    wait_for("replica-a to lead", || async move {
+        let holder = lease_holder(cluster_ref, ns).await;
+        if holder.as_deref() == Some("replica-a") {
+            Ok(())
+        } else {
+            Err(format!("Lease holder {holder:?}"))
+        }
+    })
+    .await;
+    let lease = leases.get(lease_ref).await.unwrap();
+    let owners = lease.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{:?}", lease.metadata);
+    assert_eq!(
+        (
+            owners[0].kind.as_str(),
+            owners[0].name.as_str(),
+            owners[0].uid.as_str()
+        ),
+        ("Pod", "replica-a", pod_uid)
+    );
+
+    let status = first.terminate().await;
+    assert!(status.success(), "replica-a exit: {status}");
+    let lease = leases_ref.get(lease_ref).await.unwrap();
+    let spec = lease.spec.clone().unwrap_or_default();
+    assert!(
+        spec.holder_identity
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty(),
+        "the Lease still names a holder after a clean stop: {spec:?}"
+    );
+
+    let flags_b = flags("replica-b");
+    let second = Stowage::start(&cluster, "replica-b", &as_strs(&flags_b)).await;
+    let second_ref = &second;
+    wait_for("replica-b to lead", || async move {
+        let gauge = leader_gauge(second_ref).await;
+        let holder = lease_holder(cluster_ref, ns).await;
+        if gauge == Some(1.0) && holder.as_deref() == Some("replica-b") {
+            Ok(())
+        } else {
+            Err(format!("stowage_leader={gauge:?}; Lease holder {holder:?}"))
+        }
+    })
+    .await;
+}

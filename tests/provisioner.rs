@@ -1513,3 +1513,114 @@ async fn a_stopped_leader_releases_its_lease_and_the_next_leads_at_once() {
     })
     .await;
 }
+
+/// One ControllerPublish per attach and one ControllerUnpublish per detach (EBS), even
+/// with the claim and its PV deleted right behind the VolumeAttachment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attach_and_detach_calls_the_driver_once() {
+    const TEST: &str = "each_attach_and_detach_calls_the_driver_once";
+    const ZONE: &str = "us-east-1a";
+    let Some(moto) = common::moto::Moto::start(TEST) else {
+        return;
+    };
+    let instance = moto.ec2().run_instance(ZONE).await;
+    let cluster = Cluster::start(TEST).await;
+    let endpoint = moto.endpoint();
+    let stowage = Stowage::start_with_env(
+        &cluster,
+        "stowage",
+        &[
+            "--backend",
+            "ebs",
+            "--ebs-endpoint",
+            &endpoint,
+            "--region",
+            common::moto::REGION,
+            "--zone",
+            ZONE,
+            "--instance-id",
+            &instance,
+            "--instance-type",
+            "m5.large",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    )
+    .await;
+    let class = cluster
+        .create_class("stowage-ebs", "Delete", &[], false)
+        .await;
+    let node = cluster.name("node-1");
+    let csinode: k8s_openapi::api::storage::v1::CSINode = serde_json::from_value(json!({
+        "metadata": {"name": node},
+        "spec": {"drivers": [{"name": cluster.driver, "nodeID": instance, "topologyKeys": []}]},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::storage::v1::CSINode>::all(cluster.client.clone())
+        .create(&PostParams::default(), &csinode)
+        .await
+        .unwrap();
+    let attachments = cluster.attachments();
+    let attachments = &attachments;
+    const ROUNDS: usize = 2;
+    for round in 0..ROUNDS {
+        let name = format!("disk-{round}");
+        cluster.create_claim(&simple_claim(&name, &class)).await;
+        let (_, pv) = cluster.wait_bound(&name).await;
+        let va_name = cluster.name(&format!("csi-{round}"));
+        let va: VolumeAttachment = serde_json::from_value(json!({
+            "metadata": {"name": va_name},
+            "spec": {
+                "attacher": cluster.driver,
+                "nodeName": node,
+                "source": {"persistentVolumeName": pv.name_any()},
+            },
+        }))
+        .unwrap();
+        attachments
+            .create(&PostParams::default(), &va)
+            .await
+            .unwrap();
+        let va_ref = &va_name;
+        wait_for("the attachment", || async move {
+            let va = attachments.get(va_ref).await.map_err(|e| e.to_string())?;
+            if va.status.as_ref().is_some_and(|s| s.attached) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", va.status))
+            }
+        })
+        .await;
+        // Detach, and the claim right behind it (as a StatefulSet scale-down does).
+        attachments
+            .delete(&va_name, &Default::default())
+            .await
+            .unwrap();
+        cluster.delete_claim(&name).await;
+        wait_for("the attachment to go", || async move {
+            match attachments
+                .get_opt(va_ref)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                None => Ok(()),
+                Some(va) => Err(format!("{:?} {:?}", va.status, va.finalizers())),
+            }
+        })
+        .await;
+        cluster.wait_pv_gone(&pv.name_any()).await;
+    }
+    settle().await;
+    let publishes = csi_calls(&stowage, "ControllerPublishVolume").await;
+    let unpublishes = csi_calls(&stowage, "ControllerUnpublishVolume").await;
+    let rounds = ROUNDS as f64;
+    assert_eq!(
+        (publishes, unpublishes),
+        (rounds, rounds),
+        "(ControllerPublish, ControllerUnpublish) calls for {ROUNDS} attach + detach"
+    );
+    assert_eq!(moto.ec2().count_volumes().await, 0, "volumes left in EC2");
+}

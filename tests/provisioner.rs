@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -171,6 +170,40 @@ async fn csi_calls(stowage: &Stowage, method: &str) -> f64 {
         &[("method_name", &method), ("grpc_status_code", "OK")],
     )
     .unwrap_or(0.0)
+}
+
+/// stowage with the EBS backend on moto, as `instance` in `zone`.
+async fn start_on_ebs(
+    cluster: &Cluster,
+    moto: &common::moto::Moto,
+    instance: &str,
+    zone: &str,
+) -> Stowage {
+    let endpoint = moto.endpoint();
+    Stowage::start_with_env(
+        cluster,
+        "stowage",
+        &[
+            "--backend",
+            "ebs",
+            "--ebs-endpoint",
+            &endpoint,
+            "--region",
+            common::moto::REGION,
+            "--zone",
+            zone,
+            "--instance-id",
+            instance,
+            "--instance-type",
+            "m5.large",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    )
+    .await
 }
 
 /// Give late (wrong) work a moment to show before asserting it did not happen.
@@ -698,19 +731,9 @@ async fn volume_attachments_are_attached_and_released_on_delete() {
         let node = cluster.name(&format!("node-{i}"));
         cluster.create_csinode(&node).await;
         let va_name = cluster.name(&format!("csi-shared-{i}"));
-        let va: VolumeAttachment = serde_json::from_value(json!({
-            "metadata": {"name": va_name},
-            "spec": {
-                "attacher": cluster.driver,
-                "nodeName": node,
-                "source": {"persistentVolumeName": pv.name_any()},
-            },
-        }))
-        .unwrap();
-        attachments
-            .create(&PostParams::default(), &va)
-            .await
-            .unwrap();
+        cluster
+            .create_attachment(&va_name, &node, &pv.name_any())
+            .await;
         va_names.push(va_name);
     }
     let finalizer = format!("external-attacher/{}", cluster.driver.replace('.', "-"));
@@ -814,29 +837,40 @@ async fn leader_gauge(stowage: &Stowage) -> Option<f64> {
     metric(&text, "stowage_leader", &[])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_election_runs_one_replica_and_hands_over_when_it_dies() {
-    let cluster = Cluster::start("leader_election").await;
-    let namespace = if cluster.is_fake() {
+/// The namespace of the leader-election Lease in tests.
+fn lease_namespace(cluster: &Cluster) -> String {
+    if cluster.is_fake() {
         "default".to_owned()
     } else {
         cluster.namespace.clone()
-    };
-    let flags = |identity: &'static str| {
-        vec![
-            "--leader-election".to_owned(),
-            "--leader-election-namespace".to_owned(),
-            namespace.clone(),
-            "--leader-election-identity".to_owned(),
-            identity.to_owned(),
-            "--leader-election-lease-duration".to_owned(),
-            "2s".to_owned(),
-            "--leader-election-renew-deadline".to_owned(),
-            "1500ms".to_owned(),
-            "--leader-election-retry-period".to_owned(),
-            "200ms".to_owned(),
-        ]
-    };
+    }
+}
+
+/// Leader-election flags: `identity`, the Lease in `namespace`, and its timings
+/// (lease duration, renew deadline; retries every 200 ms).
+fn election_flags(namespace: &str, identity: &str, lease: &str, renew: &str) -> Vec<String> {
+    [
+        "--leader-election",
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-identity",
+        identity,
+        "--leader-election-lease-duration",
+        lease,
+        "--leader-election-renew-deadline",
+        renew,
+        "--leader-election-retry-period",
+        "200ms",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_runs_one_replica_and_hands_over_when_it_dies() {
+    let cluster = Cluster::start("leader_election").await;
+    let namespace = lease_namespace(&cluster);
+    let flags = |identity: &str| election_flags(&namespace, identity, "2s", "1500ms");
     let (flags_a, flags_b) = (flags("replica-a"), flags("replica-b"));
     let mut replicas = vec![
         Stowage::start(&cluster, "replica-a", &as_strs(&flags_a)).await,
@@ -1048,31 +1082,7 @@ async fn resizer_expands_an_ebs_volume_and_leaves_the_filesystem_to_the_node() {
     };
     let instance = moto.ec2().run_instance(ZONE).await;
     let cluster = Cluster::start(TEST).await;
-    let endpoint = moto.endpoint();
-    let stowage = Stowage::start_with_env(
-        &cluster,
-        "stowage",
-        &[
-            "--backend",
-            "ebs",
-            "--ebs-endpoint",
-            &endpoint,
-            "--region",
-            common::moto::REGION,
-            "--zone",
-            ZONE,
-            "--instance-id",
-            &instance,
-            "--instance-type",
-            "m5.large",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-    )
-    .await;
+    let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
     let class = cluster
         .create_class("stowage-ebs", "Delete", &[], true)
         .await;
@@ -1344,31 +1354,7 @@ async fn an_expansion_is_handed_to_the_kubelet_once() {
         return;
     };
     let kubelet = common::stand_ins::Kubelet::start(fake, Duration::from_millis(300), true);
-    let endpoint = moto.endpoint();
-    let stowage = Stowage::start_with_env(
-        &cluster,
-        "stowage",
-        &[
-            "--backend",
-            "ebs",
-            "--ebs-endpoint",
-            &endpoint,
-            "--region",
-            common::moto::REGION,
-            "--zone",
-            ZONE,
-            "--instance-id",
-            &instance,
-            "--instance-type",
-            "m5.large",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-    )
-    .await;
+    let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
     let class = cluster
         .create_class("stowage-ebs", "Delete", &[], true)
         .await;
@@ -1438,27 +1424,9 @@ async fn an_expansion_is_handed_to_the_kubelet_once() {
 async fn a_stopped_leader_releases_its_lease_and_the_next_leads_at_once() {
     const TEST: &str = "a_stopped_leader_releases_its_lease";
     let cluster = Cluster::start(TEST).await;
-    let namespace = if cluster.is_fake() {
-        "default".to_owned()
-    } else {
-        cluster.namespace.clone()
-    };
-    let flags = |identity: &'static str| {
-        vec![
-            "--leader-election".to_owned(),
-            "--leader-election-namespace".to_owned(),
-            namespace.clone(),
-            "--leader-election-identity".to_owned(),
-            identity.to_owned(),
-            // Longer than the test's deadline: only a release lets the next lead in time.
-            "--leader-election-lease-duration".to_owned(),
-            "60s".to_owned(),
-            "--leader-election-renew-deadline".to_owned(),
-            "40s".to_owned(),
-            "--leader-election-retry-period".to_owned(),
-            "200ms".to_owned(),
-        ]
-    };
+    let namespace = lease_namespace(&cluster);
+    // A lease longer than the test's deadline: only a release lets the next lead in time.
+    let flags = |identity: &str| election_flags(&namespace, identity, "60s", "40s");
     let pod_uid = "0b9f6d1e-7c55-4a36-9d35-5f2a3c1b7e01";
     let env = [("POD_NAMESPACE", namespace.as_str()), ("POD_UID", pod_uid)];
     let flags_a = flags("replica-a");
@@ -1526,31 +1494,7 @@ async fn each_attach_and_detach_calls_the_driver_once() {
     };
     let instance = moto.ec2().run_instance(ZONE).await;
     let cluster = Cluster::start(TEST).await;
-    let endpoint = moto.endpoint();
-    let stowage = Stowage::start_with_env(
-        &cluster,
-        "stowage",
-        &[
-            "--backend",
-            "ebs",
-            "--ebs-endpoint",
-            &endpoint,
-            "--region",
-            common::moto::REGION,
-            "--zone",
-            ZONE,
-            "--instance-id",
-            &instance,
-            "--instance-type",
-            "m5.large",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-    )
-    .await;
+    let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
     let class = cluster
         .create_class("stowage-ebs", "Delete", &[], false)
         .await;
@@ -1572,19 +1516,9 @@ async fn each_attach_and_detach_calls_the_driver_once() {
         cluster.create_claim(&simple_claim(&name, &class)).await;
         let (_, pv) = cluster.wait_bound(&name).await;
         let va_name = cluster.name(&format!("csi-{round}"));
-        let va: VolumeAttachment = serde_json::from_value(json!({
-            "metadata": {"name": va_name},
-            "spec": {
-                "attacher": cluster.driver,
-                "nodeName": node,
-                "source": {"persistentVolumeName": pv.name_any()},
-            },
-        }))
-        .unwrap();
-        attachments
-            .create(&PostParams::default(), &va)
-            .await
-            .unwrap();
+        cluster
+            .create_attachment(&va_name, &node, &pv.name_any())
+            .await;
         let va_ref = &va_name;
         wait_for("the attachment", || async move {
             let va = attachments.get(va_ref).await.map_err(|e| e.to_string())?;

@@ -254,6 +254,23 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("creating CSINode {node}: {e}"));
     }
 
+    /// A VolumeAttachment `name` of our driver: PV `pv` on node `node`.
+    pub async fn create_attachment(&self, name: &str, node: &str, pv: &str) {
+        let va: VolumeAttachment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "attacher": self.driver,
+                "nodeName": node,
+                "source": {"persistentVolumeName": pv},
+            },
+        }))
+        .unwrap();
+        self.attachments()
+            .create(&PostParams::default(), &va)
+            .await
+            .unwrap_or_else(|e| panic!("creating VolumeAttachment {name}: {e}"));
+    }
+
     pub async fn create_claim(&self, claim: &Pvc) -> Pvc {
         self.claims()
             .create(&PostParams::default(), claim)

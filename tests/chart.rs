@@ -560,13 +560,19 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             assert_eq!(kubelet_dir, DEFAULT_KUBELET_DIR);
         }
 
-        // CSIDriver: the name and the spec the code is built for.
+        // CSIDriver: the name and the spec the code is built for. Attach is required
+        // exactly when a backend attaches volumes (EBS): without one the controller has
+        // no PUBLISH_UNPUBLISH_VOLUME, and kubelet must not wait for VolumeAttachments.
         let csi_driver = r.one("CSIDriver");
         assert_eq!(csi_driver["metadata"]["name"], driver, "{case}");
+        let attaches = r.values["backends"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ebs"));
         assert_eq!(
             csi_driver["spec"],
             json!({
-                "attachRequired": true,
+                "attachRequired": attaches,
                 "podInfoOnMount": false,
                 "fsGroupPolicy": "File",
                 "volumeLifecycleModes": ["Persistent"],

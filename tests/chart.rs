@@ -1084,6 +1084,14 @@ fn bad_values_fail_before_anything_is_applied() {
             "nfsServer:\n  enabled: true\n  storageClass:\n    parameters:\n      server: x\n",
             "set by the chart",
         ),
+        (
+            "storageClasses:\n  - {name: a, enabled: true}\n  - {name: b, enabled: true}\n  - {name: a, enabled: true}\n",
+            "StorageClass \"a\" is defined twice, by storageClasses[0] and by storageClasses[2]",
+        ),
+        (
+            "nfsServer:\n  enabled: true\n  storageClass:\n    name: shared\nstorageClasses:\n  - {name: shared, enabled: true}\n",
+            "StorageClass \"shared\" is defined twice, by storageClasses[0] and by the in-cluster NFS server",
+        ),
     ] {
         match render_with(&helm, values) {
             Ok(_) => panic!("helm template accepted bad values:\n{values}"),
@@ -1095,6 +1103,42 @@ fn bad_values_fail_before_anything_is_applied() {
     }
     // And the good ones still render: the schema is not simply rejecting everything.
     render_with(&helm, "controller:\n  replicas: 3\n").unwrap();
+}
+
+/// Every StorageClass the chart makes has its own name with the defaults: the in-cluster
+/// NFS server's class (named after its Service) beside every example of values.yaml
+/// enabled, under the release name a new user picks (`stowage`, whose fullname is just
+/// `stowage`). Two objects of one name would render, and the API server would keep
+/// only the last one applied.
+#[test]
+fn default_storage_class_names_never_collide() {
+    let Some(helm) = helm("default_storage_class_names_never_collide") else {
+        return;
+    };
+    let mut examples = values(&None)["storageClasses"].clone();
+    for class in examples.as_array_mut().unwrap() {
+        class["enabled"] = json!(true);
+    }
+    let overrides = json!({"nfsServer": {"enabled": true}, "storageClasses": examples});
+    // JSON is YAML: the values file is the object as JSON.
+    let text = render_with(&helm, &overrides.to_string())
+        .unwrap_or_else(|e| panic!("helm template failed:\n{e}"));
+    let classes: Vec<String> = parse_yaml(&text)
+        .into_iter()
+        .filter(|o| o["kind"] == "StorageClass")
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: BTreeSet<&String> = classes.iter().collect();
+    assert_eq!(
+        classes.len(),
+        examples.as_array().unwrap().len() + 1,
+        "every example and the NFS server's class: {classes:?}"
+    );
+    assert_eq!(unique.len(), classes.len(), "a name twice: {classes:?}");
+    assert!(
+        classes.contains(&format!("{RELEASE}-nfs-server")),
+        "the in-cluster class is named after its Service: {classes:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -391,8 +391,14 @@ fn container<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
 const STOWAGE_CONTAINERS: &[&str] = &["stowage", "nfs-server"];
 const SIDECARS: &[&str] = &["node-driver-registrar"];
 /// Environment the templates set that is not a flag's env fallback: the tracing filter,
-/// and NODE_NAME, used as `--node-id=$(NODE_NAME)`.
-const EXTRA_ENV: &[&str] = &["RUST_LOG", "NODE_NAME"];
+/// NODE_NAME, used as `--node-id=$(NODE_NAME)`, and the API server's address, read by
+/// the in-cluster config (kube's `Config::incluster_env`) in place of kubelet's values.
+const EXTRA_ENV: &[&str] = &[
+    "RUST_LOG",
+    "NODE_NAME",
+    "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+];
 
 /// Long flags and env fallbacks one subcommand accepts (its own and the global ones).
 fn accepted(subcommand: &str) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -742,14 +748,59 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             .find(|p| p["name"] == "http")
             .expect("http port");
         assert_eq!(http["containerPort"], port, "{case}");
-        for probe in ["readinessProbe", "livenessProbe"] {
+        // Alive while it serves; ready while the API server answers.
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
             assert_eq!(
-                controller[probe]["httpGet"]["path"], "/healthz",
+                controller[probe]["httpGet"]["path"], path,
                 "{case}: {probe}"
             );
             assert_eq!(
                 controller[probe]["httpGet"]["port"], "http",
                 "{case}: {probe}"
+            );
+        }
+        assert_eq!(
+            u64::from(port),
+            r.values["controller"]["httpPort"].as_u64().unwrap(),
+            "{case}: controller.httpPort"
+        );
+        // The host's network when asked (Services may not route to the API server),
+        // with cluster DNS kept; the API server's address for the in-cluster config.
+        let host_network = r.values["controller"]["hostNetwork"] == true;
+        assert_eq!(
+            pod["hostNetwork"] == true,
+            host_network,
+            "{case}: hostNetwork"
+        );
+        if host_network {
+            assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{case}");
+        } else {
+            assert!(pod["dnsPolicy"].is_null(), "{case}: dnsPolicy");
+        }
+        assert_eq!(
+            pod["hostAliases"].as_array().cloned().unwrap_or_default(),
+            r.values["controller"]["hostAliases"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            "{case}: hostAliases"
+        );
+        let env = container_env(controller);
+        let api_host = r.values["controller"]["apiServer"]["host"]
+            .as_str()
+            .unwrap_or_default();
+        if api_host.is_empty() {
+            assert!(
+                !env.contains_key("KUBERNETES_SERVICE_HOST")
+                    && !env.contains_key("KUBERNETES_SERVICE_PORT"),
+                "{case}: kubelet's KUBERNETES_SERVICE_* left alone"
+            );
+        } else {
+            assert_eq!(env["KUBERNETES_SERVICE_HOST"], api_host, "{case}");
+            assert_eq!(
+                env["KUBERNETES_SERVICE_PORT"],
+                r.values["controller"]["apiServer"]["port"].to_string(),
+                "{case}"
             );
         }
         if r.values["controller"]["leaderElection"]["enabled"] == true {

@@ -1,9 +1,10 @@
 //! The real `stowage` binary: `stowage local` prints its socket, serves, and on
 //! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message;
-//! `stowage bench` runs end to end.
+//! `/readyz` follows the Kubernetes API server; `stowage bench` runs end to end.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -123,6 +124,83 @@ async fn http_serves_healthz_and_csi_metrics() {
         body.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Identity/Probe",grpc_status_code="OK"} 1"#),
         "{body}"
     );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[allow(dead_code)]
+#[path = "common/fake_kube.rs"]
+mod fake_kube;
+
+/// Polls `/readyz` until its status line contains `want`, for at most 30 s; the
+/// last (status, body) either way.
+fn wait_readyz(addr: &str, want: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(addr, "/readyz");
+        if status.contains(want) || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The controller's readiness is the API server's: `/readyz` is 200 while it answers and
+/// 503 (saying why) once it is gone, while `/healthz` (liveness) stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_kubernetes_api_server() {
+    let fake = fake_kube::FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig);
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args([
+            "local",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _banner = lines.next().unwrap().unwrap();
+    let metrics_line = lines.next().unwrap().unwrap();
+    let addr = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in {metrics_line:?}"))
+        .to_owned();
+
+    // The loops are up once their informers list claims: the check is in place.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.calls_of("list", "persistentvolumeclaims") == 0 {
+        assert!(Instant::now() < deadline, "the loops never listed claims");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probe = addr.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || wait_readyz(&probe, "200"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}: {body}");
+
+    fake.shutdown().await;
+    let probe = addr.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || wait_readyz(&probe, "503"))
+        .await
+        .unwrap();
+    assert!(
+        status.contains("503") && body.contains("Kubernetes API server"),
+        "{status}: {body}"
+    );
+    let (status, _) = http_get(&addr, "/healthz");
+    assert!(status.contains("200"), "liveness stays green: {status}");
+
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
 }

@@ -1,8 +1,10 @@
 //! The real `stowage` binary: `stowage local` prints its socket, serves, and on
 //! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message;
-//! `/readyz` follows the Kubernetes API server; `stowage bench` runs end to end.
+//! `/readyz` follows the Kubernetes API server; text logs carry no colour codes
+//! unless stderr is a terminal; `stowage nfs-server` logs connections only at debug;
+//! `stowage bench` runs end to end.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -203,6 +205,145 @@ async fn readyz_follows_the_kubernetes_api_server() {
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// A failing start logs an ERROR line through tracing (plus the plain message).
+fn failing_controller() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    command
+        .args(["--log-format", "text", "controller"])
+        .args(["--endpoint", "tcp://127.0.0.1:1"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    command
+}
+
+/// `kubectl logs` shows the container's stderr as it was written: text logs must not
+/// carry ANSI colour codes there; only a person at a terminal gets colours.
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal() {
+    let out = failing_controller().output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERROR"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in piped logs: {stderr:?}"
+    );
+
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child = failing_controller()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(pty.slave))
+        .spawn()
+        .unwrap();
+    assert!(!child.wait().unwrap().success());
+    // The child is gone and our copy of the slave was moved into it: reading drains
+    // what it wrote, then fails with EIO (no writer left).
+    let mut terminal = Vec::new();
+    let mut master = std::fs::File::from(pty.master);
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => terminal.extend_from_slice(&buf[..n]),
+        }
+    }
+    let terminal = String::from_utf8_lossy(&terminal);
+    assert!(terminal.contains("ERROR"), "{terminal:?}");
+    assert!(
+        terminal.contains("\x1b["),
+        "no colours on a terminal: {terminal:?}"
+    );
+}
+
+/// One NFSv3 NULL call on `stream` (record-marked ONC RPC); true when it succeeded.
+fn nfs_null_call(stream: &mut std::net::TcpStream) -> bool {
+    let words: [u32; 10] = [7, 0, 2, 100_003, 3, 0, 0, 0, 0, 0];
+    let mut record = (0x8000_0000u32 | 40).to_be_bytes().to_vec();
+    for word in words {
+        record.extend_from_slice(&word.to_be_bytes());
+    }
+    stream.write_all(&record).unwrap();
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).unwrap();
+    let mut reply = vec![0u8; (u32::from_be_bytes(header) & 0x7fff_ffff) as usize];
+    stream.read_exact(&mut reply).unwrap();
+    let word = |i: usize| u32::from_be_bytes(reply[i * 4..i * 4 + 4].try_into().unwrap());
+    // xid, REPLY, MSG_ACCEPTED, verifier (flavor, length 0), SUCCESS
+    reply.len() >= 24 && word(0) == 7 && word(1) == 1 && word(2) == 0 && word(5) == 0
+}
+
+/// Runs `stowage nfs-server` with `rust_log`, makes one NFS call and one bare TCP probe
+/// (what the chart's readiness probe does), stops it, and returns its stderr.
+fn nfs_server_log(rust_log: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["--log-format", "text", "nfs-server"])
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--bind", "127.0.0.1:0"])
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    let addr = banner
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_else(|| panic!("no address in {banner:?}"))
+        .to_owned();
+    // The call is relayed to nfs3_server, so it has taken its connection by the reply.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(nfs_null_call(&mut stream), "NFS NULL failed");
+    drop(stream);
+    drop(std::net::TcpStream::connect(&addr).unwrap());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{stderr}");
+    stderr
+}
+
+/// Each TCP probe of the in-cluster NFS server is a connection: at the chart's
+/// `RUST_LOG=info` nothing is logged per connection (neither by the relay nor by
+/// nfs3_server); at debug the relay says so, and naming nfs3_server shows its lines.
+#[test]
+fn nfs_server_logs_connections_only_at_debug() {
+    let info = nfs_server_log("info");
+    assert!(
+        info.contains("embedded NFSv3 server listening"),
+        "info lines are logged: {info}"
+    );
+    let per_connection: Vec<&str> = info
+        .lines()
+        .filter(|l| l.to_lowercase().contains("connection"))
+        .collect();
+    assert!(
+        per_connection.is_empty(),
+        "connections logged at info: {per_connection:#?}"
+    );
+
+    let debug = nfs_server_log("debug");
+    assert!(
+        debug.contains("NFS connection opened") && !debug.contains("Accepting connection"),
+        "the relay's connection lines at debug, nfs3_server still quiet: {debug}"
+    );
+    let named = nfs_server_log("info,nfs3_server=info");
+    assert!(
+        named.contains("Accepting connection"),
+        "RUST_LOG naming nfs3_server shows its lines: {named}"
+    );
 }
 
 #[test]

@@ -20,12 +20,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/stowage /out/stowage
 
 # Run: what the node plugin executes on the host's devices and mounts
-# (mount/umount, blkid, mkfs.ext4/ext3, mkfs.xfs, resize2fs, xfs_growfs, mount.nfs),
-# and CA certificates for the AWS APIs.
+# (mount/umount, blkid, mkfs.ext4/ext3, mkfs.xfs, resize2fs, xfs_growfs, mount.nfs with
+# /etc/protocols), and CA certificates for the AWS APIs. The packages are listed once,
+# in image/runtime-packages; tests/e2e/image builds the same image without a registry
+# from that list, this stage's Debian release and its ENTRYPOINT.
 FROM debian:${DEBIAN}-slim
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       ca-certificates mount util-linux e2fsprogs xfsprogs nfs-common \
+RUN --mount=type=bind,source=image/runtime-packages,target=/tmp/runtime-packages \
+    apt-get update \
+    && sed -e 's/#.*//' /tmp/runtime-packages \
+       | DEBIAN_FRONTEND=noninteractive xargs apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/stowage /usr/local/bin/stowage
 ENTRYPOINT ["/usr/local/bin/stowage"]

@@ -1,4 +1,6 @@
-//! Prometheus metrics and the HTTP endpoint that serves them with `/healthz`.
+//! Prometheus metrics and the HTTP endpoint that serves them with `/healthz` (alive:
+//! the process serves) and `/readyz` (ready: every readiness check passes, e.g. the
+//! controller's Kubernetes API server answers).
 //! Names follow the CSI sidecars where they overlap
 //! (`csi_sidecar_operations_seconds{driver_name,method_name,grpc_status_code}`).
 
@@ -9,6 +11,7 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -67,11 +70,15 @@ struct OperationLabels {
 
 type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
 
-/// The process's metrics registry.
+/// One readiness check: `Err` says why the process is not ready.
+pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The process's metrics registry, and what `/readyz` checks.
 pub struct Metrics {
     driver_name: String,
     registry: Mutex<Registry>,
     operations: HistogramFamily,
+    ready_checks: Mutex<Vec<ReadyCheck>>,
 }
 
 fn operation_histogram() -> Histogram {
@@ -92,7 +99,39 @@ impl Metrics {
             driver_name: driver_name.to_owned(),
             registry: Mutex::new(registry),
             operations,
+            ready_checks: Mutex::default(),
         })
+    }
+
+    /// Add a check to `/readyz`, run on every request (a probe), so the answer is
+    /// never older than the request.
+    pub fn add_ready_check(
+        &self,
+        check: impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static,
+    ) {
+        self.ready_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(check));
+    }
+
+    /// Ready when every check passes (no check: ready while serving); else the reasons.
+    pub async fn ready(&self) -> Result<(), String> {
+        let checks = self
+            .ready_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let failed: Vec<String> = futures::future::join_all(checks.iter().map(|check| check()))
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("\n"))
+        }
     }
 
     /// Record one CSI call: `method` like `/csi.v1.Controller/CreateVolume`,
@@ -141,14 +180,28 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` and `/healthz` on a bound listener until `shutdown` resolves.
+/// Serve `/metrics`, `/healthz` and `/readyz` (503 with the reasons when not ready) on a
+/// bound listener until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let readiness = Arc::clone(&metrics);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let metrics = Arc::clone(&readiness);
+                async move {
+                    match metrics.ready().await {
+                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reasons}\n")),
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -188,6 +241,30 @@ mod tests {
             text.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Controller/CreateVolume",grpc_status_code="OK"} 1"#),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn ready_only_when_every_check_passes() {
+        let metrics = Metrics::new("stowage.csi.dev");
+        assert_eq!(metrics.ready().await, Ok(()), "no check: ready");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let state = Arc::clone(&up);
+        metrics.add_ready_check(move || {
+            let up = state.load(std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err("API down".to_owned())
+                }
+            })
+        });
+        metrics.add_ready_check(|| Box::pin(async { Ok(()) }));
+        assert_eq!(metrics.ready().await, Ok(()));
+        up.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(metrics.ready().await, Err("API down".to_owned()));
+        up.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(metrics.ready().await, Ok(()), "checked again on every call");
     }
 
     #[test]

@@ -425,6 +425,7 @@ pub async fn start_loops(
         args.kube_api_burst,
         metrics.requests.clone(),
     )?;
+    add_api_ready_check(&running.metrics, kube.clone());
     let socket = match &args.csi_address {
         Some(address) => server::socket_path(address).map_err(anyhow::Error::msg)?,
         None => running.socket.clone(),
@@ -503,6 +504,29 @@ pub async fn start_loops(
         kube, csi, settings, metrics, election, stopped,
     ));
     Ok(KubeLoops { stop, task })
+}
+
+/// How long `/readyz` waits for the API server (kubelet's probe gives up after 3 s).
+const API_READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/readyz` fails while the API server does not answer: asked on each probe (one GET
+/// `/version`) over the loops' own client, so a connection they cannot use shows too.
+/// Leader or not, a replica that cannot reach the API server cannot do its work.
+fn add_api_ready_check(metrics: &Metrics, kube: kube::Client) {
+    metrics.add_ready_check(move || {
+        let kube = kube.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(API_READY_TIMEOUT, kube.apiserver_version()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(format!(
+                    "the Kubernetes API server does not answer: {error}"
+                )),
+                Err(_) => Err(format!(
+                    "the Kubernetes API server did not answer within {API_READY_TIMEOUT:?}"
+                )),
+            }
+        })
+    });
 }
 
 /// Serve until a signal (or until the loops fail), then stop the loops and the server.

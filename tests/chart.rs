@@ -391,8 +391,14 @@ fn container<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
 const STOWAGE_CONTAINERS: &[&str] = &["stowage", "nfs-server"];
 const SIDECARS: &[&str] = &["node-driver-registrar"];
 /// Environment the templates set that is not a flag's env fallback: the tracing filter,
-/// and NODE_NAME, used as `--node-id=$(NODE_NAME)`.
-const EXTRA_ENV: &[&str] = &["RUST_LOG", "NODE_NAME"];
+/// NODE_NAME, used as `--node-id=$(NODE_NAME)`, and the API server's address, read by
+/// the in-cluster config (kube's `Config::incluster_env`) in place of kubelet's values.
+const EXTRA_ENV: &[&str] = &[
+    "RUST_LOG",
+    "NODE_NAME",
+    "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+];
 
 /// Long flags and env fallbacks one subcommand accepts (its own and the global ones).
 fn accepted(subcommand: &str) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -560,13 +566,19 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             assert_eq!(kubelet_dir, DEFAULT_KUBELET_DIR);
         }
 
-        // CSIDriver: the name and the spec the code is built for.
+        // CSIDriver: the name and the spec the code is built for. Attach is required
+        // exactly when a backend attaches volumes (EBS): without one the controller has
+        // no PUBLISH_UNPUBLISH_VOLUME, and kubelet must not wait for VolumeAttachments.
         let csi_driver = r.one("CSIDriver");
         assert_eq!(csi_driver["metadata"]["name"], driver, "{case}");
+        let attaches = r.values["backends"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ebs"));
         assert_eq!(
             csi_driver["spec"],
             json!({
-                "attachRequired": true,
+                "attachRequired": attaches,
                 "podInfoOnMount": false,
                 "fsGroupPolicy": "File",
                 "volumeLifecycleModes": ["Persistent"],
@@ -736,14 +748,59 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             .find(|p| p["name"] == "http")
             .expect("http port");
         assert_eq!(http["containerPort"], port, "{case}");
-        for probe in ["readinessProbe", "livenessProbe"] {
+        // Alive while it serves; ready while the API server answers.
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
             assert_eq!(
-                controller[probe]["httpGet"]["path"], "/healthz",
+                controller[probe]["httpGet"]["path"], path,
                 "{case}: {probe}"
             );
             assert_eq!(
                 controller[probe]["httpGet"]["port"], "http",
                 "{case}: {probe}"
+            );
+        }
+        assert_eq!(
+            u64::from(port),
+            r.values["controller"]["httpPort"].as_u64().unwrap(),
+            "{case}: controller.httpPort"
+        );
+        // The host's network when asked (Services may not route to the API server),
+        // with cluster DNS kept; the API server's address for the in-cluster config.
+        let host_network = r.values["controller"]["hostNetwork"] == true;
+        assert_eq!(
+            pod["hostNetwork"] == true,
+            host_network,
+            "{case}: hostNetwork"
+        );
+        if host_network {
+            assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{case}");
+        } else {
+            assert!(pod["dnsPolicy"].is_null(), "{case}: dnsPolicy");
+        }
+        assert_eq!(
+            pod["hostAliases"].as_array().cloned().unwrap_or_default(),
+            r.values["controller"]["hostAliases"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            "{case}: hostAliases"
+        );
+        let env = container_env(controller);
+        let api_host = r.values["controller"]["apiServer"]["host"]
+            .as_str()
+            .unwrap_or_default();
+        if api_host.is_empty() {
+            assert!(
+                !env.contains_key("KUBERNETES_SERVICE_HOST")
+                    && !env.contains_key("KUBERNETES_SERVICE_PORT"),
+                "{case}: kubelet's KUBERNETES_SERVICE_* left alone"
+            );
+        } else {
+            assert_eq!(env["KUBERNETES_SERVICE_HOST"], api_host, "{case}");
+            assert_eq!(
+                env["KUBERNETES_SERVICE_PORT"],
+                r.values["controller"]["apiServer"]["port"].to_string(),
+                "{case}"
             );
         }
         if r.values["controller"]["leaderElection"]["enabled"] == true {
@@ -1078,6 +1135,14 @@ fn bad_values_fail_before_anything_is_applied() {
             "nfsServer:\n  enabled: true\n  storageClass:\n    parameters:\n      server: x\n",
             "set by the chart",
         ),
+        (
+            "storageClasses:\n  - {name: a, enabled: true}\n  - {name: b, enabled: true}\n  - {name: a, enabled: true}\n",
+            "StorageClass \"a\" is defined twice, by storageClasses[0] and by storageClasses[2]",
+        ),
+        (
+            "nfsServer:\n  enabled: true\n  storageClass:\n    name: shared\nstorageClasses:\n  - {name: shared, enabled: true}\n",
+            "StorageClass \"shared\" is defined twice, by storageClasses[0] and by the in-cluster NFS server",
+        ),
     ] {
         match render_with(&helm, values) {
             Ok(_) => panic!("helm template accepted bad values:\n{values}"),
@@ -1089,6 +1154,42 @@ fn bad_values_fail_before_anything_is_applied() {
     }
     // And the good ones still render: the schema is not simply rejecting everything.
     render_with(&helm, "controller:\n  replicas: 3\n").unwrap();
+}
+
+/// Every StorageClass the chart makes has its own name with the defaults: the in-cluster
+/// NFS server's class (named after its Service) beside every example of values.yaml
+/// enabled, under the release name a new user picks (`stowage`, whose fullname is just
+/// `stowage`). Two objects of one name would render, and the API server would keep
+/// only the last one applied.
+#[test]
+fn default_storage_class_names_never_collide() {
+    let Some(helm) = helm("default_storage_class_names_never_collide") else {
+        return;
+    };
+    let mut examples = values(&None)["storageClasses"].clone();
+    for class in examples.as_array_mut().unwrap() {
+        class["enabled"] = json!(true);
+    }
+    let overrides = json!({"nfsServer": {"enabled": true}, "storageClasses": examples});
+    // JSON is YAML: the values file is the object as JSON.
+    let text = render_with(&helm, &overrides.to_string())
+        .unwrap_or_else(|e| panic!("helm template failed:\n{e}"));
+    let classes: Vec<String> = parse_yaml(&text)
+        .into_iter()
+        .filter(|o| o["kind"] == "StorageClass")
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: BTreeSet<&String> = classes.iter().collect();
+    assert_eq!(
+        classes.len(),
+        examples.as_array().unwrap().len() + 1,
+        "every example and the NFS server's class: {classes:?}"
+    );
+    assert_eq!(unique.len(), classes.len(), "a name twice: {classes:?}");
+    assert!(
+        classes.contains(&format!("{RELEASE}-nfs-server")),
+        "the in-cluster class is named after its Service: {classes:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------

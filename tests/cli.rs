@@ -1,9 +1,12 @@
 //! The real `stowage` binary: `stowage local` prints its socket, serves, and on
 //! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message;
+//! `/readyz` follows the Kubernetes API server; text logs carry no colour codes
+//! unless stderr is a terminal; `stowage nfs-server` logs connections only at debug;
 //! `stowage bench` runs end to end.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -125,6 +128,222 @@ async fn http_serves_healthz_and_csi_metrics() {
     );
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+#[allow(dead_code)]
+#[path = "common/fake_kube.rs"]
+mod fake_kube;
+
+/// Polls `/readyz` until its status line contains `want`, for at most 30 s; the
+/// last (status, body) either way.
+fn wait_readyz(addr: &str, want: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(addr, "/readyz");
+        if status.contains(want) || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The controller's readiness is the API server's: `/readyz` is 200 while it answers and
+/// 503 (saying why) once it is gone, while `/healthz` (liveness) stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_kubernetes_api_server() {
+    let fake = fake_kube::FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig);
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args([
+            "local",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _banner = lines.next().unwrap().unwrap();
+    let metrics_line = lines.next().unwrap().unwrap();
+    let addr = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in {metrics_line:?}"))
+        .to_owned();
+
+    // The loops are up once their informers list claims: the check is in place.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.calls_of("list", "persistentvolumeclaims") == 0 {
+        assert!(Instant::now() < deadline, "the loops never listed claims");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probe = addr.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || wait_readyz(&probe, "200"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}: {body}");
+
+    fake.shutdown().await;
+    let probe = addr.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || wait_readyz(&probe, "503"))
+        .await
+        .unwrap();
+    assert!(
+        status.contains("503") && body.contains("Kubernetes API server"),
+        "{status}: {body}"
+    );
+    let (status, _) = http_get(&addr, "/healthz");
+    assert!(status.contains("200"), "liveness stays green: {status}");
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// A failing start logs an ERROR line through tracing (plus the plain message).
+fn failing_controller() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    command
+        .args(["--log-format", "text", "controller"])
+        .args(["--endpoint", "tcp://127.0.0.1:1"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    command
+}
+
+/// `kubectl logs` shows the container's stderr as it was written: text logs must not
+/// carry ANSI colour codes there; only a person at a terminal gets colours.
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal() {
+    let out = failing_controller().output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERROR"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in piped logs: {stderr:?}"
+    );
+
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child = failing_controller()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(pty.slave))
+        .spawn()
+        .unwrap();
+    assert!(!child.wait().unwrap().success());
+    // The child is gone and our copy of the slave was moved into it: reading drains
+    // what it wrote, then fails with EIO (no writer left).
+    let mut terminal = Vec::new();
+    let mut master = std::fs::File::from(pty.master);
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => terminal.extend_from_slice(&buf[..n]),
+        }
+    }
+    let terminal = String::from_utf8_lossy(&terminal);
+    assert!(terminal.contains("ERROR"), "{terminal:?}");
+    assert!(
+        terminal.contains("\x1b["),
+        "no colours on a terminal: {terminal:?}"
+    );
+}
+
+/// One NFSv3 NULL call on `stream` (record-marked ONC RPC); true when it succeeded.
+fn nfs_null_call(stream: &mut std::net::TcpStream) -> bool {
+    let words: [u32; 10] = [7, 0, 2, 100_003, 3, 0, 0, 0, 0, 0];
+    let mut record = (0x8000_0000u32 | 40).to_be_bytes().to_vec();
+    for word in words {
+        record.extend_from_slice(&word.to_be_bytes());
+    }
+    stream.write_all(&record).unwrap();
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).unwrap();
+    let mut reply = vec![0u8; (u32::from_be_bytes(header) & 0x7fff_ffff) as usize];
+    stream.read_exact(&mut reply).unwrap();
+    let word = |i: usize| u32::from_be_bytes(reply[i * 4..i * 4 + 4].try_into().unwrap());
+    // xid, REPLY, MSG_ACCEPTED, verifier (flavor, length 0), SUCCESS
+    reply.len() >= 24 && word(0) == 7 && word(1) == 1 && word(2) == 0 && word(5) == 0
+}
+
+/// Runs `stowage nfs-server` with `rust_log`, makes one NFS call and one bare TCP probe
+/// (what the chart's readiness probe does), stops it, and returns its stderr.
+fn nfs_server_log(rust_log: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["--log-format", "text", "nfs-server"])
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--bind", "127.0.0.1:0"])
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    let addr = banner
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_else(|| panic!("no address in {banner:?}"))
+        .to_owned();
+    // The call is relayed to nfs3_server, so it has taken its connection by the reply.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(nfs_null_call(&mut stream), "NFS NULL failed");
+    drop(stream);
+    drop(std::net::TcpStream::connect(&addr).unwrap());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{stderr}");
+    stderr
+}
+
+/// Each TCP probe of the in-cluster NFS server is a connection: at the chart's
+/// `RUST_LOG=info` nothing is logged per connection (neither by the relay nor by
+/// nfs3_server); at debug the relay says so, and naming nfs3_server shows its lines.
+#[test]
+fn nfs_server_logs_connections_only_at_debug() {
+    let info = nfs_server_log("info");
+    assert!(
+        info.contains("embedded NFSv3 server listening"),
+        "info lines are logged: {info}"
+    );
+    let per_connection: Vec<&str> = info
+        .lines()
+        .filter(|l| l.to_lowercase().contains("connection"))
+        .collect();
+    assert!(
+        per_connection.is_empty(),
+        "connections logged at info: {per_connection:#?}"
+    );
+
+    let debug = nfs_server_log("debug");
+    assert!(
+        debug.contains("NFS connection opened") && !debug.contains("Accepting connection"),
+        "the relay's connection lines at debug, nfs3_server still quiet: {debug}"
+    );
+    let named = nfs_server_log("info,nfs3_server=info");
+    assert!(
+        named.contains("Accepting connection"),
+        "RUST_LOG naming nfs3_server shows its lines: {named}"
+    );
 }
 
 #[test]

@@ -79,6 +79,33 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ include "stowage.fullname" . }}-nfs-server
 {{- end -}}
 
+{{/* The in-cluster NFS server's StorageClass: named like its Service and StatefulSet, so it
+never takes the name of a storageClasses[] entry such as the example `stowage-nfs`. */}}
+{{- define "stowage.nfsServerClassName" -}}
+{{ .Values.nfsServer.storageClass.name | default (include "stowage.nfsServerName" .) }}
+{{- end -}}
+
+{{/* Fails the render when two StorageClasses the chart creates share a name: Kubernetes
+would keep only the last one applied, and `helm install` would not say so. */}}
+{{- define "stowage.checkStorageClassNames" -}}
+{{- $seen := dict -}}
+{{- range $i, $class := .Values.storageClasses }}
+{{- if $class.enabled }}
+{{- $here := printf "storageClasses[%d]" $i }}
+{{- with get $seen $class.name }}
+{{- fail (printf "StorageClass %q is defined twice, by %s and by %s: every StorageClass of the chart needs its own name" $class.name . $here) }}
+{{- end }}
+{{- $_ := set $seen $class.name $here }}
+{{- end }}
+{{- end }}
+{{- if and .Values.nfsServer.enabled .Values.nfsServer.storageClass.create }}
+{{- $name := include "stowage.nfsServerClassName" . }}
+{{- with get $seen $name }}
+{{- fail (printf "StorageClass %q is defined twice, by %s and by the in-cluster NFS server (nfsServer.storageClass.name, default <fullname>-nfs-server): give one of them another name" $name .) }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* The in-cluster NFS server's Service as the node plugin and the controller resolve it. */}}
 {{- define "stowage.nfsServerHost" -}}
 {{ include "stowage.nfsServerName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}

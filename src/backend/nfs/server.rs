@@ -279,6 +279,8 @@ async fn accept_loop(listener: TcpListener, relay: Arc<Relay>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Every TCP probe is a connection: debug, never info.
+                    debug!(%peer, "NFS connection opened");
                     let relay = Arc::clone(&relay);
                     connections.spawn(async move {
                         match relay.serve(stream).await {

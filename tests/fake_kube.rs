@@ -641,7 +641,10 @@ async fn reflectors_converge_after_break_watches() {
         eventually("initial sync", || state(r) == want).await;
     }
 
-    // break, change things while the watches are down, converge; twice
+    // break, change things while the watches are down, converge; twice. A break only
+    // ends watches already open: wait for both readers' (a reader synced by its list
+    // may not have started its watch yet).
+    eventually("both watches open", || fk.open_watches() >= 2).await;
     fk.break_watches();
     for i in 5..8 {
         ns.create(&pp, &pvc(&format!("c{i}"), &[])).await.unwrap();
@@ -651,6 +654,7 @@ async fn reflectors_converge_after_break_watches() {
     for r in &readers {
         eventually("re-sync after break_watches", || state(r) == want).await;
     }
+    eventually("both watches open again", || fk.open_watches() >= 2).await;
     fk.break_watches();
     ns.delete("c1", &DeleteParams::default()).await.unwrap();
     let relabel = Patch::Merge(json!({"metadata": {"labels": {"v": "2"}}}));

@@ -438,6 +438,11 @@ impl FakeKube {
         });
     }
 
+    /// Watch streams open right now.
+    pub fn open_watches(&self) -> usize {
+        self.shared.tx.receiver_count()
+    }
+
     /// Ends every open watch stream; clients must re-watch.
     pub fn break_watches(&self) {
         let _st = self.shared.lock();

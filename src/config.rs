@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// The default CSI driver name (the StorageClass `provisioner`).
 pub const DEFAULT_DRIVER_NAME: &str = "stowage.csi.dev";
 
+/// kubelet's default root directory (its `--root-dir`).
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "stowage",
@@ -292,6 +295,10 @@ pub struct NodeArgs {
     /// instance id (defaults to it).
     #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,
+    /// kubelet's root directory: NodeStage/NodePublish/NodeUnpublish/NodeUnstage act
+    /// only on paths under it; the default --endpoint is in it.
+    #[arg(long, env = "KUBELET_DIR", default_value = DEFAULT_KUBELET_DIR)]
+    pub kubelet_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -309,17 +316,33 @@ pub struct LocalArgs {
     /// Address of the embedded NFS server.
     #[arg(long, env = "STOWAGE_NFS_BIND", default_value = "127.0.0.1:0")]
     pub nfs_bind: SocketAddr,
+    /// The node service acts only on paths under this directory (kubelet's root
+    /// directory when a real kubelet calls this socket). Default: the directory of
+    /// the CSI socket (`/tmp/stowage` by default).
+    #[arg(long, env = "KUBELET_DIR")]
+    pub kubelet_dir: Option<PathBuf>,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
 
-/// Default sockets per role.
+/// Default sockets per role (the node's for the default kubelet directory).
 pub fn default_endpoint(role: &str, driver_name: &str) -> String {
     match role {
-        "node" => format!("unix:///var/lib/kubelet/plugins/{driver_name}/csi.sock"),
+        "node" => format!(
+            "unix://{}",
+            node_socket(std::path::Path::new(DEFAULT_KUBELET_DIR), driver_name).display()
+        ),
         "local" => "unix:///tmp/stowage/csi.sock".into(),
         _ => "unix:///csi/csi.sock".into(),
     }
+}
+
+/// The node plugin's CSI socket in a kubelet directory: `<dir>/plugins/<driver>/csi.sock`.
+pub fn node_socket(kubelet_dir: &std::path::Path, driver_name: &str) -> PathBuf {
+    kubelet_dir
+        .join("plugins")
+        .join(driver_name)
+        .join("csi.sock")
 }
 
 #[cfg(test)]
@@ -341,6 +364,19 @@ mod tests {
         assert_eq!(args.data_dir, PathBuf::from("./stowage-data"));
         assert_eq!(args.common.driver_name, DEFAULT_DRIVER_NAME);
         assert_eq!(args.storage.nfs.nfs_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn node_defaults_to_the_kubelet_dir() {
+        let cli = Cli::try_parse_from(["stowage", "node"]).unwrap();
+        let Command::Node(args) = cli.command else {
+            panic!("not node")
+        };
+        assert_eq!(args.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
+        assert_eq!(
+            default_endpoint("node", "d.example"),
+            "unix:///var/lib/kubelet/plugins/d.example/csi.sock"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!   guard and the one error mapping. Never calls NFS/AWS/Kubernetes directly.
 //! - [`backend`]: the `Backend` trait, the NFS backend (with the embedded NFS server
 //!   of `stowage local`) and the EBS backend (aws-sdk-ec2).
-//! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata and
-//!   filesystem statistics on the node.
+//! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata,
+//!   filesystem statistics and keeping node paths under kubelet's directory.
 //! - [`provisioner`]: the Kubernetes loops (provisioner, attacher, resizer, leader
 //!   election) over kube-rs, driving CSI over the socket; [`provisioner::rules`] holds
 //!   their pure decisions and object builders (k8s-openapi types only, no I/O).

@@ -17,7 +17,7 @@ use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use crate::backend::{Backend, Backends};
 use crate::config::{
     BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, KubeArgs, LocalArgs, NfsArgs,
-    NfsServerArgs, NodeArgs, default_endpoint,
+    NfsServerArgs, NodeArgs, default_endpoint, node_socket,
 };
 use crate::csi::PluginInfo;
 use crate::csi::controller::ControllerService;
@@ -555,17 +555,25 @@ async fn serve_with_loops(
 }
 
 async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+    let kubelet_dir = std::path::absolute(&args.kubelet_dir)
+        .with_context(|| format!("--kubelet-dir {}", args.kubelet_dir.display()))?;
+    let driver_name = args.common.driver_name.clone();
     let nfs = nfs_backend(&args.storage.nfs, None).await?;
-    let node = node_config(
+    let mut node = node_config(
         &args.storage.backends,
         args.node_id.clone(),
         &args.storage.ebs,
     )
     .await?;
+    node.kubelet_dir = kubelet_dir.clone();
     let node_id = node.node_id.clone();
+    let socket = match &args.common.endpoint {
+        Some(endpoint) => server::socket_path(endpoint).map_err(anyhow::Error::msg)?,
+        None => node_socket(&kubelet_dir, &driver_name),
+    };
     let running = start(Plan {
-        socket: socket(&args.common, "node")?,
-        driver_name: args.common.driver_name.clone(),
+        socket,
+        driver_name,
         backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
         controller: false,
         node: Some(node),
@@ -574,7 +582,12 @@ async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
         shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
-    tracing::info!(socket = %running.socket.display(), node = %node_id, "node plugin serving");
+    tracing::info!(
+        socket = %running.socket.display(),
+        node = %node_id,
+        kubelet_dir = %kubelet_dir.display(),
+        "node plugin serving"
+    );
     running.until_signal(signals).await
 }
 
@@ -582,6 +595,8 @@ async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
 pub struct LocalStack {
     pub running: Running,
     pub nfs: EmbeddedServer,
+    /// The node service acts only on paths under this directory.
+    pub kubelet_dir: PathBuf,
 }
 
 /// Start `stowage local` (used by `main` and by the tests).
@@ -605,9 +620,20 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
         None if args.storage.backends.contains(&BackendKind::Ebs) => None,
         None => Some(nix::unistd::gethostname()?.to_string_lossy().into_owned()),
     };
-    let node = node_config(&args.storage.backends, node_id, &args.storage.ebs).await?;
+    let mut node = node_config(&args.storage.backends, node_id, &args.storage.ebs).await?;
+    let socket = socket(&args.common, "local")?;
+    let kubelet_dir = match &args.kubelet_dir {
+        Some(dir) => dir.clone(),
+        None => socket
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .context("the CSI socket has no directory")?,
+    };
+    node.kubelet_dir = std::path::absolute(&kubelet_dir)
+        .with_context(|| format!("--kubelet-dir {}", kubelet_dir.display()))?;
+    let node_kubelet_dir = node.kubelet_dir.clone();
     let running = start(Plan {
-        socket: socket(&args.common, "local")?,
+        socket,
         driver_name: args.common.driver_name.clone(),
         backends: backends(&args.storage.backends, Some(nfs_backend), &args.storage.ebs).await?,
         controller: true,
@@ -617,7 +643,11 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
         shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
-    Ok(LocalStack { running, nfs })
+    Ok(LocalStack {
+        running,
+        nfs,
+        kubelet_dir: node_kubelet_dir,
+    })
 }
 
 async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
@@ -625,11 +655,12 @@ async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> 
     let driver_name = args.common.driver_name.clone();
     let stack = start_local(args).await?;
     println!(
-        "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {})",
+        "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {}; node paths under {})",
         stack.running.socket.display(),
         stack.nfs.local_addr(),
         stack.nfs.export_path(),
-        stack.nfs.dir().display()
+        stack.nfs.dir().display(),
+        stack.kubelet_dir.display()
     );
     if let Some(addr) = stack.running.http_addr {
         println!("stowage local: metrics on http://{addr}/metrics");

@@ -659,6 +659,21 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             "{case}: node tolerations"
         );
 
+        // The plugin's command line as the code reads it.
+        let env = container_env(node);
+        let argv = std::iter::once("stowage".to_owned())
+            .chain(args.iter().map(|a| expand(a, &env).unwrap()));
+        let stowage::config::Command::Node(node_args) =
+            <Cli as clap::Parser>::try_parse_from(argv).unwrap().command
+        else {
+            panic!("{case}: not `stowage node`")
+        };
+        assert_eq!(
+            node_args.kubelet_dir,
+            Path::new(kubelet_dir),
+            "{case}: node paths confined to the kubelet dir"
+        );
+
         // node-driver-registrar: dials the same socket through the plugin dir and
         // registers the host path of it in kubelet's registration dir.
         let registrar = container(pod, "node-driver-registrar").expect("registrar sidecar");

@@ -72,6 +72,8 @@ impl Ebs {
         )]));
         node.max_volumes = 26;
         node.device_wait = Duration::from_millis(200);
+        // Staging and target paths are under the temp dir, standing in for kubelet's.
+        node.kubelet_dir = dir.path().to_path_buf();
         let running = start(Plan {
             socket: dir.path().join("csi.sock"),
             driver_name: "stowage.csi.dev".into(),

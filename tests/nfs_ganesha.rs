@@ -91,7 +91,11 @@ impl Fixture {
             driver_name: "stowage.csi.dev".into(),
             backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
             controller: true,
-            node: Some(stowage::csi::node::NodeConfig::new("node-1")),
+            node: Some(stowage::csi::node::NodeConfig {
+                // Targets are under the temp dir, standing in for kubelet's.
+                kubelet_dir: dir.path().to_path_buf(),
+                ..stowage::csi::node::NodeConfig::new("node-1")
+            }),
             mounter,
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),

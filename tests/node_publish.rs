@@ -1,6 +1,7 @@
 //! Node publish/unpublish/stats against `stowage local` with real bind mounts: the
 //! target is created on publish and removed on unpublish, calls are idempotent, bad
-//! arguments come before lookups, read-only publishes are read-only. Needs root.
+//! arguments come before lookups, read-only publishes are read-only, and nothing
+//! outside --kubelet-dir is touched (paths outside, `..`, symlinks leading out). Needs root.
 
 mod common;
 
@@ -231,4 +232,225 @@ async fn block_access_is_refused_on_nfs() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(!target.exists());
     local.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Confinement: the node service acts only under --kubelet-dir.
+// ---------------------------------------------------------------------------
+
+/// `stowage local` with `--kubelet-dir <tmp>/kubelet`; `<tmp>/outside` is the rest of
+/// the host.
+struct Confined {
+    local: Local,
+    kubelet: std::path::PathBuf,
+    outside: std::path::PathBuf,
+}
+
+async fn confined() -> Confined {
+    let local = Local::start_with_kubelet_dir(|dir| {
+        let kubelet = dir.join("kubelet");
+        std::fs::create_dir_all(kubelet.join("pods")).unwrap();
+        kubelet
+    })
+    .await;
+    let base = std::fs::canonicalize(local.dir.path()).unwrap();
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    Confined {
+        kubelet: base.join("kubelet"),
+        outside,
+        local,
+    }
+}
+
+/// INVALID_ARGUMENT that names the flag.
+fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, what: &str) {
+    let err = result.expect_err(what);
+    assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    assert!(
+        err.message().contains("--kubelet-dir"),
+        "{what}: the message names the flag: {}",
+        err.message()
+    );
+}
+
+/// Unmounts a test's own mount when dropped, so a failed assertion leaves no mount.
+struct MountGuard(std::path::PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        while is_mount_point(&self.0) {
+            let status = std::process::Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .unwrap();
+            assert!(status.success(), "umount {}", self.0.display());
+        }
+    }
+}
+
+fn bind_on_itself(dir: &std::path::Path) -> MountGuard {
+    let status = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(dir)
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount --bind {}", dir.display());
+    MountGuard(dir.to_owned())
+}
+
+#[tokio::test]
+async fn unpublish_outside_the_kubelet_dir_is_refused_and_removes_nothing() {
+    let t = confined().await;
+    let mut n = t.local.node();
+    let victim = t.outside.join("empty-dir");
+    std::fs::create_dir(&victim).unwrap();
+    assert_refused(
+        n.node_unpublish_volume(unpublish_request("pvc-1", &victim))
+            .await,
+        "a target outside",
+    );
+    assert!(victim.is_dir(), "the directory outside is still there");
+
+    // Climbing out with `..` from inside.
+    let climbing = format!("{}/../outside/empty-dir", t.kubelet.display());
+    let err = n
+        .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+            volume_id: "pvc-1".into(),
+            target_path: climbing,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(victim.is_dir());
+
+    // A directory beside the kubelet dir whose name starts like it.
+    let sibling = t.kubelet.with_file_name("kubelet-other");
+    std::fs::create_dir(&sibling).unwrap();
+    assert_refused(
+        n.node_unpublish_volume(unpublish_request("pvc-1", &sibling))
+            .await,
+        "a sibling of the kubelet dir",
+    );
+    assert!(sibling.is_dir());
+
+    // The kubelet dir itself is not a target either.
+    std::fs::remove_dir(t.kubelet.join("pods")).unwrap();
+    assert_refused(
+        n.node_unpublish_volume(unpublish_request("pvc-1", &t.kubelet))
+            .await,
+        "the kubelet dir itself",
+    );
+    assert!(t.kubelet.is_dir(), "the kubelet dir is still there");
+    t.local.stop().await;
+}
+
+#[tokio::test]
+async fn symlinks_out_of_the_kubelet_dir_are_refused() {
+    use std::os::unix::fs::symlink;
+    let t = confined().await;
+    let mut c = t.local.controller();
+    let mut n = t.local.node();
+    let volume = create(&mut c, "escape-vol", &[]).await;
+
+    // A parent that is a symlink to elsewhere: unpublish would remove outside/victim.
+    let victim = t.outside.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    symlink(&t.outside, t.kubelet.join("pods/p1")).unwrap();
+    assert_refused(
+        n.node_unpublish_volume(unpublish_request(
+            &volume.volume_id,
+            &t.kubelet.join("pods/p1/victim"),
+        ))
+        .await,
+        "unpublish through a symlinked parent",
+    );
+    assert!(victim.is_dir(), "outside/victim still there");
+
+    // The target itself a symlink to elsewhere: publish would mount over outside/victim.
+    let link = t.kubelet.join("pods/p2");
+    symlink(&victim, &link).unwrap();
+    assert_refused(
+        n.node_publish_volume(publish_request(&volume.volume_id, &link))
+            .await,
+        "publish onto a symlink out",
+    );
+    assert!(!is_mount_point(&victim), "nothing mounted outside");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+
+    // A relative symlink climbing out.
+    symlink("../../outside", t.kubelet.join("pods/p3")).unwrap();
+    assert_refused(
+        n.node_publish_volume(publish_request(
+            &volume.volume_id,
+            &t.kubelet.join("pods/p3/new/mount"),
+        ))
+        .await,
+        "publish below a relative symlink out",
+    );
+    assert!(!t.outside.join("new").exists(), "nothing created outside");
+
+    // A dangling symlink: where it would lead can't be checked.
+    symlink(t.outside.join("not-yet"), t.kubelet.join("pods/p4")).unwrap();
+    assert_refused(
+        n.node_publish_volume(publish_request(
+            &volume.volume_id,
+            &t.kubelet.join("pods/p4/mount"),
+        ))
+        .await,
+        "publish below a dangling symlink",
+    );
+    assert!(!t.outside.join("not-yet").exists());
+
+    // Symlinks that stay inside still work; the mount is at the resolved path.
+    std::fs::create_dir(t.kubelet.join("pods/real")).unwrap();
+    symlink(t.kubelet.join("pods/real"), t.kubelet.join("pods/alias")).unwrap();
+    let via_alias = t.kubelet.join("pods/alias/mount");
+    n.node_publish_volume(publish_request(&volume.volume_id, &via_alias))
+        .await
+        .expect("publish through a symlink inside");
+    let real = t.kubelet.join("pods/real/mount");
+    let _guard = MountGuard(real.clone());
+    assert!(is_mount_point(&real), "mounted at the resolved path");
+    n.node_unpublish_volume(unpublish_request(&volume.volume_id, &via_alias))
+        .await
+        .expect("unpublish through a symlink inside");
+    assert!(!is_mount_point(&real) && !real.exists());
+    delete(&mut c, &volume.volume_id).await;
+    t.local.stop().await;
+}
+
+#[tokio::test]
+async fn stage_and_unstage_outside_the_kubelet_dir_touch_nothing() {
+    let t = confined().await;
+    let mut c = t.local.controller();
+    let mut n = t.local.node();
+    let volume = create(&mut c, "stage-vol", &[]).await;
+    // Something mounted elsewhere on the host: unstage would unmount it.
+    let mounted = t.outside.join("mounted");
+    std::fs::create_dir(&mounted).unwrap();
+    let _guard = bind_on_itself(&mounted);
+    assert_refused(
+        n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            staging_target_path: mounted.display().to_string(),
+        })
+        .await,
+        "unstage outside",
+    );
+    assert!(is_mount_point(&mounted), "still mounted");
+    assert_refused(
+        n.node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            staging_target_path: t.outside.join("staging").display().to_string(),
+            volume_capability: Some(mount_capability()),
+            ..Default::default()
+        })
+        .await,
+        "stage outside",
+    );
+    assert!(!t.outside.join("staging").exists());
+    delete(&mut c, &volume.volume_id).await;
+    t.local.stop().await;
 }

@@ -2,7 +2,9 @@
 //! the staging path), publish (create the target, mount or bind into it), unpublish
 //! (unmount, remove the target), unstage, volume stats, node info and capabilities.
 //! The OS work goes through [`Mounter`] and `node::{device, format}`; what to mount
-//! comes from the volume's backend.
+//! comes from the volume's backend. Stage, publish, unpublish, unstage and expand act
+//! only on paths under kubelet's directory ([`NodeConfig::kubelet_dir`]), checked
+//! lexically and again with symlinks resolved; they act on the resolved path.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +18,14 @@ use super::status::busy;
 use super::{observe, validate};
 use crate::backend::{Backends, NodeSource};
 use crate::metrics::Metrics;
-use crate::node::{Mounter, device, format, usage_within};
+use crate::node::confine::{ConfineError, resolve_within};
+use crate::node::{Mounter, device, format, mount_points, usage_within};
 use crate::volume::{AccessType, Capability, Segments};
 
 /// How long NodeGetVolumeStats waits for statvfs (a hung NFS server blocks it).
 const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long resolving the symlinks along a node path may take.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the node reports about itself and where it finds devices.
 #[derive(Debug, Clone)]
@@ -34,6 +39,8 @@ pub struct NodeConfig {
     pub by_id_dir: PathBuf,
     /// How long NodeStage/NodePublish look for an attached volume's device.
     pub device_wait: std::time::Duration,
+    /// kubelet's root directory: the node service acts only on paths under it.
+    pub kubelet_dir: PathBuf,
 }
 
 impl NodeConfig {
@@ -44,6 +51,7 @@ impl NodeConfig {
             max_volumes: 0,
             by_id_dir: PathBuf::from("/dev/disk/by-id"),
             device_wait: std::time::Duration::from_secs(30),
+            kubelet_dir: PathBuf::from(crate::config::DEFAULT_KUBELET_DIR),
         }
     }
 }
@@ -94,6 +102,39 @@ fn merged(
 }
 
 impl NodeService {
+    /// A path the CO names for this node to act on: absolute without `.`/`..`, under
+    /// the kubelet directory, and still under it with every symlink along it resolved
+    /// (INVALID_ARGUMENT otherwise, before anything is touched). Returns the resolved
+    /// path, the one to act on.
+    async fn confined(&self, field: &'static str, value: &str) -> Result<PathBuf, Status> {
+        let path = validate::node_path(field, value)?;
+        let root = self.config.kubelet_dir.clone();
+        let below = validate::under_root(field, &path, &root)?.to_path_buf();
+        let resolve = tokio::task::spawn_blocking(move || {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
+                ConfineError::Io {
+                    path: "/proc/self/mountinfo".into(),
+                    source,
+                }
+            })?;
+            resolve_within(&root, &below, &mount_points(&mountinfo))
+        });
+        match tokio::time::timeout(RESOLVE_TIMEOUT, resolve).await {
+            Ok(Ok(Ok(real))) => Ok(real),
+            Ok(Ok(Err(e @ (ConfineError::Escapes { .. } | ConfineError::Dangling { .. })))) => {
+                Err(Status::invalid_argument(format!("{field} {value:?}: {e}")))
+            }
+            Ok(Ok(Err(e @ ConfineError::Root { .. }))) => Err(Status::failed_precondition(
+                format!("{field} {value:?}: {e}"),
+            )),
+            Ok(Ok(Err(e))) => Err(internal(&format!("resolving {field} {value:?}"), e)),
+            Ok(Err(e)) => Err(internal(&format!("resolving {field} {value:?}"), e)),
+            Err(_) => Err(Status::unavailable(format!(
+                "resolving {field} {value:?} took longer than {RESOLVE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// What the backend of `volume_id` says to mount; NOT_FOUND for unknown volumes.
     fn source(
         &self,
@@ -163,7 +204,9 @@ impl NodeService {
         request: proto::NodeStageVolumeRequest,
     ) -> Result<proto::NodeStageVolumeResponse, Status> {
         let volume_id = validate::required("volume_id", &request.volume_id)?;
-        let staging = validate::node_path("staging_target_path", &request.staging_target_path)?;
+        let staging = self
+            .confined("staging_target_path", &request.staging_target_path)
+            .await?;
         let capability = required_capability(request.volume_capability.as_ref())?;
         let context = merged(&request.volume_context, &request.publish_context);
         let source = self.source(volume_id, &context, &capability)?;
@@ -222,7 +265,9 @@ impl NodeService {
         request: proto::NodeUnstageVolumeRequest,
     ) -> Result<proto::NodeUnstageVolumeResponse, Status> {
         let volume_id = validate::required("volume_id", &request.volume_id)?;
-        let staging = validate::node_path("staging_target_path", &request.staging_target_path)?;
+        let staging = self
+            .confined("staging_target_path", &request.staging_target_path)
+            .await?;
         let _guard = self
             .inflight
             .try_claim(volume_id)
@@ -237,7 +282,7 @@ impl NodeService {
         request: proto::NodePublishVolumeRequest,
     ) -> Result<proto::NodePublishVolumeResponse, Status> {
         let volume_id = validate::required("volume_id", &request.volume_id)?;
-        let target = validate::node_path("target_path", &request.target_path)?;
+        let target = self.confined("target_path", &request.target_path).await?;
         let capability = required_capability(request.volume_capability.as_ref())?;
         let context = merged(&request.volume_context, &request.publish_context);
         let source = self.source(volume_id, &context, &capability)?;
@@ -282,8 +327,9 @@ impl NodeService {
                     .await?,
             ),
             NodeSource::Device { .. } => {
-                let staging =
-                    validate::node_path("staging_target_path", &request.staging_target_path)?;
+                let staging = self
+                    .confined("staging_target_path", &request.staging_target_path)
+                    .await?;
                 if !self.is_mounted(&staging).await? {
                     return Err(Status::failed_precondition(format!(
                         "volume {volume_id} is not staged at {}; call NodeStageVolume first",
@@ -339,7 +385,7 @@ impl NodeService {
         request: proto::NodeUnpublishVolumeRequest,
     ) -> Result<proto::NodeUnpublishVolumeResponse, Status> {
         let volume_id = validate::required("volume_id", &request.volume_id)?;
-        let target = validate::node_path("target_path", &request.target_path)?;
+        let target = self.confined("target_path", &request.target_path).await?;
         let _guard = self
             .inflight
             .try_claim(volume_id)
@@ -416,12 +462,13 @@ impl NodeService {
                 "volume {volume_id} does not exist"
             )));
         }
-        let path = validate::node_path("volume_path", &request.volume_path).map_err(|_| {
+        validate::node_path("volume_path", &request.volume_path).map_err(|_| {
             Status::not_found(format!(
                 "volume {volume_id} is not published at {:?}",
                 request.volume_path
             ))
         })?;
+        let path = self.confined("volume_path", &request.volume_path).await?;
         let block = capability.is_some_and(|c| c.access_type == AccessType::Block);
         let _guard = self
             .inflight

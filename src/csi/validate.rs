@@ -39,6 +39,20 @@ pub fn node_path(field: &str, value: &str) -> Result<PathBuf, Status> {
     Ok(path.to_path_buf())
 }
 
+/// `path` (a [`node_path`]) strictly below `root`, compared component by component:
+/// the part below `root`. `root` is kubelet's directory, the only place the node
+/// service acts on; the symlink half of that check is `node::confine`'s.
+pub fn under_root<'a>(field: &str, path: &'a Path, root: &Path) -> Result<&'a Path, Status> {
+    match path.strip_prefix(root) {
+        Ok(below) if below.components().next().is_some() => Ok(below),
+        _ => Err(Status::invalid_argument(format!(
+            "{field} {:?} is not under the kubelet directory {} (--kubelet-dir); the node plugin acts only on paths under it",
+            path.display().to_string(),
+            root.display()
+        ))),
+    }
+}
+
 /// One capability: access type and a known access mode are both required.
 pub fn capability(capability: &proto::VolumeCapability) -> Result<Capability, Status> {
     let access_type = match &capability.access_type {
@@ -213,6 +227,37 @@ mod tests {
             node_path("target_path", "/var/lib/x").unwrap(),
             PathBuf::from("/var/lib/x")
         );
+    }
+
+    #[test]
+    fn node_paths_must_be_strictly_under_the_root() {
+        fn under(value: &str) -> Result<&Path, Status> {
+            under_root(
+                "target_path",
+                Path::new(value),
+                Path::new("/var/lib/kubelet"),
+            )
+        }
+        assert_eq!(
+            under("/var/lib/kubelet/pods/x").unwrap(),
+            Path::new("pods/x")
+        );
+        for outside in [
+            "/var/lib/kubelet",
+            "/var/lib/kubelet-other/x",
+            "/var/lib",
+            "/tmp/x",
+        ] {
+            let err = under(outside).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{outside}");
+            assert!(
+                err.message().contains("--kubelet-dir") && err.message().contains(outside),
+                "{}",
+                err.message()
+            );
+        }
+        // A trailing slash on the root changes nothing.
+        assert!(under_root("t", Path::new("/k/x"), Path::new("/k/")).is_ok());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Node-side OS work: mounting, bind-mounting, unmounting, mount-table lookups and
-//! filesystem statistics. Owns every `mount`/`umount` the plugin runs, behind the
+//! filesystem statistics, and keeping node paths under kubelet's directory. Owns every `mount`/`umount` the plugin runs, behind the
 //! [`Mounter`] trait so handlers can be tested against a recording fake where the
 //! kernel can't do the real thing (NFS here). Knows nothing about CSI or backends.
 
+pub mod confine;
 pub mod device;
 pub mod format;
 pub mod metadata;

@@ -24,10 +24,17 @@ pub struct Local {
 }
 
 impl Local {
+    /// Node paths confined to the temp dir (it stands in for kubelet's directory).
     pub async fn start() -> Local {
+        Self::start_with_kubelet_dir(Path::to_path_buf).await
+    }
+
+    /// `--kubelet-dir` chosen from the temp dir (which must exist by then).
+    pub async fn start_with_kubelet_dir(kubelet_dir: impl FnOnce(&Path) -> PathBuf) -> Local {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
         let data = dir.path().join("data");
+        let kubelet_dir = kubelet_dir(dir.path());
         let cli = Cli::try_parse_from_args(&[
             "stowage",
             "local",
@@ -39,6 +46,8 @@ impl Local {
             "test-node",
             "--nfs-timeout",
             "5s",
+            "--kubelet-dir",
+            kubelet_dir.to_str().unwrap(),
         ]);
         let Command::Local(args) = cli.command else {
             unreachable!()

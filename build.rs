@@ -1,8 +1,13 @@
-//! Compiles `proto/csi.proto` (CSI spec v1.12.0) with protox, so no `protoc` is needed.
+//! Compiles `proto/csi.proto` (CSI spec v1.12.0) and `proto/pluginregistration.proto`
+//! (kubelet's plugin registration, v1) with protox, so no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/csi.proto");
-    let descriptors = protox::compile(["proto/csi.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=proto/pluginregistration.proto");
+    let descriptors = protox::compile(
+        ["proto/csi.proto", "proto/pluginregistration.proto"],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

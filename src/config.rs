@@ -299,6 +299,15 @@ pub struct NodeArgs {
     /// only on paths under it; the default --endpoint is in it.
     #[arg(long, env = "KUBELET_DIR", default_value = DEFAULT_KUBELET_DIR)]
     pub kubelet_dir: PathBuf,
+    /// Register with kubelet through `<kubelet-dir>/plugins_registry/<driver>-reg.sock`.
+    /// Turn off where node-driver-registrar registers the plugin instead.
+    #[arg(long, env = "KUBELET_REGISTRATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kubelet_registration: bool,
+    /// The CSI socket as a path on kubelet's host, told to kubelet at registration
+    /// (default: the --endpoint path, right when the plugin sees the host's kubelet
+    /// directory at the same path).
+    #[arg(long, env = "KUBELET_REGISTRATION_PATH")]
+    pub kubelet_registration_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -373,6 +382,7 @@ mod tests {
             panic!("not node")
         };
         assert_eq!(args.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
+        assert!(args.kubelet_registration);
         assert_eq!(
             default_endpoint("node", "d.example"),
             "unix:///var/lib/kubelet/plugins/d.example/csi.sock"

@@ -1,6 +1,7 @@
 //! Prometheus metrics and the HTTP endpoint that serves them with `/healthz` (alive:
-//! the process serves) and `/readyz` (ready: every readiness check passes, e.g. the
-//! controller's Kubernetes API server answers).
+//! the process serves and every health check passes, e.g. kubelet has not refused the
+//! node plugin's registration) and `/readyz` (ready: every readiness check passes, e.g.
+//! the controller's Kubernetes API server answers).
 //! Names follow the CSI sidecars where they overlap
 //! (`csi_sidecar_operations_seconds{driver_name,method_name,grpc_status_code}`).
 
@@ -70,15 +71,16 @@ struct OperationLabels {
 
 type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
 
-/// One readiness check: `Err` says why the process is not ready.
-pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+/// One health or readiness check: `Err` says what is wrong.
+pub type Check = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 /// The process's metrics registry, and what `/readyz` checks.
 pub struct Metrics {
     driver_name: String,
     registry: Mutex<Registry>,
     operations: HistogramFamily,
-    ready_checks: Mutex<Vec<ReadyCheck>>,
+    ready_checks: Mutex<Vec<Check>>,
+    health_checks: Mutex<Vec<Check>>,
 }
 
 fn operation_histogram() -> Histogram {
@@ -100,6 +102,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             operations,
             ready_checks: Mutex::default(),
+            health_checks: Mutex::default(),
         })
     }
 
@@ -115,23 +118,26 @@ impl Metrics {
             .push(Arc::new(check));
     }
 
-    /// Ready when every check passes (no check: ready while serving); else the reasons.
-    pub async fn ready(&self) -> Result<(), String> {
-        let checks = self
-            .ready_checks
+    /// Add a check to `/healthz` (liveness: failing it gets the process restarted),
+    /// run on every request.
+    pub fn add_health_check(
+        &self,
+        check: impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static,
+    ) {
+        self.health_checks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let failed: Vec<String> = futures::future::join_all(checks.iter().map(|check| check()))
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("\n"))
-        }
+            .push(Arc::new(check));
+    }
+
+    /// Ready when every check passes (no check: ready while serving); else the reasons.
+    pub async fn ready(&self) -> Result<(), String> {
+        run_checks(&self.ready_checks).await
+    }
+
+    /// Alive when every health check passes; else the reasons.
+    pub async fn healthy(&self) -> Result<(), String> {
+        run_checks(&self.health_checks).await
     }
 
     /// Record one CSI call: `method` like `/csi.v1.Controller/CreateVolume`,
@@ -180,7 +186,22 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` (503 with the reasons when not ready) on a
+async fn run_checks(checks: &Mutex<Vec<Check>>) -> Result<(), String> {
+    let checks = checks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let failed: Vec<String> = futures::future::join_all(checks.iter().map(|check| check()))
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
+}
+
+/// Serve `/metrics`, `/healthz` (500 with the reasons when a health check fails) and
+/// `/readyz` (503 with the reasons when not ready) on a
 /// bound listener until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -188,8 +209,20 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let readiness = Arc::clone(&metrics);
+    let liveness = Arc::clone(&metrics);
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let metrics = Arc::clone(&liveness);
+                async move {
+                    match metrics.healthy().await {
+                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                        Err(reasons) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{reasons}\n")),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

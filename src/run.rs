@@ -23,6 +23,7 @@ use crate::csi::PluginInfo;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::{NodeConfig, NodeService};
+use crate::csi::registration::{KubeletRegistration, registration_socket};
 use crate::csi::server::{self, Services};
 use crate::metrics::Metrics;
 use crate::node::metadata::{InstanceMetadata, metadata};
@@ -64,6 +65,8 @@ pub struct Running {
     /// Resolves with the CSI server's result when its thread ends.
     grpc: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
+    /// kubelet's plugin registration: its socket and the task serving it.
+    registration: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -183,13 +186,40 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         stop,
         grpc,
         http,
+        registration: None,
     })
 }
 
 impl Running {
-    /// Stop serving, wait for in-flight calls, remove the socket.
+    /// Serve kubelet's plugin registration on its socket (bound before this returns),
+    /// until stopped.
+    pub fn serve_registration(&mut self, registration: KubeletRegistration) -> anyhow::Result<()> {
+        let path = registration.socket().to_path_buf();
+        let listener = server::bind(&path)
+            .with_context(|| format!("binding the registration socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "waiting for kubelet to register the plugin");
+        let task = tokio::spawn(server::serve_registration(
+            listener,
+            registration,
+            stopped(self.stop.subscribe()),
+        ));
+        self.registration = Some((path, task));
+        Ok(())
+    }
+
+    /// Stop serving, wait for in-flight calls, remove the sockets (the registration
+    /// socket first: kubelet then deregisters the plugin before its socket goes).
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        if let Some((path, task)) = self.registration {
+            remove_socket(&path)?;
+            match tokio::time::timeout(self.shutdown_grace, task).await {
+                Ok(joined) => joined?.context("registration server")?,
+                Err(_) => tracing::warn!(
+                    "kubelet still connected to the registration socket; stopping anyway"
+                ),
+            }
+        }
         // Graceful shutdown waits for clients to hang up; one that never does must
         // not keep the process from exiting (the thread is left to die with it).
         match tokio::time::timeout(self.shutdown_grace, self.grpc).await {
@@ -206,10 +236,7 @@ impl Running {
                 Err(_) => tracing::warn!("metrics clients still connected; stopping anyway"),
             }
         }
-        match std::fs::remove_file(&self.socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
+        remove_socket(&self.socket)
     }
 
     /// Serve until SIGINT/SIGTERM, then stop.
@@ -217,6 +244,15 @@ impl Running {
         signals.wait().await;
         tracing::info!("shutting down");
         self.stop().await
+    }
+}
+
+fn remove_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e).context(format!("removing {}", path.display())))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -571,9 +607,9 @@ async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
         Some(endpoint) => server::socket_path(endpoint).map_err(anyhow::Error::msg)?,
         None => node_socket(&kubelet_dir, &driver_name),
     };
-    let running = start(Plan {
+    let mut running = start(Plan {
         socket,
-        driver_name,
+        driver_name: driver_name.clone(),
         backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
         controller: false,
         node: Some(node),
@@ -582,10 +618,27 @@ async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
         shutdown_grace: args.common.shutdown_grace,
     })
     .await?;
+    if args.kubelet_registration {
+        let endpoint = args
+            .kubelet_registration_path
+            .clone()
+            .unwrap_or_else(|| running.socket.clone());
+        let registration = KubeletRegistration::new(
+            &driver_name,
+            &endpoint,
+            registration_socket(&kubelet_dir, &driver_name),
+            &running.metrics,
+        );
+        if let Err(e) = running.serve_registration(registration) {
+            running.stop().await?;
+            return Err(e);
+        }
+    }
     tracing::info!(
         socket = %running.socket.display(),
         node = %node_id,
         kubelet_dir = %kubelet_dir.display(),
+        http_addr = %running.http_addr.map(|a| a.to_string()).unwrap_or_default(),
         "node plugin serving"
     );
     running.until_signal(signals).await

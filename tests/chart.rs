@@ -674,34 +674,69 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             "{case}: node paths confined to the kubelet dir"
         );
 
-        // node-driver-registrar: dials the same socket through the plugin dir and
-        // registers the host path of it in kubelet's registration dir.
-        let registrar = container(pod, "node-driver-registrar").expect("registrar sidecar");
-        let registrar_args = strings(&registrar["args"]);
-        assert_eq!(
-            flag(&registrar_args, "kubelet-registration-path").as_deref(),
-            Some(socket.as_str()),
-            "{case}"
-        );
-        let csi_address = flag(&registrar_args, "csi-address").expect("--csi-address");
-        let (csi_dir, file) = csi_address.rsplit_once('/').unwrap();
-        assert_eq!(file, "csi.sock");
-        let plugin_mount = mount(registrar, csi_dir).expect("plugin dir mounted in the registrar");
-        assert_eq!(
-            volume_host_path(pod, plugin_mount["name"].as_str().unwrap()),
-            Some(socket.rsplit_once('/').unwrap().0),
-            "{case}: plugin dir"
-        );
-        let registration = mount(registrar, "/registration").expect("registration dir mounted");
-        assert_eq!(
-            volume_host_path(pod, registration["name"].as_str().unwrap()),
-            Some(format!("{kubelet_dir}/{REGISTRATION_DIR}").as_str()),
-            "{case}: registration dir"
-        );
-        if kubelet_dir == DEFAULT_KUBELET_DIR {
+        // Registration: the plugin's own socket in kubelet's registration dir (seen
+        // through the kubelet-dir mount at the host's path), one container; or, with
+        // the registrar enabled, node-driver-registrar and the plugin's own turned off.
+        let registrar = container(pod, "node-driver-registrar");
+        if r.values["node"]["registrar"]["enabled"] == true {
+            assert!(!node_args.kubelet_registration, "{case}: registered twice");
+            let registrar = registrar.expect("registrar sidecar");
+            // Dials the same socket through the plugin dir and registers the host path
+            // of it in kubelet's registration dir.
+            let registrar_args = strings(&registrar["args"]);
+            assert_eq!(
+                flag(&registrar_args, "kubelet-registration-path").as_deref(),
+                Some(socket.as_str()),
+                "{case}"
+            );
+            let csi_address = flag(&registrar_args, "csi-address").expect("--csi-address");
+            let (csi_dir, file) = csi_address.rsplit_once('/').unwrap();
+            assert_eq!(file, "csi.sock");
+            let plugin_mount =
+                mount(registrar, csi_dir).expect("plugin dir mounted in the registrar");
+            assert_eq!(
+                volume_host_path(pod, plugin_mount["name"].as_str().unwrap()),
+                Some(socket.rsplit_once('/').unwrap().0),
+                "{case}: plugin dir"
+            );
+            let registration = mount(registrar, "/registration").expect("registration dir mounted");
             assert_eq!(
                 volume_host_path(pod, registration["name"].as_str().unwrap()),
-                Some("/var/lib/kubelet/plugins_registry")
+                Some(format!("{kubelet_dir}/{REGISTRATION_DIR}").as_str()),
+                "{case}: registration dir"
+            );
+        } else {
+            assert!(
+                registrar.is_none(),
+                "{case}: registrar sidecar while the plugin registers itself"
+            );
+            assert_eq!(
+                pod["containers"].as_array().unwrap().len(),
+                1,
+                "{case}: the node pod has one container"
+            );
+            assert!(
+                node_args.kubelet_registration,
+                "{case}: nobody registers the plugin"
+            );
+            let registration_socket = stowage::csi::registration::registration_socket(
+                &node_args.kubelet_dir,
+                &node_args.common.driver_name,
+            );
+            assert_eq!(
+                registration_socket,
+                Path::new(&format!(
+                    "{kubelet_dir}/{REGISTRATION_DIR}/{driver}-reg.sock"
+                )),
+                "{case}"
+            );
+            // What kubelet is told to dial: the --endpoint path, the same on the host.
+            assert_eq!(node_args.kubelet_registration_path, None, "{case}");
+        }
+        if r.case == "default values" {
+            assert_eq!(
+                stowage::csi::registration::registration_socket(Path::new(kubelet_dir), driver),
+                Path::new("/var/lib/kubelet/plugins_registry/stowage.csi.dev-reg.sock")
             );
         }
 

@@ -3,11 +3,13 @@
 //! validate → guard → act → map. This layer never calls AWS, NFS or Kubernetes
 //! directly: it goes through [`crate::backend::Backends`] and [`crate::node::Mounter`].
 
+pub mod authority;
 pub mod channel;
 pub mod controller;
 pub mod identity;
 pub mod inflight;
 pub mod node;
+pub mod registration;
 pub mod server;
 pub mod status;
 pub mod validate;

@@ -1,12 +1,18 @@
 //! Serving the CSI services on a unix socket: endpoint parsing, binding (stale socket
-//! replaced, mode 0660) and `serve`, which takes a bound listener and a shutdown future.
+//! replaced, mode 0660) and `serve`, which takes a bound listener and a shutdown future;
+//! `serve_registration` does the same for kubelet's plugin registration. Every
+//! connection goes through [`AuthorityFix`] (clients that send the socket path as
+//! `:authority`).
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use super::authority::AuthorityFix;
 
 use super::controller::ControllerService;
 use super::identity::IdentityService;
@@ -14,6 +20,7 @@ use super::node::NodeService;
 use super::proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
+use super::registration::{KubeletRegistration, proto::registration_server::RegistrationServer};
 
 /// The services one socket serves.
 pub struct Services {
@@ -61,6 +68,14 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Accepted connections, each behind [`AuthorityFix`] so clients that send the socket
+/// path as `:authority` are served too.
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    UnixListenerStream::new(listener).map(|accepted| accepted.map(AuthorityFix::new))
+}
+
 /// Serve until `shutdown` resolves; in-flight calls are allowed to finish.
 pub async fn serve(
     listener: UnixListener,
@@ -71,7 +86,19 @@ pub async fn serve(
         .add_service(IdentityServer::new(services.identity))
         .add_optional_service(services.controller.map(ControllerServer::new))
         .add_optional_service(services.node.map(NodeServer::new))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await
+}
+
+/// Serve kubelet's plugin registration on its own socket until `shutdown` resolves.
+pub async fn serve_registration(
+    listener: UnixListener,
+    registration: KubeletRegistration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(RegistrationServer::new(registration))
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
 

@@ -4,13 +4,15 @@
 //! `stowage` binaries, a real grpcio client (from tests/run's venv).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use prost::Message;
 use stowage::csi::proto;
 use stowage::csi::registration::proto as registration;
+
+#[path = "common/process.rs"]
+mod process;
+use process::Process;
 
 /// The venv's Python with grpcio, or None (skipped) unless the run requires it.
 fn python(test: &str) -> Option<PathBuf> {
@@ -62,22 +64,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn wait_for(path: &Path, child: &mut Child) {
+fn wait_for(path: &Path, child: &mut Process) {
     for _ in 0..600 {
         if path.exists() {
             return;
         }
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             panic!("stowage exited before serving: {status}");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("{} never appeared", path.display());
-}
-
-fn stop(mut child: Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -87,15 +84,17 @@ fn grpc_c_core_clients_are_served_on_the_csi_socket() {
     };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/csi.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(["local", "--endpoint"])
-        .arg(format!("unix://{}", socket.display()))
-        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
-        .args(["--shutdown-grace", "1s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(["local", "--endpoint"])
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--shutdown-grace", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&socket, &mut child);
 
     let info: proto::GetPluginInfoResponse = call(
@@ -142,7 +141,7 @@ fn grpc_c_core_clients_are_served_on_the_csi_socket() {
     )
     .unwrap_err();
     assert!(refused.starts_with("INVALID_ARGUMENT"), "{refused}");
-    stop(child);
+    child.stop();
 }
 
 #[test]
@@ -152,14 +151,16 @@ fn grpc_c_core_clients_are_served_on_the_registration_socket() {
     };
     let dir = tempfile::tempdir().unwrap();
     let kubelet_dir = dir.path().join("kubelet");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(["node", "--node-id", "node-a", "--kubelet-dir"])
-        .arg(&kubelet_dir)
-        .args(["--shutdown-grace", "1s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(["node", "--node-id", "node-a", "--kubelet-dir"])
+            .arg(&kubelet_dir)
+            .args(["--shutdown-grace", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let socket = kubelet_dir.join("plugins_registry/stowage.csi.dev-reg.sock");
     wait_for(&socket, &mut child);
     let info: registration::PluginInfo = call(
@@ -174,5 +175,5 @@ fn grpc_c_core_clients_are_served_on_the_registration_socket() {
         Path::new(&info.endpoint),
         kubelet_dir.join("plugins/stowage.csi.dev/csi.sock")
     );
-    stop(child);
+    child.stop();
 }

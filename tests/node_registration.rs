@@ -6,32 +6,36 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use stowage::csi::channel;
 use stowage::csi::proto::{self, identity_client::IdentityClient, node_client::NodeClient};
 use stowage::csi::registration::proto::{
     InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
 };
 
+#[path = "common/process.rs"]
+mod process;
+use process::Process;
+
 const DRIVER: &str = "registration.stowage.test";
 
 /// `stowage node` on a kubelet directory of its own; returns the process and the
 /// address of its `/healthz` and `/metrics`, read from its "serving" log line.
-fn node(kubelet_dir: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(["--log-format", "json", "node", "--node-id", "node-a"])
-        .args(["--driver-name", DRIVER])
-        .args(["--kubelet-dir", kubelet_dir.to_str().unwrap()])
-        .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
+fn node(kubelet_dir: &Path, extra: &[&str]) -> (Process, String) {
+    let mut child = Process(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(["--log-format", "json", "node", "--node-id", "node-a"])
+            .args(["--driver-name", DRIVER])
+            .args(["--kubelet-dir", kubelet_dir.to_str().unwrap()])
+            .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
     let mut lines = stderr.lines();
     let addr = loop {
         let line = lines
@@ -77,17 +81,11 @@ fn registration_socket(kubelet_dir: &Path) -> PathBuf {
     kubelet_dir.join(format!("plugins_registry/{DRIVER}-reg.sock"))
 }
 
-fn stop(child: &mut Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
-}
-
 #[tokio::test]
 async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
     let dir = tempfile::tempdir().unwrap();
     let kubelet_dir = dir.path().join("kubelet");
-    let (mut child, addr) = node(&kubelet_dir, &[]);
+    let (child, addr) = node(&kubelet_dir, &[]);
     let reg_socket = registration_socket(&kubelet_dir);
     let csi_socket = kubelet_dir.join(format!("plugins/{DRIVER}/csi.sock"));
 
@@ -153,7 +151,7 @@ async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
     assert!(body.contains("is gone"), "{body}");
     drop(registration);
 
-    stop(&mut child);
+    child.stop();
     assert!(!csi_socket.exists(), "CSI socket removed on shutdown");
 }
 
@@ -161,10 +159,10 @@ async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
 async fn shutdown_removes_the_registration_socket() {
     let dir = tempfile::tempdir().unwrap();
     let kubelet_dir = dir.path().join("kubelet");
-    let (mut child, _) = node(&kubelet_dir, &[]);
+    let (child, _) = node(&kubelet_dir, &[]);
     let reg_socket = registration_socket(&kubelet_dir);
     assert!(reg_socket.exists(), "registration socket served");
-    stop(&mut child);
+    child.stop();
     assert!(
         !reg_socket.exists(),
         "registration socket removed on shutdown"
@@ -179,7 +177,7 @@ async fn shutdown_removes_the_registration_socket() {
 async fn no_registration_socket_when_the_registrar_registers() {
     let dir = tempfile::tempdir().unwrap();
     let kubelet_dir = dir.path().join("kubelet");
-    let (mut child, addr) = node(&kubelet_dir, &["--kubelet-registration=false"]);
+    let (child, addr) = node(&kubelet_dir, &["--kubelet-registration=false"]);
     assert!(
         kubelet_dir
             .join(format!("plugins/{DRIVER}/csi.sock"))
@@ -192,5 +190,5 @@ async fn no_registration_socket_when_the_registrar_registers() {
         !metrics.contains("stowage_kubelet_registration_state"),
         "{metrics}"
     );
-    stop(&mut child);
+    child.stop();
 }

@@ -979,3 +979,31 @@ async fn unpublish_of_a_volume_deleted_while_detaching_is_ok() {
     assert!(answer.is_ok(), "unpublish of a deleted volume: {answer:?}");
     e.stop().await;
 }
+
+/// Not run by `tests/run` (ignored): `tests/e2e/run` starts it as the EC2 hypervisor of
+/// its real kubelet node. It makes an instance in the moto at `STOWAGE_E2E_MOTO` (zone
+/// `us-east-1a`), writes the instance id to `STOWAGE_E2E_INSTANCE_FILE`, then keeps the
+/// host's `/dev/disk/by-id` in step with that instance's attachments (loop devices over
+/// images in `STOWAGE_E2E_IMAGES`, grown when a volume is modified) until the file
+/// `STOWAGE_E2E_STOP` exists; dropping the hypervisor detaches and deletes everything.
+#[tokio::test]
+#[ignore = "the e2e node's EC2 hypervisor: run by tests/e2e/run"]
+async fn e2e_node_hypervisor() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} unset"));
+    let moto = var("STOWAGE_E2E_MOTO");
+    let stop = std::path::PathBuf::from(var("STOWAGE_E2E_STOP"));
+    let instance = common::moto::Ec2Query::new(moto.clone())
+        .run_instance(ZONE)
+        .await;
+    let hv = Hypervisor::new(
+        moto,
+        &instance,
+        "/dev/disk/by-id".into(),
+        var("STOWAGE_E2E_IMAGES").into(),
+    );
+    std::fs::write(var("STOWAGE_E2E_INSTANCE_FILE"), &instance).unwrap();
+    while !stop.exists() {
+        hv.sync().await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

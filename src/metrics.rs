@@ -200,6 +200,14 @@ async fn run_checks(checks: &Mutex<Vec<Check>>) -> Result<(), String> {
     }
 }
 
+/// A check endpoint's reply: 200 "ok", or `failing` with the reasons, one a line.
+fn answer(checked: Result<(), String>, failing: StatusCode) -> (StatusCode, String) {
+    match checked {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(reasons) => (failing, format!("{reasons}\n")),
+    }
+}
+
 /// Serve `/metrics`, `/healthz` (500 with the reasons when a health check fails) and
 /// `/readyz` (503 with the reasons when not ready) on a
 /// bound listener until `shutdown` resolves.
@@ -215,24 +223,14 @@ pub async fn serve(
             "/healthz",
             get(move || {
                 let metrics = Arc::clone(&liveness);
-                async move {
-                    match metrics.healthy().await {
-                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                        Err(reasons) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{reasons}\n")),
-                    }
-                }
+                async move { answer(metrics.healthy().await, StatusCode::INTERNAL_SERVER_ERROR) }
             }),
         )
         .route(
             "/readyz",
             get(move || {
                 let metrics = Arc::clone(&readiness);
-                async move {
-                    match metrics.ready().await {
-                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reasons}\n")),
-                    }
-                }
+                async move { answer(metrics.ready().await, StatusCode::SERVICE_UNAVAILABLE) }
             }),
         )
         .route(

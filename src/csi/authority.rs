@@ -61,7 +61,8 @@ struct Block {
     /// The 5 priority bytes of the HEADERS frame, if it had them.
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
-    /// The frames as received, for a block that turns out not to need rewriting.
+    /// The frames as received, kept only while the first block decides the
+    /// connection: it goes to h2 as it came if nothing needs rewriting.
     raw: Vec<u8>,
 }
 
@@ -161,12 +162,18 @@ impl<S> AuthorityFix<S> {
                         end_stream: flags & END_STREAM != 0,
                         priority,
                         fragment: payload[..payload.len() - pad].to_vec(),
-                        raw: frame.to_vec(),
+                        raw: if matches!(self.mode, Mode::Inspect) {
+                            frame.to_vec()
+                        } else {
+                            Vec::new()
+                        },
                     });
                 }
                 (CONTINUATION, Some(block)) if block.stream_id == stream_id => {
                     block.fragment.extend_from_slice(&frame[FRAME_HEADER..]);
-                    block.raw.extend_from_slice(&frame);
+                    if matches!(self.mode, Mode::Inspect) {
+                        block.raw.extend_from_slice(&frame);
+                    }
                 }
                 (_, Some(_)) => {
                     return Err(protocol(

@@ -91,6 +91,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Is each volume one directory of a filesystem other volumes share (an NFS
+    /// export)? Then statvfs describes the whole filesystem, and the node counts the
+    /// volume's own usage by walking its directory.
+    fn volumes_share_filesystem(&self) -> bool {
+        false
+    }
+
     /// Can volumes of this backend serve the capability? `Err` says why not.
     fn supports(&self, capability: &Capability) -> Result<(), String>;
 

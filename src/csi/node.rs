@@ -19,10 +19,11 @@ use super::{observe, validate};
 use crate::backend::{Backends, NodeSource};
 use crate::metrics::Metrics;
 use crate::node::confine::{ConfineError, resolve_within};
-use crate::node::{Mounter, device, format, mount_points, usage_within};
+use crate::node::{Mounter, TreeWalks, device, format, mount_points, usage_within};
 use crate::volume::{AccessType, Capability, Segments};
 
-/// How long NodeGetVolumeStats waits for statvfs (a hung NFS server blocks it).
+/// How long NodeGetVolumeStats waits for statvfs (a hung NFS server blocks it) and
+/// for a walk of a volume's directory before it answers with the last finished walk.
 const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long resolving the symlinks along a node path may take.
 const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -62,6 +63,8 @@ pub struct NodeService {
     mounter: Arc<dyn Mounter>,
     inflight: InFlight,
     metrics: Arc<Metrics>,
+    /// Usage walks of volumes that share a filesystem, by published path.
+    walks: Arc<TreeWalks>,
 }
 
 impl NodeService {
@@ -77,6 +80,7 @@ impl NodeService {
             mounter,
             inflight: InFlight::default(),
             metrics,
+            walks: Arc::default(),
         }
     }
 }
@@ -392,6 +396,8 @@ impl NodeService {
             .ok_or_else(|| busy(volume_id))?;
         // A target can carry more than one layer (a publish retried after a crash).
         self.unmount_all(&target).await?;
+        self.walks.forget(Path::new(&request.target_path));
+        self.walks.forget(&target);
         remove_target(&target)
             .await
             .map_err(|e| internal(&format!("removing target {}", target.display()), e))?;
@@ -412,12 +418,25 @@ impl NodeService {
             ))
         };
         let exists = path.is_absolute() && tokio::fs::try_exists(path).await.unwrap_or(false);
-        if self.backends.for_volume(volume_id).is_none() || !exists {
-            return Err(not_found());
-        }
-        let usage = usage_within(path, STATS_TIMEOUT)
+        let backend = match self.backends.for_volume(volume_id) {
+            Some(backend) if exists => backend,
+            _ => return Err(not_found()),
+        };
+        let mut usage = usage_within(path, STATS_TIMEOUT)
             .await
             .map_err(|e| internal(&format!("statvfs {}", path.display()), e))?;
+        if backend.volumes_share_filesystem() {
+            // Capacity and what is available stay the shared filesystem's (no quota
+            // bounds the directory); what is used is the volume's own, as kubelet
+            // reports emptyDir volumes.
+            let tree = self
+                .walks
+                .usage(path, STATS_TIMEOUT)
+                .await
+                .map_err(|e| internal(&format!("usage of {}", path.display()), e))?;
+            usage.bytes_used = tree.bytes;
+            usage.inodes_used = tree.inodes;
+        }
         let unit = |unit: proto::volume_usage::Unit, available: u64, total: u64, used: u64| {
             proto::VolumeUsage {
                 available: available as i64,

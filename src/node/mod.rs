@@ -11,4 +11,4 @@ mod mounter;
 mod stats;
 
 pub use mounter::{MountError, Mounter, SystemMounter, mount_args, mount_entry, mount_points};
-pub use stats::{usage, usage_within};
+pub use stats::{TreeWalks, usage, usage_within};

@@ -238,6 +238,10 @@ impl Backend for NfsBackend {
         NfsVolumeId::is_nfs(volume_id)
     }
 
+    fn volumes_share_filesystem(&self) -> bool {
+        true
+    }
+
     fn supports(&self, capability: &Capability) -> Result<(), String> {
         match capability.access_type {
             AccessType::Mount { .. } => Ok(()),

@@ -7,12 +7,13 @@
 ARG RUST_VERSION=1.95
 ARG DEBIAN=trixie
 
-# Build: protos are compiled by protox in build.rs (no protoc); aws-lc-sys needs only
-# the C compiler the slim Rust image has.
+# Build: the workspace (the binary in src/, its crates in crates/); protos are compiled
+# by protox in crates/api/build.rs (no protoc); aws-lc-sys needs only the C compiler
+# the slim Rust image has.
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto proto
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
 COPY src src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::net::IpAddr;
+
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// The default CSI driver name (the StorageClass `provisioner`).
-pub const DEFAULT_DRIVER_NAME: &str = "stowage.csi.dev";
-
-/// kubelet's default root directory (its `--root-dir`).
-pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
+use stowage_api::keys::DEFAULT_DRIVER_NAME;
+use stowage_driver::csi::node::DEFAULT_KUBELET_DIR;
+use stowage_loops::Loop;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,7 +47,7 @@ pub enum Command {
     /// Serve a directory over NFSv3 (the chart's in-cluster NFS server mode).
     NfsServer(NfsServerArgs),
     /// Measure CreateVolume/DeleteVolume over a socket against the NFS backend.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
 /// Flags every serving role has.
@@ -160,17 +161,6 @@ pub struct StorageArgs {
     pub ebs: EbsArgs,
 }
 
-/// The Kubernetes loops a controller runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Loop {
-    /// PVC → CreateVolume → PV → bound claim; released PV → DeleteVolume.
-    Provisioner,
-    /// VolumeAttachment → ControllerPublish/Unpublish.
-    Attacher,
-    /// Larger PVC request → ControllerExpandVolume.
-    Resizer,
-}
-
 /// How the controller reaches Kubernetes and the CSI driver it drives.
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
@@ -188,7 +178,8 @@ pub struct KubeArgs {
     #[arg(
         long = "loops",
         env = "LOOPS",
-        value_enum,
+        value_parser = clap::builder::PossibleValuesParser::new(Loop::ALL.map(|(name, _)| name))
+            .try_map(|name| name.parse::<Loop>()),
         value_delimiter = ',',
         default_value = "provisioner,attacher,resizer"
     )]
@@ -352,6 +343,64 @@ pub fn node_socket(kubelet_dir: &std::path::Path, driver_name: &str) -> PathBuf 
         .join("plugins")
         .join(driver_name)
         .join("csi.sock")
+}
+
+/// `stowage bench`: CSI round trips against NFS or EBS, or `provision`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// NFS server (IP) to measure against; without it an embedded server in a temp dir.
+    #[arg(long, requires = "nfs_share")]
+    pub nfs_server: Option<IpAddr>,
+    /// Export path on --nfs-server.
+    #[arg(long, requires = "nfs_server")]
+    pub nfs_share: Option<String>,
+    /// Measured operations per series.
+    #[arg(long, default_value_t = 2000)]
+    pub count: usize,
+    /// Unmeasured operations before each series (connections, caches).
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+
+    /// Measure the EBS backend instead: concurrent CreateVolume against this EC2
+    /// endpoint (an emulator such as moto; credentials from the AWS environment).
+    #[arg(long)]
+    pub ebs_endpoint: Option<String>,
+
+    /// With --ebs-endpoint: how many CreateVolume calls run at once.
+    #[arg(long, default_value_t = 50)]
+    pub volumes: usize,
+
+    #[command(subcommand)]
+    pub what: Option<BenchKind>,
+}
+
+/// Benchmarks other than the CSI round trip.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchKind {
+    /// Claims → Bound against a cluster: starts `stowage local --kubeconfig`, creates N
+    /// claims at once, reports time to all Bound, claims/s, Kubernetes API calls per
+    /// claim and the controller's peak RSS, then deletes them.
+    Provision(ProvisionArgs),
+}
+
+/// `stowage bench provision`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProvisionArgs {
+    /// The cluster to measure against.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Claims created at once.
+    #[arg(long, default_value_t = 100)]
+    pub claims: usize,
+    /// Namespace for the claims (created when missing).
+    #[arg(long, default_value = "stowage-bench")]
+    pub namespace: String,
+    /// Extra flags for the measured `stowage local` (e.g. `--kube-api-qps=50`).
+    #[arg(long = "controller-arg", allow_hyphen_values = true)]
+    pub controller_args: Vec<String>,
+    /// Keep the claims and PVs instead of deleting them at the end.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[cfg(test)]

@@ -1,32 +1,42 @@
-//! stowage: a Kubernetes CSI driver and dynamic provisioner in one binary.
+//! stowage: a Kubernetes CSI driver and dynamic provisioner in one binary. This package
+//! is the binary: the command line, the wiring and the benchmarks. The work lives in
+//! the workspace's crates:
 //!
-//! # Layout
+//! - `stowage-api`: what the driver and the loops share (CSI protobufs, volume domain
+//!   types, StorageClass key names, the metric registry).
+//! - `stowage-nfs`: NFSv3, the client connection pool and the embedded server.
+//! - `stowage-driver`: the backends (NFS, EBS), the CSI gRPC server and the node's OS
+//!   work (mounts, devices, stats).
+//! - `stowage-loops`: the Kubernetes loops (provisioner, attacher, resizer, leader
+//!   election), driving any CSI driver over its socket.
 //!
-//! - [`config`]: the command line (`controller`, `node`, `local`, `nfs-server`, `bench`).
+//! Here:
+//! - [`config`]: the command line (`controller`, `node`, `local`, `nfs-server`,
+//!   `bench`), every subcommand's flags.
 //! - [`run`]: wiring only: build backends, bind sockets, spawn tasks, shut down.
-//! - [`telemetry`], [`metrics`]: logs; Prometheus `/metrics` and `/healthz`.
-//! - [`volume`]: domain types, free of tonic/kube/backend crates.
-//! - [`csi`]: the gRPC layer, one file per CSI service; validation, the in-flight
-//!   guard and the one error mapping. Never calls NFS/AWS/Kubernetes directly.
-//! - [`backend`]: the `Backend` trait, the NFS backend (with the embedded NFS server
-//!   of `stowage local`) and the EBS backend (aws-sdk-ec2).
-//! - [`node`]: mounting, block devices (lookup, format, grow), instance metadata,
-//!   filesystem statistics and keeping node paths under kubelet's directory.
-//! - [`provisioner`]: the Kubernetes loops (provisioner, attacher, resizer, leader
-//!   election) over kube-rs, driving CSI over the socket; [`provisioner::rules`] holds
-//!   their pure decisions and object builders (k8s-openapi types only, no I/O).
+//! - [`telemetry`], [`http`]: logs; `/metrics`, `/healthz`, `/readyz`.
 //! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS
 //!   concurrent CreateVolume with EC2 calls per volume; `bench provision`, claims to
 //!   Bound against a cluster.
 #![forbid(unsafe_code)]
 
-pub mod backend;
 pub mod bench;
 pub mod config;
-pub mod csi;
-pub mod metrics;
-pub mod node;
-pub mod provisioner;
+pub mod http;
 pub mod run;
 pub mod telemetry;
-pub mod volume;
+
+use config::Command;
+use run::ShutdownSignals;
+
+/// Run one subcommand to its end. Serving roles catch SIGINT/SIGTERM before anything
+/// serves; a bench keeps the default action.
+pub async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Controller(args) => run::controller(args, ShutdownSignals::new()?).await,
+        Command::Node(args) => run::node(args, ShutdownSignals::new()?).await,
+        Command::Local(args) => run::local(args, ShutdownSignals::new()?).await,
+        Command::NfsServer(args) => run::nfs_server(args, ShutdownSignals::new()?).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}

@@ -4,7 +4,7 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = stowage::config::Cli::parse();
     stowage::telemetry::init(cli.log_format);
-    match stowage::run::run(cli.command).await {
+    match stowage::execute(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

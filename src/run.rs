@@ -9,36 +9,25 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::ebs::EbsBackend;
-use crate::backend::ebs::cloud::{Cloud, Ec2Settings};
-use crate::backend::nfs::client::{ClientConfig, NfsTarget};
-use crate::backend::nfs::server::EmbeddedServer;
-use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
-use crate::backend::{Backend, Backends};
 use crate::config::{
-    BackendKind, Command, CommonArgs, ControllerArgs, EbsArgs, KubeArgs, LocalArgs, NfsArgs,
-    NfsServerArgs, NodeArgs, default_endpoint, node_socket,
+    BackendKind, CommonArgs, ControllerArgs, EbsArgs, KubeArgs, LocalArgs, NfsArgs, NfsServerArgs,
+    NodeArgs, default_endpoint, node_socket,
 };
-use crate::csi::PluginInfo;
-use crate::csi::controller::ControllerService;
-use crate::csi::identity::IdentityService;
-use crate::csi::node::{NodeConfig, NodeService};
-use crate::csi::registration::{KubeletRegistration, registration_socket};
-use crate::csi::server::{self, Services};
-use crate::metrics::Metrics;
-use crate::node::metadata::{InstanceMetadata, metadata};
-use crate::node::{Mounter, SystemMounter};
-
-pub async fn run(command: Command) -> anyhow::Result<()> {
-    // Signals are caught before anything serves (a bench keeps the default action).
-    match command {
-        Command::Controller(args) => controller(args, ShutdownSignals::new()?).await,
-        Command::Node(args) => node(args, ShutdownSignals::new()?).await,
-        Command::Local(args) => local(args, ShutdownSignals::new()?).await,
-        Command::NfsServer(args) => nfs_server(args, ShutdownSignals::new()?).await,
-        Command::Bench(args) => crate::bench::run(args).await,
-    }
-}
+use stowage_api::metrics::Metrics;
+use stowage_driver::backend::ebs::EbsBackend;
+use stowage_driver::backend::ebs::cloud::{Cloud, Ec2Settings};
+use stowage_driver::backend::ebs::metadata::{InstanceMetadata, KnownMetadata, metadata};
+use stowage_driver::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
+use stowage_driver::backend::{Backend, Backends};
+use stowage_driver::csi::PluginInfo;
+use stowage_driver::csi::controller::ControllerService;
+use stowage_driver::csi::identity::IdentityService;
+use stowage_driver::csi::node::{NodeConfig, NodeService};
+use stowage_driver::csi::registration::{KubeletRegistration, registration_socket};
+use stowage_driver::csi::server::{self, Services};
+use stowage_driver::node::{Mounter, SystemMounter};
+use stowage_nfs::client::{ClientConfig, NfsTarget};
+use stowage_nfs::server::EmbeddedServer;
 
 /// What one serving process runs.
 pub struct Plan {
@@ -168,7 +157,7 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
                 .await
                 .with_context(|| format!("binding --http-addr {addr}"))?;
             let bound = listener.local_addr()?;
-            let task = tokio::spawn(crate::metrics::serve(
+            let task = tokio::spawn(crate::http::serve(
                 listener,
                 Arc::clone(&metrics),
                 stopped(rx.clone()),
@@ -380,7 +369,12 @@ async fn node_config(
     let mut config = NodeConfig::new(node_id.clone().unwrap_or_default());
     config.by_id_dir = ebs.by_id_dir.clone();
     if kinds.contains(&BackendKind::Ebs) {
-        let instance = metadata(ebs)
+        let known = KnownMetadata {
+            instance_id: ebs.instance_id.clone(),
+            zone: ebs.zone.clone(),
+            instance_type: ebs.instance_type.clone(),
+        };
+        let instance = metadata(&known)
             .await
             .context("reading this node's instance metadata")?;
         let InstanceMetadata {
@@ -391,19 +385,19 @@ async fn node_config(
         if node_id.is_none() {
             config.node_id = instance_id;
         }
-        config.topology = Some(crate::volume::Segments::from([(
-            crate::backend::ebs::ZONE_KEY.to_owned(),
+        config.topology = Some(stowage_api::volume::Segments::from([(
+            stowage_driver::backend::ebs::ZONE_KEY.to_owned(),
             zone,
         )]));
-        config.max_volumes = ebs
-            .max_volumes
-            .unwrap_or_else(|| crate::node::metadata::attach_limit(&instance_type));
+        config.max_volumes = ebs.max_volumes.unwrap_or_else(|| {
+            stowage_driver::backend::ebs::metadata::attach_limit(&instance_type)
+        });
     }
     anyhow::ensure!(!config.node_id.is_empty(), "--node-id is required");
     Ok(config)
 }
 
-async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+pub async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let nfs = nfs_backend(&args.storage.nfs, None).await?;
     let running = start(Plan {
         socket: socket(&args.common, "controller")?,
@@ -452,10 +446,10 @@ pub async fn start_loops(
     running: &Running,
     driver_name: &str,
 ) -> anyhow::Result<KubeLoops> {
-    use crate::provisioner::{self, LoopMetrics, Settings, client, csi::Csi, leader, queue};
-    let config = client::config(args.kubeconfig.as_deref()).await?;
+    use stowage_loops::{LoopMetrics, Settings, csi_client::Csi, kube_client, leader, queue};
+    let config = kube_client::config(args.kubeconfig.as_deref()).await?;
     let metrics = LoopMetrics::register(&running.metrics);
-    let kube = client::client(
+    let kube = kube_client::client(
         config,
         args.kube_api_qps,
         args.kube_api_burst,
@@ -492,7 +486,7 @@ pub async fn start_loops(
         },
         workers: args.max_csi_calls,
         annotation_grace: args.annotation_grace,
-        identity: provisioner::rules::provisioner_identity(
+        identity: stowage_loops::rules::provisioner_identity(
             &csi.caps.driver_name,
             i64::try_from(started.as_millis()).unwrap_or(i64::MAX),
             u16::try_from(started.subsec_nanos() % 10_000).unwrap_or(0),
@@ -536,7 +530,7 @@ pub async fn start_loops(
         retry_period: args.leader_election_retry_period,
     });
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(provisioner::run(
+    let task = tokio::spawn(stowage_loops::run(
         kube, csi, settings, metrics, election, stopped,
     ));
     Ok(KubeLoops { stop, task })
@@ -590,7 +584,7 @@ async fn serve_with_loops(
     loops_result
 }
 
-async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+pub async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let kubelet_dir = std::path::absolute(&args.kubelet_dir)
         .with_context(|| format!("--kubelet-dir {}", args.kubelet_dir.display()))?;
     let driver_name = args.common.driver_name.clone();
@@ -703,7 +697,7 @@ pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
     })
 }
 
-async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+pub async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     let args_kube = args.kube.clone();
     let driver_name = args.common.driver_name.clone();
     let stack = start_local(args).await?;
@@ -742,7 +736,7 @@ async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> 
 }
 
 /// `stowage nfs-server`: the embedded NFSv3 server alone, exporting one directory.
-async fn nfs_server(args: NfsServerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
+pub async fn nfs_server(args: NfsServerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let dir = std::fs::canonicalize(&args.data_dir)?;
@@ -756,7 +750,7 @@ async fn nfs_server(args: NfsServerArgs, signals: ShutdownSignals) -> anyhow::Re
                 .await
                 .with_context(|| format!("binding --http-addr {addr}"))?;
             let metrics = Metrics::new("nfs-server");
-            Some(tokio::spawn(crate::metrics::serve(
+            Some(tokio::spawn(crate::http::serve(
                 listener,
                 metrics,
                 stopped(rx),

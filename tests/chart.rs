@@ -25,7 +25,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use stowage::config::{Cli, DEFAULT_DRIVER_NAME, default_endpoint};
+use stowage::config::{Cli, default_endpoint};
+use stowage_api::keys::DEFAULT_DRIVER_NAME;
 
 const NAMESPACE: &str = "kube-system";
 const RELEASE: &str = "stowage";
@@ -719,7 +720,7 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
                 node_args.kubelet_registration,
                 "{case}: nobody registers the plugin"
             );
-            let registration_socket = stowage::csi::registration::registration_socket(
+            let registration_socket = stowage_driver::csi::registration::registration_socket(
                 &node_args.kubelet_dir,
                 &node_args.common.driver_name,
             );
@@ -735,7 +736,10 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
         }
         if r.case == "default values" {
             assert_eq!(
-                stowage::csi::registration::registration_socket(Path::new(kubelet_dir), driver),
+                stowage_driver::csi::registration::registration_socket(
+                    Path::new(kubelet_dir),
+                    driver
+                ),
                 Path::new("/var/lib/kubelet/plugins_registry/stowage.csi.dev-reg.sock")
             );
         }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use stowage::csi::channel;
-use stowage::csi::proto::{self, identity_client::IdentityClient};
+use stowage_api::proto::csi::{self as proto, identity_client::IdentityClient};
+use stowage_loops::csi_client::channel;
 
 fn local(dir: &std::path::Path) -> (std::process::Child, String) {
     let socket = dir.join("run/csi.sock");

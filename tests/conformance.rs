@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use stowage::csi::proto::{
-    self, controller_service_capability as csc, node_service_capability as nsc,
+use stowage_api::proto::csi::{
+    self as proto, controller_service_capability as csc, node_service_capability as nsc,
     plugin_capability as pc,
 };
 use tonic::Code;
@@ -406,7 +406,7 @@ async fn get_capacity_reports_the_export_free_space() {
         .unwrap()
         .into_inner()
         .available_capacity;
-    let usage = stowage::node::usage(&local.data_dir()).unwrap();
+    let usage = stowage_driver::node::usage(&local.data_dir()).unwrap();
     assert!(capacity > 0);
     let diff = (capacity - usage.bytes_available as i64).abs();
     assert!(

@@ -15,14 +15,16 @@ use common::fault_proxy::FaultProxy;
 use common::hypervisor::Hypervisor;
 use common::moto::Moto;
 use common::*;
-use stowage::backend::ebs::EbsBackend;
-use stowage::backend::ebs::cloud::{Cloud, Ec2Settings};
-use stowage::backend::{Backend, Backends};
-use stowage::csi::channel;
-use stowage::csi::node::NodeConfig;
-use stowage::csi::proto::{self, controller_client::ControllerClient, node_client::NodeClient};
-use stowage::node::SystemMounter;
 use stowage::run::{Plan, Running, start};
+use stowage_api::proto::csi::{
+    self as proto, controller_client::ControllerClient, node_client::NodeClient,
+};
+use stowage_driver::backend::ebs::EbsBackend;
+use stowage_driver::backend::ebs::cloud::{Cloud, Ec2Settings};
+use stowage_driver::backend::{Backend, Backends};
+use stowage_driver::csi::node::NodeConfig;
+use stowage_driver::node::SystemMounter;
+use stowage_loops::csi_client::channel;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -67,7 +69,7 @@ impl Ebs {
         let mut node = NodeConfig::new(instance.clone());
         node.by_id_dir = dir.path().join("by-id");
         node.topology = Some(BTreeMap::from([(
-            stowage::backend::ebs::ZONE_KEY.to_owned(),
+            stowage_driver::backend::ebs::ZONE_KEY.to_owned(),
             ZONE.to_owned(),
         )]));
         node.max_volumes = 26;
@@ -235,7 +237,11 @@ async fn topology_requirements_pick_the_zone() {
         return;
     };
     let zone = |z: &str| proto::Topology {
-        segments: [(stowage::backend::ebs::ZONE_KEY.to_owned(), z.to_owned())].into(),
+        segments: [(
+            stowage_driver::backend::ebs::ZONE_KEY.to_owned(),
+            z.to_owned(),
+        )]
+        .into(),
     };
     let request = proto::CreateVolumeRequest {
         accessibility_requirements: Some(proto::TopologyRequirement {
@@ -685,7 +691,7 @@ async fn expansion_grows_the_volume_and_the_filesystem() {
         .volume
         .unwrap();
     let (staging, target) = publish_and_stage(&e, &volume, "xfs").await;
-    let before = stowage::node::usage(&target).unwrap().bytes_total;
+    let before = stowage_driver::node::usage(&target).unwrap().bytes_total;
     let expanded = c
         .controller_expand_volume(proto::ControllerExpandVolumeRequest {
             volume_id: volume.volume_id.clone(),
@@ -723,7 +729,7 @@ async fn expansion_grows_the_volume_and_the_filesystem() {
         })
         .await
         .unwrap();
-    let after = stowage::node::usage(&target).unwrap().bytes_total;
+    let after = stowage_driver::node::usage(&target).unwrap().bytes_total;
     assert!(
         after > before + (GIB as u64) / 2,
         "filesystem grew: {before} → {after}"

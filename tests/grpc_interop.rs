@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use prost::Message;
-use stowage::csi::proto;
-use stowage::csi::registration::proto as registration;
+use stowage_api::proto::csi as proto;
+use stowage_api::proto::registration;
 
 #[path = "common/process.rs"]
 mod process;

@@ -62,7 +62,7 @@ async fn serve(request: Request<Incoming>, seen: Arc<Seen>) -> Result<Response<B
         .get(http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if user_agent == stowage::provisioner::client::USER_AGENT {
+    if user_agent == stowage_loops::kube_client::USER_AGENT {
         seen.user_agent_stowage.fetch_add(1, Ordering::SeqCst);
     }
     let watch = request
@@ -173,11 +173,11 @@ async fn one_http2_connection_and_an_unread_watch_stalls_nothing() {
     let (cert, key) = certificate(dir.path());
     let seen = Arc::new(Seen::default());
     let addr = start_server(&cert, &key, Arc::clone(&seen)).await;
-    let config = stowage::provisioner::client::config(Some(&kubeconfig(dir.path(), addr, &cert)))
+    let config = stowage_loops::kube_client::config(Some(&kubeconfig(dir.path(), addr, &cert)))
         .await
         .expect("config");
     let client =
-        stowage::provisioner::client::client(config, 0.0, 1, Default::default()).expect("client");
+        stowage_loops::kube_client::client(config, 0.0, 1, Default::default()).expect("client");
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
 
     // Read one event of the watch, then leave the rest of its 16 kB events unread.
@@ -217,7 +217,7 @@ async fn one_http2_connection_and_an_unread_watch_stalls_nothing() {
         seen.user_agent_stowage.load(Ordering::SeqCst),
         101,
         "every request says User-Agent: {}",
-        stowage::provisioner::client::USER_AGENT
+        stowage_loops::kube_client::USER_AGENT
     );
     drop(watch);
 }

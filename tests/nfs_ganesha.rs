@@ -13,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use stowage::backend::nfs::client::ClientConfig;
-use stowage::backend::nfs::{NfsBackend, NfsConfig};
-use stowage::backend::{Backend, Backends};
-use stowage::csi::channel;
-use stowage::csi::proto::{self, controller_client::ControllerClient, node_client::NodeClient};
-use stowage::node::{MountError, Mounter, SystemMounter};
 use stowage::run::{Plan, Running, start};
+use stowage_api::proto::csi::{
+    self as proto, controller_client::ControllerClient, node_client::NodeClient,
+};
+use stowage_driver::backend::nfs::{NfsBackend, NfsConfig};
+use stowage_driver::backend::{Backend, Backends};
+use stowage_driver::node::{MountError, Mounter, SystemMounter};
+use stowage_loops::csi_client::channel;
+use stowage_nfs::client::ClientConfig;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -91,10 +93,10 @@ impl Fixture {
             driver_name: "stowage.csi.dev".into(),
             backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
             controller: true,
-            node: Some(stowage::csi::node::NodeConfig {
+            node: Some(stowage_driver::csi::node::NodeConfig {
                 // Targets are under the temp dir, standing in for kubelet's.
                 kubelet_dir: dir.path().to_path_buf(),
-                ..stowage::csi::node::NodeConfig::new("node-1")
+                ..stowage_driver::csi::node::NodeConfig::new("node-1")
             }),
             mounter,
             http_addr: None,
@@ -367,7 +369,7 @@ async fn capacity_comes_from_fsstat() {
         .unwrap()
         .into_inner()
         .available_capacity;
-    let usage = stowage::node::usage(&f.ganesha.share_dir).unwrap();
+    let usage = stowage_driver::node::usage(&f.ganesha.share_dir).unwrap();
     let diff = (capacity - usage.bytes_available as i64).abs();
     assert!(
         capacity > 0 && diff < usage.bytes_total as i64 / 10,

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use stowage::backend::nfs::client::ClientConfig;
-use stowage::backend::nfs::{NfsBackend, NfsConfig};
-use stowage::backend::{Backend, Backends};
-use stowage::csi::channel;
-use stowage::csi::proto::controller_client::ControllerClient;
-use stowage::node::SystemMounter;
 use stowage::run::{Plan, start};
+use stowage_api::proto::csi::controller_client::ControllerClient;
+use stowage_driver::backend::nfs::{NfsBackend, NfsConfig};
+use stowage_driver::backend::{Backend, Backends};
+use stowage_driver::node::SystemMounter;
+use stowage_loops::csi_client::channel;
+use stowage_nfs::client::ClientConfig;
 use tonic::Code;
 
 /// CPU seconds this process has used (utime + stime from /proc/self/stat).

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::MetadataExt;
-use stowage::csi::proto::{self, volume_capability as vc};
+use stowage_api::proto::csi::{self as proto, volume_capability as vc};
 use tonic::Code;
 
 fn publish_request(volume_id: &str, target: &std::path::Path) -> proto::NodePublishVolumeRequest {

@@ -8,11 +8,13 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use stowage::csi::channel;
-use stowage::csi::proto::{self, identity_client::IdentityClient, node_client::NodeClient};
-use stowage::csi::registration::proto::{
+use stowage_api::proto::csi::{
+    self as proto, identity_client::IdentityClient, node_client::NodeClient,
+};
+use stowage_api::proto::registration::{
     InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
 };
+use stowage_loops::csi_client::channel;
 
 #[path = "common/process.rs"]
 mod process;

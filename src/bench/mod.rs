@@ -8,62 +8,25 @@
 //! server state.
 //! Benchmarks live here, never as timed assertions in tests.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::backend::nfs::client::{ClientConfig, NfsClient, NfsTarget};
-use crate::backend::nfs::server::EmbeddedServer;
-use crate::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
-use crate::backend::{Backend, Backends};
-use crate::csi::channel;
-use crate::csi::proto::{
-    self, controller_client::ControllerClient, identity_client::IdentityClient,
+use crate::config::{BenchArgs, BenchKind};
+use crate::run::{Plan, start};
+use stowage_api::proto::csi::{
+    self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
     volume_capability as vc,
 };
-use crate::node::SystemMounter;
-use crate::run::{Plan, start};
+use stowage_driver::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
+use stowage_driver::backend::{Backend, Backends};
+use stowage_driver::node::SystemMounter;
+use stowage_loops::csi_client::channel;
+use stowage_nfs::client::{ClientConfig, NfsClient, NfsTarget};
+use stowage_nfs::server::EmbeddedServer;
 
 pub mod provision;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    /// NFS server (IP) to measure against; without it an embedded server in a temp dir.
-    #[arg(long, requires = "nfs_share")]
-    pub nfs_server: Option<IpAddr>,
-    /// Export path on --nfs-server.
-    #[arg(long, requires = "nfs_server")]
-    pub nfs_share: Option<String>,
-    /// Measured operations per series.
-    #[arg(long, default_value_t = 2000)]
-    pub count: usize,
-    /// Unmeasured operations before each series (connections, caches).
-    #[arg(long, default_value_t = 200)]
-    pub warmup: usize,
-
-    /// Measure the EBS backend instead: concurrent CreateVolume against this EC2
-    /// endpoint (an emulator such as moto; credentials from the AWS environment).
-    #[arg(long)]
-    pub ebs_endpoint: Option<String>,
-
-    /// With --ebs-endpoint: how many CreateVolume calls run at once.
-    #[arg(long, default_value_t = 50)]
-    pub volumes: usize,
-
-    #[command(subcommand)]
-    pub what: Option<BenchKind>,
-}
-
-/// Benchmarks other than the CSI round trip.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum BenchKind {
-    /// Claims → Bound against a cluster: starts `stowage local --kubeconfig`, creates N
-    /// claims at once, reports time to all Bound, claims/s, Kubernetes API calls per
-    /// claim and the controller's peak RSS, then deletes them.
-    Provision(provision::ProvisionArgs),
-}
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(BenchKind::Provision(provision)) = args.what {
@@ -107,7 +70,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let running = start(Plan {
         socket: scratch.path().join("csi.sock"),
-        driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
+        driver_name: stowage_api::keys::DEFAULT_DRIVER_NAME.into(),
         backends: Backends::new(vec![
             Arc::new(NfsBackend::new(nfs_config.clone())) as Arc<dyn Backend>
         ]),
@@ -347,7 +310,7 @@ impl Clients {
             }
             Op::Backend => {
                 let request = create_request("bench-in-process", i);
-                let create = crate::csi::validate::create_volume(&request)
+                let create = stowage_driver::csi::validate::create_volume(&request)
                     .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
                 let volume = self.backend.create_volume(&create).await?;
                 let measured = started.elapsed();
@@ -409,8 +372,8 @@ fn create_request(prefix: &str, i: usize) -> proto::CreateVolumeRequest {
 /// N concurrent CreateVolume over the socket against an EC2 endpoint: volumes/s and
 /// EC2 calls per volume by action (counted by the SDK interceptor). Deletes them after.
 async fn ebs(endpoint: &str, volumes: usize) -> anyhow::Result<()> {
-    use crate::backend::ebs::EbsBackend;
-    use crate::backend::ebs::cloud::{Cloud, Ec2Settings};
+    use stowage_driver::backend::ebs::EbsBackend;
+    use stowage_driver::backend::ebs::cloud::{Cloud, Ec2Settings};
     let scratch = tempfile::tempdir()?;
     let cloud = Arc::new(
         Cloud::new(Ec2Settings {
@@ -423,7 +386,7 @@ async fn ebs(endpoint: &str, volumes: usize) -> anyhow::Result<()> {
     let backend = EbsBackend::new(Arc::clone(&cloud), Some("us-east-1a".into()));
     let running = start(Plan {
         socket: scratch.path().join("csi.sock"),
-        driver_name: crate::config::DEFAULT_DRIVER_NAME.into(),
+        driver_name: stowage_api::keys::DEFAULT_DRIVER_NAME.into(),
         backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
         controller: true,
         node: None,

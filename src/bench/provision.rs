@@ -6,7 +6,6 @@
 //! the time until every PV is gone.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -22,24 +21,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct ProvisionArgs {
-    /// The cluster to measure against.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: PathBuf,
-    /// Claims created at once.
-    #[arg(long, default_value_t = 100)]
-    pub claims: usize,
-    /// Namespace for the claims (created when missing).
-    #[arg(long, default_value = "stowage-bench")]
-    pub namespace: String,
-    /// Extra flags for the measured `stowage local` (e.g. `--kube-api-qps=50`).
-    #[arg(long = "controller-arg", allow_hyphen_values = true)]
-    pub controller_args: Vec<String>,
-    /// Keep the claims and PVs instead of deleting them at the end.
-    #[arg(long)]
-    pub keep: bool,
-}
+use crate::config::ProvisionArgs;
 
 const CLASS: &str = "stowage-bench";
 const LABEL: &str = "stowage.dev/bench";
@@ -203,10 +185,10 @@ fn claim(name: &str, run: &str) -> PersistentVolumeClaim {
 }
 
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
-    let config = crate::provisioner::client::config(Some(&args.kubeconfig)).await?;
+    let config = stowage_loops::kube_client::config(Some(&args.kubeconfig)).await?;
     // The claims are created the way client-go programs (the StatefulSet controller,
     // kubectl, helm) create them: over one HTTP/2 connection, without a client-side limit.
-    let client = crate::provisioner::client::client(config, 0.0, 1, Default::default())?;
+    let client = stowage_loops::kube_client::client(config, 0.0, 1, Default::default())?;
     ensure_class_and_namespace(&client, &args.namespace).await?;
 
     let controller = Controller::start(&args).await?;
@@ -375,7 +357,7 @@ async fn ensure_class_and_namespace(client: &kube::Client, namespace: &str) -> a
                 name: Some(CLASS.to_owned()),
                 ..ObjectMeta::default()
             },
-            provisioner: crate::config::DEFAULT_DRIVER_NAME.to_owned(),
+            provisioner: stowage_api::keys::DEFAULT_DRIVER_NAME.to_owned(),
             reclaim_policy: Some("Delete".to_owned()),
             volume_binding_mode: Some("Immediate".to_owned()),
             ..StorageClass::default()

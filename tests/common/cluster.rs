@@ -149,7 +149,7 @@ impl Cluster {
                     fake: Some(fake),
                     kubeconfig,
                     namespace: "db".to_owned(),
-                    driver: stowage::config::DEFAULT_DRIVER_NAME.to_owned(),
+                    driver: stowage_api::keys::DEFAULT_DRIVER_NAME.to_owned(),
                     tag,
                     dir,
                     created: Mutex::default(),

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use stowage::config::{Cli, Command};
-use stowage::csi::channel;
-use stowage::csi::proto::{
-    self, controller_client::ControllerClient, identity_client::IdentityClient,
+use stowage::run::{LocalStack, start_local};
+use stowage_api::proto::csi::{
+    self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
     node_client::NodeClient, volume_capability as vc,
 };
-use stowage::run::{LocalStack, start_local};
+use stowage_loops::csi_client::channel;
 use tonic::transport::Channel;
 
 pub const GIB: i64 = 1 << 30;
@@ -186,7 +186,9 @@ pub fn tree(root: &Path) -> Vec<PathBuf> {
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mount_point(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    stowage::node::mount_points(&info).iter().any(|p| p == path)
+    stowage_driver::node::mount_points(&info)
+        .iter()
+        .any(|p| p == path)
 }
 
 /// The nfs-ganesha that `tests/support/with-ganesha` runs for this process.

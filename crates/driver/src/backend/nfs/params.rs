@@ -1,0 +1,283 @@
+//! The NFS StorageClass parameters, named as csi-driver-nfs names them, plus `uid`/`gid`
+//! for the new directory's owner. Pure parsing and checking; no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use stowage_api::keys::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
+
+use crate::backend::params::{check_component, opt_from_str, opt_octal_mode, parse, render_path};
+
+/// What DeleteVolume does with the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDelete {
+    #[default]
+    Delete,
+    Retain,
+    Archive,
+}
+
+impl OnDelete {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDelete::Delete => "delete",
+            OnDelete::Retain => "retain",
+            OnDelete::Archive => "archive",
+        }
+    }
+}
+
+/// Mode of a new volume directory when `mountPermissions` is not given (like csi-driver-nfs).
+pub const DEFAULT_MODE: u32 = 0o777;
+
+/// The directory holding stowage's per-volume records at the share root.
+pub const RECORDS_DIR: &str = ".stowage";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    server: Option<String>,
+    share: Option<String>,
+    #[serde(rename = "subDir")]
+    sub_dir: Option<String>,
+    #[serde(
+        default,
+        rename = "mountPermissions",
+        deserialize_with = "opt_octal_mode"
+    )]
+    mount_permissions: Option<u32>,
+    #[serde(default, rename = "onDelete")]
+    on_delete: OnDelete,
+    #[serde(default, deserialize_with = "opt_from_str")]
+    uid: Option<u32>,
+    #[serde(default, deserialize_with = "opt_from_str")]
+    gid: Option<u32>,
+    #[serde(rename = "csi.storage.k8s.io/pvc/name")]
+    _pvc_name: Option<String>,
+    #[serde(rename = "csi.storage.k8s.io/pvc/namespace")]
+    _pvc_namespace: Option<String>,
+    #[serde(rename = "csi.storage.k8s.io/pv/name")]
+    _pv_name: Option<String>,
+}
+
+/// Where a volume lives and how its directory is made: the checked parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Empty for the backend's default export (the embedded server in `stowage local`).
+    pub server: String,
+    pub share: String,
+    pub sub_dir: Vec<String>,
+    pub mode: u32,
+    pub owner: Option<(u32, u32)>,
+    pub on_delete: OnDelete,
+}
+
+/// Check a `server` value: a host name or IP literal, no separators.
+pub fn check_server(server: &str) -> Result<(), String> {
+    let ok = !server.is_empty()
+        && server.len() <= 253
+        && server
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "parameter `server` {server:?} is not a host name or IP address"
+        ))
+    }
+}
+
+/// Check a `share` value: an absolute export path with clean components.
+pub fn check_share(share: &str) -> Result<(), String> {
+    if !share.starts_with('/') {
+        return Err(format!(
+            "parameter `share` {share:?} must be an absolute export path like /export"
+        ));
+    }
+    for component in share.split('/').filter(|c| !c.is_empty()) {
+        check_component(component)
+            .and_then(|()| no_hash(component))
+            .map_err(|e| format!("parameter `share` {share:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn no_hash(component: &str) -> Result<(), String> {
+    if component.contains('#') {
+        Err(format!("path component {component:?} contains '#'"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The export a request names: `(server, share)`, both empty for the default export.
+/// `has_default`: whether a default export is configured (then both may be omitted).
+pub fn export(
+    parameters: &BTreeMap<String, String>,
+    has_default: bool,
+) -> Result<(String, String), String> {
+    let raw: Raw = parse(parameters, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
+    export_of(raw.server, raw.share, has_default)
+}
+
+fn export_of(
+    server: Option<String>,
+    share: Option<String>,
+    has_default: bool,
+) -> Result<(String, String), String> {
+    match (server, share) {
+        (Some(server), Some(share)) => {
+            check_server(&server)?;
+            check_share(&share)?;
+            Ok((server, normalise_share(&share)))
+        }
+        (None, None) if has_default => Ok((String::new(), String::new())),
+        (None, None) => Err(
+            "parameters `server` and `share` are required (no default NFS export is configured)"
+                .into(),
+        ),
+        (Some(_), None) => Err("parameter `share` is required when `server` is set".into()),
+        (None, Some(_)) => Err("parameter `server` is required when `share` is set".into()),
+    }
+}
+
+/// Parse and check the parameters of a CreateVolume for volume `name`.
+/// `has_default`: whether a default export is configured (then `server`/`share` may be omitted).
+pub fn placement(
+    name: &str,
+    parameters: &BTreeMap<String, String>,
+    has_default: bool,
+) -> Result<Placement, String> {
+    let raw: Raw = parse(parameters, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
+    let (server, share) = export_of(raw.server, raw.share, has_default)?;
+    let sub_dir = match raw.sub_dir.as_deref() {
+        Some(template) => render_path("subDir", template, parameters)?,
+        None => {
+            check_component(name).map_err(|e| format!("volume name: {e}"))?;
+            vec![name.to_owned()]
+        }
+    };
+    for component in &sub_dir {
+        no_hash(component).map_err(|e| format!("parameter `subDir`: {e}"))?;
+    }
+    if sub_dir[0] == RECORDS_DIR {
+        return Err(format!(
+            "parameter `subDir` must not start with {RECORDS_DIR} (stowage keeps its records there)"
+        ));
+    }
+    if raw.uid.is_some() != raw.gid.is_some() {
+        return Err("parameters `uid` and `gid` must be given together".into());
+    }
+    Ok(Placement {
+        server,
+        share,
+        sub_dir,
+        mode: raw.mount_permissions.unwrap_or(DEFAULT_MODE),
+        owner: raw.uid.zip(raw.gid),
+        on_delete: raw.on_delete,
+    })
+}
+
+/// `/export/` and `/export` name the same share.
+fn normalise_share(share: &str) -> String {
+    let trimmed = share.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_to_the_volume_name_on_the_default_export() {
+        let p = placement("pvc-1", &params(&[]), true).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                server: String::new(),
+                share: String::new(),
+                sub_dir: vec!["pvc-1".into()],
+                mode: DEFAULT_MODE,
+                owner: None,
+                on_delete: OnDelete::Delete,
+            }
+        );
+        let err = placement("pvc-1", &params(&[]), false).unwrap_err();
+        assert!(err.contains("`server`"), "{err}");
+    }
+
+    #[test]
+    fn full_parameter_set() {
+        let p = placement(
+            "pvc-1",
+            &params(&[
+                ("server", "nfs.example.com"),
+                ("share", "/export/"),
+                ("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}"),
+                ("mountPermissions", "0750"),
+                ("onDelete", "archive"),
+                ("uid", "1000"),
+                ("gid", "2000"),
+                (PVC_NAME, "data-db-0"),
+                (PVC_NAMESPACE, "prod"),
+                (PV_NAME, "pvc-1"),
+                ("csi.storage.k8s.io/fstype", "nfs"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.server, "nfs.example.com");
+        assert_eq!(p.share, "/export");
+        assert_eq!(p.sub_dir, ["prod", "data-db-0"]);
+        assert_eq!(p.mode, 0o750);
+        assert_eq!(p.owner, Some((1000, 2000)));
+        assert_eq!(p.on_delete, OnDelete::Archive);
+    }
+
+    #[test]
+    fn bad_parameters_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("onDelet", "retain")], "onDelet"),
+            (&[("onDelete", "shred")], "onDelete"),
+            (&[("mountPermissions", "999")], "mountPermissions"),
+            (&[("uid", "x"), ("gid", "1")], "uid"),
+            (&[("uid", "1")], "gid"),
+            (&[("server", "a/b"), ("share", "/x")], "server"),
+            (&[("server", "a"), ("share", "relative")], "share"),
+            (&[("server", "a"), ("share", "/x/../y")], "share"),
+            (&[("server", "a")], "share"),
+            (&[("subDir", "a#b")], "subDir"),
+            (&[("subDir", ".stowage")], "subDir"),
+            (
+                &[("subDir", "${pvc.metadata.name}"), (PVC_NAME, "..")],
+                "subDir",
+            ),
+            (
+                &[
+                    ("subDir", "${pvc.metadata.namespace}"),
+                    (PVC_NAMESPACE, "a/b"),
+                ],
+                "subDir",
+            ),
+        ];
+        for (pairs, key) in cases {
+            let err = placement("pvc-1", &params(pairs), true).unwrap_err();
+            assert!(err.contains(key), "{pairs:?}: {err}");
+        }
+        assert!(placement("..", &params(&[]), true).is_err());
+    }
+}

@@ -1,0 +1,578 @@
+//! The provisioning reconciler: a claim of one of our StorageClasses → CreateVolume →
+//! the PV, pre-bound to the claim (`claimRef` with its uid), as external-provisioner
+//! makes it. Binding is the PV controller's (kube-controller-manager): it sets the
+//! claim's `volumeName`, `bind-completed` and both phases once *its* cache holds the
+//! PV. stowage never writes those: a claim marked bound before the PV controller can
+//! see its PV is one it declares `Lost`.
+//!
+//! Crash safety: before CreateVolume the claim gets the finalizer
+//! `<driver>/provisioning`; it comes off once the PV exists. So while a volume may
+//! exist without a PV, its claim cannot disappear: a claim deleted meanwhile is seen
+//! again with the finalizer, and the volume is looked up by name (CreateVolume is
+//! idempotent) and deleted before the finalizer goes. A restart re-runs CreateVolume
+//! for the same name (`pvc-<uid>`), so it never duplicates.
+//!
+//! Reads decisions from [`super::rules`]; never touches backends except through CSI.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource as _, ResourceExt as _};
+use serde_json::json;
+
+use super::informer::Expect;
+use super::rules::{self, Decision};
+use super::{Next, Shared, finalizers_without, hash_map, informer, is_api};
+use crate::csi_client::capability;
+use stowage_api::proto::csi as proto;
+use stowage_api::volume::{Segments, Volume};
+
+/// The claim finalizer held while a volume may exist without a PV.
+pub fn provisioning_finalizer(driver: &str) -> String {
+    format!("{driver}/provisioning")
+}
+
+fn has_finalizer(pvc: &PersistentVolumeClaim, finalizer: &str) -> bool {
+    pvc.finalizers().iter().any(|f| f == finalizer)
+}
+
+/// The cache must show this write of the claim before the claim is looked at again.
+fn expect_written(shared: &Shared, written: &PersistentVolumeClaim) {
+    if let Some(version) = &written.metadata.resource_version {
+        shared
+            .expect
+            .claims
+            .expect(&informer::key(written), Expect::Version(version.clone()));
+    }
+}
+
+fn claims(shared: &Shared, namespace: &str) -> Api<PersistentVolumeClaim> {
+    Api::namespaced(shared.client.clone(), namespace)
+}
+
+fn volumes(shared: &Shared) -> Api<PersistentVolume> {
+    Api::all(shared.client.clone())
+}
+
+/// Reconcile the claim `namespace/name`.
+pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next> {
+    let Some(pvc) = informer::get(&shared.claims, &key) else {
+        return Ok(Next::Done);
+    };
+    let finalizer = provisioning_finalizer(&shared.driver);
+    if pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty())
+    {
+        // Bound (or being bound) by the PV controller: only our finalizer is left to go.
+        return settle(&shared, &pvc, &finalizer).await;
+    }
+    if pvc.metadata.deletion_timestamp.is_some() {
+        if has_finalizer(&pvc, &finalizer) {
+            return abandon(&shared, &pvc, &finalizer).await;
+        }
+        return Ok(Next::Done);
+    }
+    let class = rules::claim_class(&pvc).and_then(|name| shared.classes.get(&ObjectRef::new(name)));
+    match rules::should_provision(&pvc, class.as_deref(), &shared.driver) {
+        Decision::Skip(reason) | Decision::Wait(reason) => {
+            tracing::debug!(claim = %key, %reason, "not provisioning");
+            Ok(Next::Done)
+        }
+        Decision::Reject(message) => {
+            shared.metrics.failed("provision", "InvalidClaim");
+            shared
+                .events
+                .warning(pvc.object_ref(&()), "ProvisioningFailed", message.clone());
+            Err(anyhow::anyhow!(message))
+        }
+        Decision::Provision => {
+            if let Some(pv) = shared.volumes.find(|pv| rules::is_prebound_to(pv, &pvc)) {
+                tracing::debug!(claim = %key, pv = %pv.name_any(), "a PV is pre-bound to the claim; the PV controller binds it");
+                return Ok(Next::Done);
+            }
+            if let Some(wait) = annotation_wait(&shared, &pvc) {
+                return Ok(Next::After(wait));
+            }
+            let class = class.expect("Provision implies the class exists");
+            let result = provision(&shared, &pvc, &class, &finalizer).await;
+            if result.is_ok() {
+                forget_seen(&shared, &pvc);
+            }
+            result
+        }
+    }
+}
+
+/// Give kube-controller-manager's PV controller a moment to annotate a new claim
+/// (`volume.kubernetes.io/storage-provisioner`). It reads the claim, then writes the
+/// annotation with that resourceVersion: a claim written by stowage in between makes
+/// its write fail with a conflict, which it reports as a ProvisioningFailed event. A
+/// claim it has annotated (or one nobody annotates within the grace: no PV controller
+/// running, or one slowed by its rate limit) goes ahead, and stowage's first write
+/// carries the annotation, so a later PV controller sync has nothing to write.
+fn annotation_wait(shared: &Shared, pvc: &PersistentVolumeClaim) -> Option<std::time::Duration> {
+    let grace = shared.settings.annotation_grace;
+    if grace.is_zero()
+        || pvc
+            .annotations()
+            .contains_key(rules::ANN_STORAGE_PROVISIONER)
+    {
+        return None;
+    }
+    let uid = pvc.metadata.uid.clone().unwrap_or_default();
+    let mut seen = shared.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.len() > 10_000 {
+        seen.retain(|_, at| at.elapsed() < grace * 4);
+    }
+    let first = *seen.entry(uid).or_insert_with(Instant::now);
+    grace
+        .checked_sub(first.elapsed())
+        .filter(|left| !left.is_zero())
+}
+
+fn forget_seen(shared: &Shared, pvc: &PersistentVolumeClaim) {
+    if let Some(uid) = &pvc.metadata.uid {
+        shared
+            .first_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+}
+
+async fn provision(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    class: &StorageClass,
+    finalizer: &str,
+) -> anyhow::Result<Next> {
+    let started = Instant::now();
+    let name = rules::pv_name(pvc).map_err(anyhow::Error::msg)?;
+    if existing_pv(shared, &name, pvc).await?.is_some() {
+        // Made before a crash or a failed finalizer write: the PV controller binds it.
+        return settle(shared, pvc, finalizer).await;
+    }
+    let class_name = class.name_any();
+    let request = match create_request(shared, pvc, class, &name).await {
+        Ok(request) => request,
+        Err(message) => {
+            shared.metrics.failed("provision", "InvalidClaim");
+            let message =
+                format!("failed to provision volume with StorageClass \"{class_name}\": {message}");
+            shared
+                .events
+                .warning(pvc.object_ref(&()), "ProvisioningFailed", message.clone());
+            anyhow::bail!(message);
+        }
+    };
+    let requested = request
+        .capacity_range
+        .as_ref()
+        .map_or(0, |r| r.required_bytes);
+    let pvc = add_finalizer(shared, pvc, finalizer).await?;
+    shared.events.normal(
+        pvc.object_ref(&()),
+        "Provisioning",
+        format!(
+            "External provisioner is provisioning volume for claim \"{}\"",
+            informer::key(&pvc)
+        ),
+    );
+    let volume = match shared.csi.create_volume(request).await {
+        Ok(volume) => domain_volume(volume),
+        Err(e) => {
+            shared
+                .metrics
+                .failed("provision", &format!("{:?}", e.code()));
+            shared.events.warning(
+                pvc.object_ref(&()),
+                "ProvisioningFailed",
+                format!(
+                    "failed to provision volume with StorageClass \"{class_name}\": {}",
+                    e.message()
+                ),
+            );
+            if e.is_final() && e.code() != tonic::Code::AlreadyExists {
+                // The driver says no volume was made: nothing to protect while the
+                // claim waits for its next attempt (it may be deleted meanwhile).
+                remove_finalizer(shared, &pvc, finalizer).await?;
+            }
+            return Err(anyhow::Error::new(e).context("CreateVolume"));
+        }
+    };
+    if let Err(message) = rules::provisioned_capacity(&volume, requested) {
+        // Upstream deletes a too-small volume and tries again.
+        let deleted = shared.csi.delete_volume(&volume.id, HashMap::new()).await;
+        shared.metrics.failed("provision", "TooSmall");
+        shared
+            .events
+            .warning(pvc.object_ref(&()), "ProvisioningFailed", message.clone());
+        deleted.context("deleting the too-small volume")?;
+        anyhow::bail!(message);
+    }
+    let pv = rules::build_pv(
+        &pvc,
+        class,
+        &shared.driver,
+        &shared.settings.identity,
+        &volume,
+        requested,
+    )
+    .map_err(anyhow::Error::msg)?;
+    create_pv(shared, &pv, &pvc).await?;
+    shared.metrics.succeeded("provision", started);
+    shared.events.normal(
+        pvc.object_ref(&()),
+        "ProvisioningSucceeded",
+        format!("Successfully provisioned volume {name}"),
+    );
+    // The volume has its PV: the claim may go now, and the PV controller binds it.
+    remove_finalizer(shared, &pvc, finalizer).await?;
+    Ok(Next::Done)
+}
+
+/// The PV already made for this claim (before a crash or a failed bind), if any.
+async fn existing_pv(
+    shared: &Shared,
+    name: &str,
+    pvc: &PersistentVolumeClaim,
+) -> anyhow::Result<Option<PersistentVolume>> {
+    let Some(pv) = shared.volumes.get(&ObjectRef::new(name)) else {
+        return Ok(None);
+    };
+    check_pv_is_for(&pv, pvc)?;
+    Ok(Some((*pv).clone()))
+}
+
+fn check_pv_is_for(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> anyhow::Result<()> {
+    let claim_uid = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|c| c.uid.as_deref());
+    anyhow::ensure!(
+        claim_uid == pvc.metadata.uid.as_deref(),
+        "PV {} exists but belongs to another claim (uid {:?}); not touching it",
+        pv.name_any(),
+        claim_uid
+    );
+    Ok(())
+}
+
+async fn create_pv(
+    shared: &Shared,
+    pv: &PersistentVolume,
+    pvc: &PersistentVolumeClaim,
+) -> anyhow::Result<PersistentVolume> {
+    match volumes(shared).create(&PostParams::default(), pv).await {
+        Ok(created) => Ok(created),
+        Err(e) if is_api(&e, 409) => {
+            let existing = volumes(shared)
+                .get(&pv.name_any())
+                .await
+                .context("reading the PV that already exists")?;
+            check_pv_is_for(&existing, pvc)?;
+            Ok(existing)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("creating PV {}", pv.name_any()))),
+    }
+}
+
+/// Add the provisioning finalizer (guarded by the claim's resourceVersion); returns
+/// the claim as written.
+async fn add_finalizer(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    finalizer: &str,
+) -> anyhow::Result<PersistentVolumeClaim> {
+    if has_finalizer(pvc, finalizer) {
+        return Ok(pvc.clone());
+    }
+    let mut finalizers = pvc.finalizers().to_vec();
+    finalizers.push(finalizer.to_owned());
+    // The PV controller's annotations too, as it writes them: once they are there it
+    // has nothing left to write to this claim.
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": pvc.metadata.resource_version,
+            "annotations": {
+                rules::ANN_STORAGE_PROVISIONER: shared.driver,
+                rules::ANN_BETA_STORAGE_PROVISIONER: shared.driver,
+            },
+        }
+    });
+    claims(shared, pvc.namespace().as_deref().unwrap_or_default())
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .context("adding the provisioning finalizer to the claim")
+        .inspect(|written| expect_written(shared, written))
+}
+
+/// Remove the provisioning finalizer, guarded by the claim's resourceVersion (the
+/// other finalizers may move meanwhile). A conflict — the PV controller annotating the
+/// claim, say — re-reads the claim and tries again.
+async fn remove_finalizer(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    finalizer: &str,
+) -> anyhow::Result<()> {
+    let api = claims(shared, pvc.namespace().as_deref().unwrap_or_default());
+    let mut current = pvc.clone();
+    for _ in 0..3 {
+        if !has_finalizer(&current, finalizer) || current.metadata.uid != pvc.metadata.uid {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {
+                "finalizers": finalizers_without(&current, finalizer),
+                "resourceVersion": current.metadata.resource_version,
+            }
+        });
+        match api
+            .patch(
+                &current.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(written) => {
+                expect_written(shared, &written);
+                return Ok(());
+            }
+            Err(e) if is_api(&e, 404) => return Ok(()),
+            Err(e) if is_api(&e, 409) => {
+                match api
+                    .get_opt(&current.name_any())
+                    .await
+                    .context("re-reading the claim")?
+                {
+                    Some(live) => current = live,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context("removing the provisioning finalizer"));
+            }
+        }
+    }
+    anyhow::bail!("the claim kept changing; its finalizer is removed on the next attempt")
+}
+
+/// A claim whose volume has its PV: drop our finalizer if it is still there.
+async fn settle(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    finalizer: &str,
+) -> anyhow::Result<Next> {
+    if has_finalizer(pvc, finalizer) {
+        remove_finalizer(shared, pvc, finalizer).await?;
+    }
+    Ok(Next::Done)
+}
+
+/// A claim deleted while we may have created its volume: if no PV took the volume
+/// over, find the volume by name (CreateVolume is idempotent) and delete it, then let
+/// the claim go.
+async fn abandon(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    finalizer: &str,
+) -> anyhow::Result<Next> {
+    let name = rules::pv_name(pvc).map_err(anyhow::Error::msg)?;
+    let has_pv = match volumes(shared).get_opt(&name).await? {
+        Some(pv) => check_pv_is_for(&pv, pvc).is_ok(),
+        None => false,
+    };
+    if !has_pv {
+        let class = rules::claim_class(pvc).and_then(|n| shared.classes.get(&ObjectRef::new(n)));
+        let request = match &class {
+            Some(class) => create_request(shared, pvc, class, &name).await.ok(),
+            None => None,
+        };
+        match request {
+            None => {
+                tracing::warn!(claim = %informer::key(pvc), "claim deleted while provisioning; its StorageClass or request is no longer valid, so a volume named {name} (if any) cannot be looked up");
+                shared.events.warning(
+                    pvc.object_ref(&()),
+                    "ProvisioningCleanupFailed",
+                    format!("claim deleted while provisioning and its StorageClass is gone: check the backend for a volume named {name}"),
+                );
+            }
+            Some(request) => match shared.csi.create_volume(request).await {
+                Ok(volume) => {
+                    shared
+                        .csi
+                        .delete_volume(&volume.volume_id, HashMap::new())
+                        .await
+                        .map_err(|e| {
+                            anyhow::Error::new(e).context("DeleteVolume of an abandoned volume")
+                        })?;
+                    tracing::info!(claim = %informer::key(pvc), volume = %volume.volume_id, "deleted the volume of a claim deleted while provisioning");
+                }
+                Err(e) if e.is_final() => {
+                    tracing::info!(claim = %informer::key(pvc), error = %e, "claim deleted while provisioning; CreateVolume fails finally, so no volume exists");
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("CreateVolume (looking up an abandoned volume)"));
+                }
+            },
+        }
+    }
+    remove_finalizer(shared, pvc, finalizer).await?;
+    Ok(Next::Done)
+}
+
+/// The CreateVolume request for a claim; `Err` is a message for ProvisioningFailed.
+async fn create_request(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    class: &StorageClass,
+    name: &str,
+) -> Result<proto::CreateVolumeRequest, String> {
+    let empty = BTreeMap::new();
+    let class_parameters = class.parameters.as_ref().unwrap_or(&empty);
+    let parameters = rules::create_parameters(class_parameters, pvc, name)?;
+    let required = rules::capacity_request(pvc)?;
+    let modes = rules::access_modes(pvc)?;
+    let fs_type = rules::fs_type(class_parameters);
+    let mount_flags = class.mount_options.clone().unwrap_or_default();
+    let volume_capabilities = modes
+        .access_modes
+        .iter()
+        .map(|mode| capability(*mode, modes.block, fs_type.as_deref(), &mount_flags))
+        .collect();
+    let secrets = match rules::provisioner_secret(class_parameters, pvc, name)? {
+        Some((namespace, name)) => super::read_secret(&shared.client, &namespace, &name)
+            .await
+            .map_err(|e| format!("reading provisioner secret {namespace}/{name}: {e}"))?,
+        None => HashMap::new(),
+    };
+    let accessibility_requirements = requirements(shared, pvc, class).await?;
+    Ok(proto::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        volume_capabilities,
+        parameters: hash_map(&parameters),
+        secrets,
+        volume_content_source: None,
+        accessibility_requirements,
+        mutable_parameters: HashMap::new(),
+    })
+}
+
+/// Accessibility requirements, when the driver has topology: WaitForFirstConsumer →
+/// the selected node's segments (its labels for the driver's CSINode topology keys);
+/// Immediate → the class's allowedTopologies.
+async fn requirements(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    class: &StorageClass,
+) -> Result<Option<proto::TopologyRequirement>, String> {
+    if !shared.csi.caps.topology {
+        return Ok(None);
+    }
+    let selected = pvc
+        .annotations()
+        .get(rules::ANN_SELECTED_NODE)
+        .filter(|n| !n.is_empty());
+    let segments: Vec<Segments> = match selected {
+        Some(node) => vec![node_segments(shared, node).await?],
+        None => rules::allowed_topologies(class),
+    };
+    let topologies: Vec<proto::Topology> = segments
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(|segments| proto::Topology {
+            segments: hash_map(&segments),
+        })
+        .collect();
+    if topologies.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(proto::TopologyRequirement {
+        requisite: topologies.clone(),
+        preferred: topologies,
+    }))
+}
+
+async fn node_segments(shared: &Shared, node: &str) -> Result<Segments, String> {
+    let csi_node = Api::<CSINode>::all(shared.client.clone())
+        .get_opt(node)
+        .await
+        .map_err(|e| format!("reading CSINode {node}: {e}"))?;
+    let keys = csi_node
+        .and_then(|n| n.spec.drivers.into_iter().find(|d| d.name == shared.driver))
+        .ok_or_else(|| {
+            format!(
+                "node {node} has no CSINode entry for driver {}: is the node plugin running there?",
+                shared.driver
+            )
+        })?
+        .topology_keys
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return Ok(Segments::new());
+    }
+    let labels = Api::<Node>::all(shared.client.clone())
+        .get(node)
+        .await
+        .map_err(|e| format!("reading node {node}: {e}"))?
+        .metadata
+        .labels
+        .unwrap_or_default();
+    keys.into_iter()
+        .map(|key| match labels.get(&key) {
+            Some(value) => Ok((key, value.clone())),
+            None => Err(format!(
+                "node {node} has no label {key} (a topology key of the driver)"
+            )),
+        })
+        .collect()
+}
+
+/// The CSI answer as the domain volume the rules take.
+fn domain_volume(volume: proto::Volume) -> Volume {
+    Volume {
+        id: volume.volume_id,
+        capacity_bytes: u64::try_from(volume.capacity_bytes).unwrap_or(0),
+        context: volume.volume_context.into_iter().collect(),
+        topology: volume
+            .accessible_topology
+            .into_iter()
+            .map(|t| t.segments.into_iter().collect())
+            .collect(),
+        source_snapshot: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finalizer_is_a_qualified_name_under_the_driver() {
+        assert_eq!(
+            provisioning_finalizer("stowage.csi.dev"),
+            "stowage.csi.dev/provisioning"
+        );
+    }
+}

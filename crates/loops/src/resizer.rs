@@ -1,0 +1,368 @@
+//! The resizer: a bound claim of this driver whose `spec.resources.requests.storage`
+//! grew past its capacity, in a StorageClass with `allowVolumeExpansion` →
+//! ControllerExpandVolume → the PV's capacity → the claim's status, as
+//! external-resizer writes it (`allocatedResources`, `allocatedResourceStatuses`,
+//! conditions `Resizing`, then `FileSystemResizePending` when the node must grow the
+//! filesystem, else the new capacity).
+//!
+//! The hand-over with the kubelet (KEP-1790): once the claim says `NodeResize*` for an
+//! allocated size that covers the request, the resize is the kubelet's — it writes
+//! `NodeResizeInProgress`, `NodeResizeFailed`/`Infeasible` or the final capacity, and
+//! the resizer neither calls the driver again nor writes the claim's status. Every
+//! status write is guarded by the resourceVersion it was decided on, so a write the
+//! kubelet made meanwhile is never overwritten.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource as _, ResourceExt as _};
+use serde_json::{Value, json};
+
+use super::informer::Expect;
+use super::rules;
+use super::{Next, Shared, informer};
+use crate::csi_client::pv_capability;
+use stowage_api::proto::csi as proto;
+
+const NODE_RESIZE_PENDING: &str = "NodeResizePending";
+const CONTROLLER_RESIZE_IN_PROGRESS: &str = "ControllerResizeInProgress";
+/// The resize states in which the node (kubelet) owns the claim's resize status.
+const NODE_STATES: [&str; 4] = [
+    NODE_RESIZE_PENDING,
+    "NodeResizeInProgress",
+    "NodeResizeFailed",
+    "NodeResizeInfeasible",
+];
+
+fn storage_of(
+    map: Option<
+        &std::collections::BTreeMap<
+            String,
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+        >,
+    >,
+) -> Option<i64> {
+    map?.get("storage")
+        .and_then(|q| rules::parse_quantity(&q.0).ok())
+}
+
+/// Reconcile the claim `namespace/name` for expansion.
+pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next> {
+    let Some(pvc) = informer::get(&shared.claims, &key) else {
+        return Ok(Next::Done);
+    };
+    let status = pvc.status.clone().unwrap_or_default();
+    if status.phase.as_deref() != Some("Bound") || pvc.metadata.deletion_timestamp.is_some() {
+        return Ok(Next::Done);
+    }
+    let Some(requested) = controller_step(&pvc) else {
+        return Ok(Next::Done);
+    };
+    let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+        return Ok(Next::Done);
+    };
+    let Some(pv) = shared.volumes.get(&ObjectRef::new(&volume)) else {
+        return Ok(Next::Done);
+    };
+    let Some(csi) = pv.spec.as_ref().and_then(|s| s.csi.as_ref()) else {
+        return Ok(Next::Done);
+    };
+    if csi.driver != shared.driver {
+        return Ok(Next::Done);
+    }
+    let class = rules::claim_class(&pvc).and_then(|n| shared.classes.get(&ObjectRef::new(n)));
+    if class.is_none_or(|c| c.allow_volume_expansion != Some(true)) {
+        shared.events.warning(
+            pvc.object_ref(&()),
+            "VolumeResizeFailed",
+            "the claim's StorageClass does not set allowVolumeExpansion: true".to_owned(),
+        );
+        return Ok(Next::Done);
+    }
+    if !shared.csi.caps.expand {
+        shared.events.warning(
+            pvc.object_ref(&()),
+            "VolumeResizeFailed",
+            format!(
+                "driver {} cannot expand volumes (no EXPAND_VOLUME capability)",
+                shared.driver
+            ),
+        );
+        return Ok(Next::Done);
+    }
+    expand(&shared, &pvc, &pv, requested).await
+}
+
+/// The size ControllerExpandVolume must reach for this claim now, or `None` when
+/// the controller has nothing to do: the request is met, or the node is growing the
+/// filesystem to an allocated size that covers the request.
+fn controller_step(pvc: &PersistentVolumeClaim) -> Option<i64> {
+    let status = pvc.status.as_ref()?;
+    let requested = storage_of(
+        pvc.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref()),
+    )?;
+    if requested <= storage_of(status.capacity.as_ref()).unwrap_or(0) {
+        return None;
+    }
+    let state = status
+        .allocated_resource_statuses
+        .as_ref()
+        .and_then(|s| s.get("storage"));
+    let allocated = storage_of(status.allocated_resources.as_ref()).unwrap_or(0);
+    if state.is_some_and(|s| NODE_STATES.contains(&s.as_str())) && allocated >= requested {
+        return None;
+    }
+    Some(requested)
+}
+
+async fn expand(
+    shared: &Shared,
+    pvc: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+    requested: i64,
+) -> anyhow::Result<Next> {
+    let started = Instant::now();
+    let namespace = pvc.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(shared.client.clone(), &namespace);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let quantity = rules::bytes_to_quantity(requested);
+    let Some(pvc) = patch_claim_status(
+        shared,
+        &claims,
+        pvc,
+        json!({ "status": {
+            "allocatedResources": { "storage": quantity },
+            "allocatedResourceStatuses": { "storage": CONTROLLER_RESIZE_IN_PROGRESS },
+            "conditions": [{ "type": "Resizing", "status": "True", "lastTransitionTime": now }],
+        }}),
+        |live| controller_step(live) == Some(requested),
+    )
+    .await?
+    else {
+        // The claim changed meanwhile (the kubelet's turn, a new request, deleted):
+        // its own event brings it back if there is work left.
+        return Ok(Next::Done);
+    };
+    let pvc = &pvc;
+    // Later writes only continue this resize: the claim must still be ours, at this size.
+    let still_ours = |live: &PersistentVolumeClaim| {
+        let status = live.status.clone().unwrap_or_default();
+        storage_of(status.allocated_resources.as_ref()) == Some(requested)
+            && status
+                .allocated_resource_statuses
+                .as_ref()
+                .and_then(|s| s.get("storage"))
+                .is_some_and(|s| s == CONTROLLER_RESIZE_IN_PROGRESS)
+    };
+    shared.events.normal(
+        pvc.object_ref(&()),
+        "Resizing",
+        format!("External resizer is resizing volume {}", pv.name_any()),
+    );
+    let spec = pv.spec.clone().unwrap_or_default();
+    let csi = spec.csi.clone().unwrap_or_default();
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    let request = proto::ControllerExpandVolumeRequest {
+        volume_id: csi.volume_handle.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: requested,
+            limit_bytes: 0,
+        }),
+        secrets: Default::default(),
+        volume_capability: pv_capability(pv),
+    };
+    let response = match shared.csi.expand(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            shared.metrics.failed("resize", &format!("{:?}", e.code()));
+            let message = format!("resize volume {} failed: {}", pv.name_any(), e.message());
+            shared
+                .events
+                .warning(pvc.object_ref(&()), "VolumeResizeFailed", message.clone());
+            let state = if e.is_final() {
+                "ControllerResizeInfeasible"
+            } else {
+                "ControllerResizeInProgress"
+            };
+            patch_claim_status(
+                shared,
+                &claims,
+                pvc,
+                json!({ "status": {
+                    "allocatedResourceStatuses": { "storage": state },
+                    "conditions": [{ "type": "ControllerResizeError", "status": "True",
+                        "lastTransitionTime": now, "message": message }],
+                }}),
+                still_ours,
+            )
+            .await?;
+            return Err(anyhow::Error::new(e).context("ControllerExpandVolume"));
+        }
+    };
+    let size = response.capacity_bytes.max(requested);
+    let pv_size = storage_of(pv.spec.as_ref().and_then(|s| s.capacity.as_ref())).unwrap_or(0);
+    if pv_size < size {
+        Api::<PersistentVolume>::all(shared.client.clone())
+            .patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(
+                    &json!({ "spec": { "capacity": { "storage": rules::bytes_to_quantity(size) } } }),
+                ),
+            )
+            .await
+            .context("writing the PV's new capacity")?;
+    }
+    if response.node_expansion_required && !block {
+        patch_claim_status(
+            shared,
+            &claims,
+            pvc,
+            json!({ "status": {
+                "allocatedResourceStatuses": { "storage": NODE_RESIZE_PENDING },
+                "conditions": [{ "type": "FileSystemResizePending", "status": "True",
+                    "lastTransitionTime": now,
+                    "message": "Waiting for user to (re-)start a pod to finish file system resize of volume on node." }],
+            }}),
+            still_ours,
+        )
+        .await?;
+        shared.events.normal(
+            pvc.object_ref(&()),
+            "FileSystemResizeRequired",
+            "Require file system resize of volume on node".to_owned(),
+        );
+    } else {
+        patch_claim_status(
+            shared,
+            &claims,
+            pvc,
+            json!({ "status": {
+                "capacity": { "storage": rules::bytes_to_quantity(size) },
+                "allocatedResourceStatuses": null,
+                "conditions": [],
+            }}),
+            still_ours,
+        )
+        .await?;
+        shared.events.normal(
+            pvc.object_ref(&()),
+            "VolumeResizeSuccessful",
+            "Resize volume succeeded".to_owned(),
+        );
+    }
+    shared.metrics.succeeded("resize", started);
+    Ok(Next::Done)
+}
+
+/// A claim status write guarded by `pvc`'s resourceVersion (see
+/// [`super::patch_status_guarded`]); `None` when the claim moved on without us.
+async fn patch_claim_status(
+    shared: &Shared,
+    claims: &Api<PersistentVolumeClaim>,
+    pvc: &PersistentVolumeClaim,
+    patch: Value,
+    still: impl Fn(&PersistentVolumeClaim) -> bool,
+) -> anyhow::Result<Option<PersistentVolumeClaim>> {
+    let written = super::patch_status_guarded(claims, pvc, &patch, still)
+        .await
+        .context("writing the claim's resize status")?;
+    // Not looked at again until the cache has this write.
+    if let Some(version) = written
+        .as_ref()
+        .and_then(|w| w.metadata.resource_version.clone())
+    {
+        shared
+            .expect
+            .resizes
+            .expect(&informer::key(pvc), Expect::Version(version));
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, VolumeResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    const GI: i64 = 1 << 30;
+
+    fn storage(bytes: i64) -> Option<BTreeMap<String, Quantity>> {
+        Some(BTreeMap::from([(
+            "storage".to_owned(),
+            rules::bytes_to_quantity(bytes),
+        )]))
+    }
+
+    fn claim(
+        requested: i64,
+        capacity: i64,
+        allocated: Option<i64>,
+        state: Option<&str>,
+    ) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            spec: Some(PersistentVolumeClaimSpec {
+                resources: Some(VolumeResourceRequirements {
+                    requests: storage(requested),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: Some(PersistentVolumeClaimStatus {
+                phase: Some("Bound".into()),
+                capacity: storage(capacity),
+                allocated_resources: allocated.and_then(storage),
+                allocated_resource_statuses: state
+                    .map(|s| BTreeMap::from([("storage".to_owned(), s.to_owned())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_controller_expands_only_what_the_node_does_not_own() {
+        assert_eq!(
+            controller_step(&claim(GI, GI, None, None)),
+            None,
+            "request met"
+        );
+        assert_eq!(
+            controller_step(&claim(2 * GI, GI, None, None)),
+            Some(2 * GI)
+        );
+        // The node's turn for this size, whatever the kubelet wrote last.
+        for state in NODE_STATES {
+            assert_eq!(
+                controller_step(&claim(2 * GI, GI, Some(2 * GI), Some(state))),
+                None,
+                "{state}"
+            );
+            // A request grown past what the node is working on is the controller's again.
+            assert_eq!(
+                controller_step(&claim(3 * GI, GI, Some(2 * GI), Some(state))),
+                Some(3 * GI),
+                "{state}"
+            );
+        }
+        // An interrupted or failed controller resize is retried.
+        for state in [CONTROLLER_RESIZE_IN_PROGRESS, "ControllerResizeInfeasible"] {
+            assert_eq!(
+                controller_step(&claim(2 * GI, GI, Some(2 * GI), Some(state))),
+                Some(2 * GI)
+            );
+        }
+    }
+}

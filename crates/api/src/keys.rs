@@ -13,7 +13,8 @@ pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 
-/// The StorageClass key carrying the filesystem type.
+/// The StorageClass key carrying the filesystem type (external-provisioner usually
+/// moves it into the capability's `fs_type`; the EBS backend accepts it in either place).
 pub const FSTYPE_KEY: &str = "csi.storage.k8s.io/fstype";
 
 /// The reserved `csi.storage.k8s.io/*` StorageClass keys external-provisioner knows:

@@ -1,6 +1,7 @@
-//! Domain types shared by the CSI layer and the backends: what a volume is, what a
-//! request asks for. Owns no I/O and must not import tonic, kube or any backend crate;
-//! `csi/` converts the protobuf messages into these types after validating them.
+//! Domain types shared by the CSI server, the backends and the loops: what a volume
+//! is, what a request asks for. Owns no I/O and must not import tonic, kube or any
+//! backend crate; the driver's `csi/` converts the protobuf messages into these types
+//! after validating them.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,6 +1,7 @@
 //! What the CSI driver and the Kubernetes loops share, and nothing only one of them
 //! needs: the generated CSI and plugin-registration protobufs ([`proto`]), the domain
-//! types of a volume ([`volume`]), the StorageClass key names ([`keys`]) and the
+//! types of a volume ([`volume`]), the conversions between those and CSI's and
+//! Kubernetes' names ([`convert`]), the StorageClass key names ([`keys`]) and the
 //! process's metric registry with its health checks ([`metrics`]).
 //!
 //! Must never import kube, k8s-openapi, aws-sdk-ec2 or nfs3_*: the loops depend on
@@ -8,6 +9,7 @@
 //! Kubernetes.
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod keys;
 pub mod metrics;
 pub mod volume;

@@ -30,8 +30,9 @@ use super::informer::Expect;
 use super::rules::{self, Decision};
 use super::{Next, Shared, finalizers_without, hash_map, informer, is_api};
 use crate::csi_client::capability;
+use stowage_api::convert::volume_from_proto;
 use stowage_api::proto::csi as proto;
-use stowage_api::volume::{Segments, Volume};
+use stowage_api::volume::Segments;
 
 /// The claim finalizer held while a volume may exist without a PV.
 pub fn provisioning_finalizer(driver: &str) -> String {
@@ -188,7 +189,7 @@ async fn provision(
         ),
     );
     let volume = match shared.csi.create_volume(request).await {
-        Ok(volume) => domain_volume(volume),
+        Ok(volume) => volume_from_proto(volume),
         Err(e) => {
             shared
                 .metrics
@@ -547,21 +548,6 @@ async fn node_segments(shared: &Shared, node: &str) -> Result<Segments, String> 
             )),
         })
         .collect()
-}
-
-/// The CSI answer as the domain volume the rules take.
-fn domain_volume(volume: proto::Volume) -> Volume {
-    Volume {
-        id: volume.volume_id,
-        capacity_bytes: u64::try_from(volume.capacity_bytes).unwrap_or(0),
-        context: volume.volume_context.into_iter().collect(),
-        topology: volume
-            .accessible_topology
-            .into_iter()
-            .map(|t| t.segments.into_iter().collect())
-            .collect(),
-        source_snapshot: None,
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
+use stowage_api::convert::{KUBERNETES_ACCESS_MODES, access_mode_from_kubernetes};
 use stowage_api::keys::{
     FSTYPE_KEY, KNOWN_RESERVED_KEYS, PV_NAME, PVC_NAME, PVC_NAMESPACE, RESERVED_PREFIX,
 };
@@ -319,11 +320,9 @@ pub struct ClaimModes {
     pub block: bool,
 }
 
-/// Maps the claim's access modes to CSI ones as external-provisioner's `accessmodes`
-/// package does without SINGLE_NODE_MULTI_WRITER support: ReadWriteOnce →
-/// SingleNodeWriter, ReadOnlyMany → MultiNodeReaderOnly, ReadWriteMany →
-/// MultiNodeMultiWriter, ReadWriteOncePod → SingleNodeSingleWriter. One capability per
-/// claim mode, as upstream sends; an empty or unknown mode is an error.
+/// Maps the claim's access modes to CSI ones
+/// ([`stowage_api::convert::access_mode_from_kubernetes`]). One capability per claim
+/// mode, as upstream sends; an empty or unknown mode is an error.
 pub fn access_modes(pvc: &PersistentVolumeClaim) -> Result<ClaimModes, String> {
     let spec = pvc.spec.as_ref();
     let modes = spec
@@ -337,18 +336,12 @@ pub fn access_modes(pvc: &PersistentVolumeClaim) -> Result<ClaimModes, String> {
     }
     let mut access_modes = Vec::with_capacity(modes.len());
     for mode in modes {
-        let mode = match mode.as_str() {
-            "ReadWriteOnce" => AccessMode::SingleNodeWriter,
-            "ReadOnlyMany" => AccessMode::MultiNodeReaderOnly,
-            "ReadWriteMany" => AccessMode::MultiNodeMultiWriter,
-            "ReadWriteOncePod" => AccessMode::SingleNodeSingleWriter,
-            other => {
-                return Err(format!(
-                    "claim {}: access mode {other:?} is not known (known: ReadWriteOnce, \
-                     ReadOnlyMany, ReadWriteMany, ReadWriteOncePod)",
-                    display_name(&pvc.metadata)
-                ));
-            }
+        let Some(mode) = access_mode_from_kubernetes(mode) else {
+            return Err(format!(
+                "claim {}: access mode {mode:?} is not known (known: {})",
+                display_name(&pvc.metadata),
+                KUBERNETES_ACCESS_MODES.join(", ")
+            ));
         };
         if !access_modes.contains(&mode) {
             access_modes.push(mode);

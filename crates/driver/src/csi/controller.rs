@@ -11,8 +11,9 @@ use super::proto::{self, controller_server::Controller, controller_service_capab
 use super::status::busy;
 use super::{observe, validate};
 use crate::backend::{Backend, Backends};
+use stowage_api::convert::volume_to_proto;
 use stowage_api::metrics::Metrics;
-use stowage_api::volume::{Capability, Snapshot, Volume};
+use stowage_api::volume::{Capability, Snapshot};
 
 pub struct ControllerService {
     backends: Backends,
@@ -78,28 +79,6 @@ fn snapshot_to_proto(snapshot: Snapshot) -> proto::Snapshot {
         }),
         ready_to_use: snapshot.ready,
         group_snapshot_id: String::new(),
-    }
-}
-
-fn to_proto(volume: Volume) -> proto::Volume {
-    use proto::volume_content_source::{SnapshotSource, Type};
-    let content_source = volume
-        .source_snapshot
-        .map(|snapshot_id| proto::VolumeContentSource {
-            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id })),
-        });
-    proto::Volume {
-        capacity_bytes: i64::try_from(volume.capacity_bytes).unwrap_or(i64::MAX),
-        volume_id: volume.id,
-        volume_context: volume.context.into_iter().collect(),
-        content_source,
-        accessible_topology: volume
-            .topology
-            .into_iter()
-            .map(|segments| proto::Topology {
-                segments: segments.into_iter().collect(),
-            })
-            .collect(),
     }
 }
 
@@ -182,7 +161,7 @@ impl ControllerService {
         let volume = backend.create_volume(&create).await?;
         tracing::info!(volume_id = %volume.id, capacity = volume.capacity_bytes, "volume ready");
         Ok(proto::CreateVolumeResponse {
-            volume: Some(to_proto(volume)),
+            volume: Some(volume_to_proto(volume)),
         })
     }
 
@@ -249,7 +228,7 @@ impl ControllerService {
             entries: page
                 .into_iter()
                 .map(|v| proto::list_volumes_response::Entry {
-                    volume: Some(to_proto(v)),
+                    volume: Some(volume_to_proto(v)),
                     status: None,
                 })
                 .collect(),

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use tonic::Status;
 
 use super::proto::{self, volume_capability as vc};
-use stowage_api::volume::{AccessMode, AccessType, Capability, CapacityRange, CreateRequest};
+use stowage_api::convert::access_mode_from_proto;
+use stowage_api::volume::{AccessType, Capability, CapacityRange, CreateRequest};
 
 /// Longest volume id or name accepted (ids end up in paths and API objects).
 const MAX_ID_LEN: usize = 1024;
@@ -67,26 +68,16 @@ pub fn capability(capability: &proto::VolumeCapability) -> Result<Capability, St
             ));
         }
     };
-    use vc::access_mode::Mode;
     let mode = capability
         .access_mode
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("volume capability access_mode is required"))?;
-    let access_mode = match Mode::try_from(mode.mode) {
-        Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
-        Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
-        Ok(Mode::MultiNodeReaderOnly) => AccessMode::MultiNodeReaderOnly,
-        Ok(Mode::MultiNodeSingleWriter) => AccessMode::MultiNodeSingleWriter,
-        Ok(Mode::MultiNodeMultiWriter) => AccessMode::MultiNodeMultiWriter,
-        Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
-        Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
-        Ok(Mode::Unknown) | Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "volume capability access_mode {} is not a known mode",
-                mode.mode
-            )));
-        }
-    };
+    let access_mode = access_mode_from_proto(mode.mode).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "volume capability access_mode {} is not a known mode",
+            mode.mode
+        ))
+    })?;
     Ok(Capability {
         access_type,
         access_mode,
@@ -283,7 +274,10 @@ mod tests {
         };
         assert!(capability(&bogus).is_err());
         let ok = capability(&mount_cap(Mode::MultiNodeMultiWriter)).unwrap();
-        assert_eq!(ok.access_mode, AccessMode::MultiNodeMultiWriter);
+        assert_eq!(
+            ok.access_mode,
+            stowage_api::volume::AccessMode::MultiNodeMultiWriter
+        );
         assert_eq!(
             ok.access_type,
             AccessType::Mount {

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use stowage_api::convert::{access_mode_from_kubernetes, access_mode_to_proto};
 use stowage_api::proto::csi::{
     self as proto, controller_client::ControllerClient,
     controller_service_capability::rpc::Type as ControllerCap, identity_client::IdentityClient,
@@ -240,16 +241,7 @@ pub fn capability(
     fs_type: Option<&str>,
     mount_flags: &[String],
 ) -> proto::VolumeCapability {
-    use vc::access_mode::Mode;
-    let mode = match mode {
-        AccessMode::SingleNodeWriter => Mode::SingleNodeWriter,
-        AccessMode::SingleNodeReaderOnly => Mode::SingleNodeReaderOnly,
-        AccessMode::MultiNodeReaderOnly => Mode::MultiNodeReaderOnly,
-        AccessMode::MultiNodeSingleWriter => Mode::MultiNodeSingleWriter,
-        AccessMode::MultiNodeMultiWriter => Mode::MultiNodeMultiWriter,
-        AccessMode::SingleNodeSingleWriter => Mode::SingleNodeSingleWriter,
-        AccessMode::SingleNodeMultiWriter => Mode::SingleNodeMultiWriter,
-    };
+    let mode = access_mode_to_proto(mode);
     let access_type = if block {
         vc::AccessType::Block(vc::BlockVolume {})
     } else {
@@ -276,23 +268,11 @@ pub fn pv_capability(
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .find_map(|m| access_mode(m))?;
+        .find_map(|m| access_mode_from_kubernetes(m))?;
     let block = spec.volume_mode.as_deref() == Some("Block");
     let fs_type = spec.csi.as_ref().and_then(|c| c.fs_type.as_deref());
     let mount_flags = spec.mount_options.clone().unwrap_or_default();
     Some(capability(mode, block, fs_type, &mount_flags))
-}
-
-/// Kubernetes access modes (`ReadWriteOnce` …) → CSI access modes, as
-/// [`super::rules::access_modes`] maps a claim's.
-pub fn access_mode(kubernetes: &str) -> Option<AccessMode> {
-    Some(match kubernetes {
-        "ReadWriteOnce" => AccessMode::SingleNodeWriter,
-        "ReadOnlyMany" => AccessMode::MultiNodeReaderOnly,
-        "ReadWriteMany" => AccessMode::MultiNodeMultiWriter,
-        "ReadWriteOncePod" => AccessMode::SingleNodeSingleWriter,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]

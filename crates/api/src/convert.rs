@@ -1,0 +1,161 @@
+//! The conversions between CSI's protobufs, the domain types of [`crate::volume`] and
+//! Kubernetes' names for the same things, each written once: access modes (CSI enum ↔
+//! domain ↔ `ReadWriteOnce` …) and volumes (CSI `Volume` ↔ domain `Volume`).
+//! Validation of what a CO sent stays with the driver (`csi/validate.rs`), which calls
+//! these for the parts that are plain mappings.
+
+use crate::proto::csi as proto;
+use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::volume::{AccessMode, Volume};
+
+/// Kubernetes' access mode names, in the order error messages list them.
+pub const KUBERNETES_ACCESS_MODES: [&str; 4] = [
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
+
+/// A Kubernetes access mode → the CSI one, as external-provisioner's `accessmodes`
+/// package maps it without SINGLE_NODE_MULTI_WRITER support: ReadWriteOnce →
+/// SingleNodeWriter, ReadOnlyMany → MultiNodeReaderOnly, ReadWriteMany →
+/// MultiNodeMultiWriter, ReadWriteOncePod → SingleNodeSingleWriter. `None` when unknown.
+pub fn access_mode_from_kubernetes(name: &str) -> Option<AccessMode> {
+    Some(match name {
+        "ReadWriteOnce" => AccessMode::SingleNodeWriter,
+        "ReadOnlyMany" => AccessMode::MultiNodeReaderOnly,
+        "ReadWriteMany" => AccessMode::MultiNodeMultiWriter,
+        "ReadWriteOncePod" => AccessMode::SingleNodeSingleWriter,
+        _ => return None,
+    })
+}
+
+/// The domain access mode as CSI's enum.
+pub fn access_mode_to_proto(mode: AccessMode) -> Mode {
+    match mode {
+        AccessMode::SingleNodeWriter => Mode::SingleNodeWriter,
+        AccessMode::SingleNodeReaderOnly => Mode::SingleNodeReaderOnly,
+        AccessMode::MultiNodeReaderOnly => Mode::MultiNodeReaderOnly,
+        AccessMode::MultiNodeSingleWriter => Mode::MultiNodeSingleWriter,
+        AccessMode::MultiNodeMultiWriter => Mode::MultiNodeMultiWriter,
+        AccessMode::SingleNodeSingleWriter => Mode::SingleNodeSingleWriter,
+        AccessMode::SingleNodeMultiWriter => Mode::SingleNodeMultiWriter,
+    }
+}
+
+/// CSI's access mode number as the domain one; `None` for UNKNOWN or a number CSI
+/// does not define.
+pub fn access_mode_from_proto(mode: i32) -> Option<AccessMode> {
+    Some(match Mode::try_from(mode).ok()? {
+        Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
+        Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
+        Mode::MultiNodeReaderOnly => AccessMode::MultiNodeReaderOnly,
+        Mode::MultiNodeSingleWriter => AccessMode::MultiNodeSingleWriter,
+        Mode::MultiNodeMultiWriter => AccessMode::MultiNodeMultiWriter,
+        Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
+        Mode::Unknown => return None,
+    })
+}
+
+/// The domain volume as CSI's `Volume` (capacity saturates at `i64::MAX`).
+pub fn volume_to_proto(volume: Volume) -> proto::Volume {
+    use proto::volume_content_source::{SnapshotSource, Type};
+    let content_source = volume
+        .source_snapshot
+        .map(|snapshot_id| proto::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+        });
+    proto::Volume {
+        capacity_bytes: i64::try_from(volume.capacity_bytes).unwrap_or(i64::MAX),
+        volume_id: volume.id,
+        volume_context: volume.context.into_iter().collect(),
+        content_source,
+        accessible_topology: volume
+            .topology
+            .into_iter()
+            .map(|segments| proto::Topology {
+                segments: segments.into_iter().collect(),
+            })
+            .collect(),
+    }
+}
+
+/// CSI's `Volume` as the domain one (a negative capacity reads as 0, unknown).
+pub fn volume_from_proto(volume: proto::Volume) -> Volume {
+    use proto::volume_content_source::Type;
+    let source_snapshot = volume
+        .content_source
+        .and_then(|source| match source.r#type {
+            Some(Type::Snapshot(snapshot)) => Some(snapshot.snapshot_id),
+            _ => None,
+        });
+    Volume {
+        id: volume.volume_id,
+        capacity_bytes: u64::try_from(volume.capacity_bytes).unwrap_or(0),
+        context: volume.volume_context.into_iter().collect(),
+        topology: volume
+            .accessible_topology
+            .into_iter()
+            .map(|t| t.segments.into_iter().collect())
+            .collect(),
+        source_snapshot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Segments;
+
+    const ALL: [AccessMode; 7] = [
+        AccessMode::SingleNodeWriter,
+        AccessMode::SingleNodeReaderOnly,
+        AccessMode::MultiNodeReaderOnly,
+        AccessMode::MultiNodeSingleWriter,
+        AccessMode::MultiNodeMultiWriter,
+        AccessMode::SingleNodeSingleWriter,
+        AccessMode::SingleNodeMultiWriter,
+    ];
+
+    #[test]
+    fn access_modes_round_trip_through_proto() {
+        for mode in ALL {
+            assert_eq!(
+                access_mode_from_proto(access_mode_to_proto(mode) as i32),
+                Some(mode)
+            );
+        }
+        assert_eq!(access_mode_from_proto(Mode::Unknown as i32), None);
+        assert_eq!(access_mode_from_proto(99), None);
+    }
+
+    #[test]
+    fn every_kubernetes_mode_is_known_and_nothing_else() {
+        for name in KUBERNETES_ACCESS_MODES {
+            assert!(access_mode_from_kubernetes(name).is_some(), "{name}");
+        }
+        assert_eq!(access_mode_from_kubernetes("readwriteonce"), None);
+        assert_eq!(access_mode_from_kubernetes(""), None);
+    }
+
+    #[test]
+    fn volumes_round_trip_through_proto() {
+        let volume = Volume {
+            id: "vol-1".into(),
+            capacity_bytes: 5 << 30,
+            context: [("subDir".to_owned(), "a/b".to_owned())].into(),
+            topology: vec![Segments::from([(
+                "topology.ebs.csi.aws.com/zone".to_owned(),
+                "us-east-1a".to_owned(),
+            )])],
+            source_snapshot: Some("snap-1".into()),
+        };
+        assert_eq!(volume_from_proto(volume_to_proto(volume.clone())), volume);
+        let huge = Volume {
+            capacity_bytes: u64::MAX,
+            ..volume
+        };
+        assert_eq!(volume_to_proto(huge).capacity_bytes, i64::MAX);
+    }
+}

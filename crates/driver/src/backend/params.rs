@@ -1,7 +1,9 @@
 //! StorageClass parameter rules shared by every backend (the reserved key names are
-//! `stowage_api::keys`): `${pvc.metadata.*}` templates, path-component checks,
-//! and serde helpers for values that arrive as strings. Backends declare their own typed
-//! parameter structs (with `deny_unknown_fields`) and parse them with [`parse`].
+//! `stowage_api::keys`): the one error type for parameters ([`ParameterError`]), the
+//! one case rule for keys ([`canonical_keys`]), `${pvc.metadata.*}` templates,
+//! path-component checks, and serde helpers for values that arrive as strings.
+//! Backends declare their own typed parameter structs (with `deny_unknown_fields`)
+//! and parse them with [`parse`].
 
 use std::collections::BTreeMap;
 
@@ -10,26 +12,86 @@ use serde::{Deserialize, Deserializer};
 
 use stowage_api::keys::{PV_NAME, PVC_NAME, PVC_NAMESPACE, RESERVED_PREFIX};
 
-/// Parse a typed parameter struct from string parameters. Reserved keys other than
-/// `keep_reserved` are skipped (Kubernetes owns them); every other unknown key is an
-/// error that names the key and lists the known ones (serde's `deny_unknown_fields`).
+use super::BackendError;
+
+/// Why a StorageClass's parameters can't make a volume, in either backend. The message
+/// names the key and what would be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParameterError {
+    /// A key or value that can never work.
+    #[error("{0}")]
+    Invalid(String),
+    /// A size, IOPS or throughput outside what the storage allows.
+    #[error("{0}")]
+    OutOfRange(String),
+}
+
+impl From<ParameterError> for BackendError {
+    fn from(error: ParameterError) -> Self {
+        match error {
+            ParameterError::Invalid(message) => BackendError::InvalidParameter(message),
+            ParameterError::OutOfRange(message) => BackendError::OutOfRange(message),
+        }
+    }
+}
+
+/// The case rule for keys, the same in every backend: keys are case-insensitive, as
+/// aws-ebs-csi-driver and csi-driver-nfs read them. Each key is rewritten to its
+/// spelling in `known`; two spellings of one key are an error; reserved
+/// `csi.storage.k8s.io/*` keys are exact; unknown keys stay as they are, for [`parse`]
+/// to name.
+pub fn canonical_keys(
+    parameters: &BTreeMap<String, String>,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, ParameterError> {
+    let mut canonical = BTreeMap::new();
+    let mut spelled = BTreeMap::<&str, &str>::new();
+    for (key, value) in parameters {
+        let name = known
+            .iter()
+            .filter(|k| !k.starts_with(RESERVED_PREFIX))
+            .find(|k| k.eq_ignore_ascii_case(key));
+        let name = match name {
+            Some(name) if !key.starts_with(RESERVED_PREFIX) => *name,
+            _ => {
+                canonical.insert(key.clone(), value.clone());
+                continue;
+            }
+        };
+        if let Some(other) = spelled.insert(name, key) {
+            return Err(ParameterError::Invalid(format!(
+                "parameters `{other}` and `{key}` both set `{name}` (keys are case-insensitive); keep one"
+            )));
+        }
+        canonical.insert(name.to_owned(), value.clone());
+    }
+    Ok(canonical)
+}
+
+/// Parse a typed parameter struct from string parameters whose keys are `known` (in
+/// any case, [`canonical_keys`]). Reserved keys other than `keep_reserved` are skipped
+/// (Kubernetes owns them); every other unknown key is an error that names the key and
+/// lists the known ones (serde's `deny_unknown_fields`).
 pub fn parse<T: DeserializeOwned>(
     parameters: &BTreeMap<String, String>,
+    known: &[&str],
     keep_reserved: &[&str],
-) -> Result<T, String> {
-    let object: serde_json::Map<String, serde_json::Value> = parameters
-        .iter()
+) -> Result<T, ParameterError> {
+    let object: serde_json::Map<String, serde_json::Value> = canonical_keys(parameters, known)?
+        .into_iter()
         .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX) || keep_reserved.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
         .collect();
     serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || inner.to_string().starts_with("unknown field") {
-            format!("invalid StorageClass parameters: {inner}")
-        } else {
-            format!("invalid StorageClass parameter `{path}`: {inner}")
-        }
+        ParameterError::Invalid(
+            if path == "." || inner.to_string().starts_with("unknown field") {
+                format!("invalid StorageClass parameters: {inner}")
+            } else {
+                format!("invalid StorageClass parameter `{path}`: {inner}")
+            },
+        )
     })
 }
 
@@ -184,15 +246,18 @@ pub fn render_path(
     key: &str,
     template: &str,
     parameters: &BTreeMap<String, String>,
-) -> Result<Vec<String>, String> {
-    let rendered = substitute(key, template, parameters, Syntax::Dollar, &check_component)?;
+) -> Result<Vec<String>, ParameterError> {
+    let rendered = substitute(key, template, parameters, Syntax::Dollar, &check_component)
+        .map_err(ParameterError::Invalid)?;
     let components: Vec<String> = rendered
         .trim_matches('/')
         .split('/')
         .map(str::to_owned)
         .collect();
     for component in &components {
-        check_component(component).map_err(|e| format!("parameter `{key}` ({template:?}): {e}"))?;
+        check_component(component).map_err(|e| {
+            ParameterError::Invalid(format!("parameter `{key}` ({template:?}): {e}"))
+        })?;
     }
     Ok(components)
 }
@@ -207,8 +272,9 @@ pub fn render_value(
     key: &str,
     template: &str,
     parameters: &BTreeMap<String, String>,
-) -> Result<String, String> {
+) -> Result<String, ParameterError> {
     substitute(key, template, parameters, Syntax::DollarAndGo, &|_| Ok(()))
+        .map_err(ParameterError::Invalid)
 }
 
 #[cfg(test)]
@@ -264,7 +330,9 @@ mod tests {
             (PVC_NAME, "a\0", "${pvc.metadata.name}"),
         ];
         for (key, value, template) in cases {
-            let err = render_path("subDir", template, &params(&[(key, value)])).unwrap_err();
+            let err = render_path("subDir", template, &params(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("subDir"), "{err}");
         }
         // Literal traversal in the template itself.
@@ -278,12 +346,16 @@ mod tests {
 
     #[test]
     fn unknown_or_unfilled_templates_say_what_to_fix() {
-        let err = render_path("subDir", "${pvc.metadata.uid}", &params(&[])).unwrap_err();
+        let err = render_path("subDir", "${pvc.metadata.uid}", &params(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("${pvc.metadata.uid}") && err.contains("known"),
             "{err}"
         );
-        let err = render_path("subDir", "${pvc.metadata.name}", &params(&[])).unwrap_err();
+        let err = render_path("subDir", "${pvc.metadata.name}", &params(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(PVC_NAME), "{err}");
     }
 
@@ -332,7 +404,9 @@ mod tests {
             ("{{ .PVCName }}", PVC_NAME),
         ];
         for (template, needle) in cases {
-            let err = render_value("tagSpecification_3", template, &p).unwrap_err();
+            let err = render_value("tagSpecification_3", template, &p)
+                .unwrap_err()
+                .to_string();
             assert!(
                 err.contains("tagSpecification_3") && err.contains(needle),
                 "{template}: {err}"
@@ -342,6 +416,8 @@ mod tests {
         let err = render_path("subDir", "{{ .PVCNamespace }}", &p);
         assert_eq!(err.unwrap(), vec!["{{ .PVCNamespace }}"]);
     }
+
+    const EXAMPLE_KEYS: &[&str] = &["server", "mountPermissions", "uid"];
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
@@ -366,6 +442,7 @@ mod tests {
                 ("uid", "1000"),
                 (PVC_NAME, "x"),
             ]),
+            EXAMPLE_KEYS,
             &[],
         )
         .unwrap();
@@ -377,11 +454,46 @@ mod tests {
                 uid: Some(1000)
             }
         );
-        let err = parse::<Example>(&params(&[("sever", "s")]), &[]).unwrap_err();
-        assert!(err.contains("`sever`") && err.contains("`server`"), "{err}");
-        let err = parse::<Example>(&params(&[("mountPermissions", "rwx")]), &[]).unwrap_err();
-        assert!(err.contains("octal"), "{err}");
-        let err = parse::<Example>(&params(&[("uid", "-1")]), &[]).unwrap_err();
-        assert!(err.contains("uid"), "{err}");
+        let err = |pairs: &[(&str, &str)]| {
+            parse::<Example>(&params(pairs), EXAMPLE_KEYS, &[])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[("sever", "s")]);
+        assert!(e.contains("`sever`") && e.contains("`server`"), "{e}");
+        assert!(err(&[("mountPermissions", "rwx")]).contains("octal"));
+        assert!(err(&[("uid", "-1")]).contains("uid"));
+    }
+
+    #[test]
+    fn keys_are_case_insensitive_and_one_key_is_set_once() {
+        let ok: Example = parse(
+            &params(&[("SERVER", "s"), ("mountpermissions", "0700")]),
+            EXAMPLE_KEYS,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.server.as_deref(), Some("s"));
+        assert_eq!(ok.mode, Some(0o700));
+        let twice = parse::<Example>(
+            &params(&[("server", "a"), ("Server", "b")]),
+            EXAMPLE_KEYS,
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&twice, ParameterError::Invalid(m) if m.contains("`Server`") && m.contains("`server`")),
+            "{twice}"
+        );
+        // Reserved keys stay exact: a differently cased one is unknown, not reserved.
+        let reserved = canonical_keys(
+            &params(&[("CSI.storage.k8s.io/pvc/name", "x")]),
+            &[PVC_NAME],
+        );
+        assert!(
+            reserved
+                .unwrap()
+                .contains_key("CSI.storage.k8s.io/pvc/name")
+        );
     }
 }

@@ -22,10 +22,9 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::backend::BackendError;
 use stowage_api::keys::{FSTYPE_KEY, PV_NAME, PVC_NAME, PVC_NAMESPACE, RESERVED_PREFIX};
 
-use crate::backend::params::{parse, render_value};
+use crate::backend::params::{ParameterError, parse, render_value};
 use stowage_api::volume::{Bytes, CapacityRange, GIB};
 
 /// Size of a volume whose claim asks for no particular size (aws-ebs-csi-driver's
@@ -240,7 +239,7 @@ impl VolumeType {
     /// Parse a `type` value. Empty means the default (the driver passes "" on as gp3).
     /// EC2 names are lowercase and EC2 rejects other spellings, so `GP3` is an error
     /// (one that says which spelling to use).
-    pub fn from_parameter(value: &str) -> Result<Self, BackendError> {
+    pub fn from_parameter(value: &str) -> Result<Self, ParameterError> {
         if value.is_empty() {
             return Ok(VolumeType::default());
         }
@@ -459,25 +458,26 @@ struct TagParameter {
 /// `capability_fs_type`: the fs type from the CSI capability (`None` or empty if unset).
 /// When both it and `csi.storage.k8s.io/fstype` are given they must agree.
 ///
-/// Errors: [`BackendError::InvalidParameter`] for a key or value that can never work,
-/// [`BackendError::OutOfRange`] for a size, IOPS or throughput outside EC2's limits.
+/// Errors: [`ParameterError::Invalid`] for a key or value that can never work,
+/// [`ParameterError::OutOfRange`] for a size, IOPS or throughput outside EC2's limits.
 /// Both name the key (or the claim's size) and the allowed values.
 pub fn spec(
     capacity: CapacityRange,
     parameters: &BTreeMap<String, String>,
     capability_fs_type: Option<&str>,
-) -> Result<EbsSpec, BackendError> {
-    let (canonical, tag_parameters) = split_keys(parameters)?;
-    let raw: Raw =
-        parse(&canonical, &[PVC_NAME, PVC_NAMESPACE, PV_NAME, FSTYPE_KEY]).map_err(|e| {
-            if e.contains("unknown field") {
-                invalid(format!(
-                    "{e}; tags are set with `{TAG_PREFIX}_<N>: \"key=value\"`"
-                ))
-            } else {
-                invalid(e)
-            }
-        })?;
+) -> Result<EbsSpec, ParameterError> {
+    let (rest, tag_parameters) = split_keys(parameters)?;
+    let raw: Raw = parse(
+        &rest,
+        &KEYS,
+        &[PVC_NAME, PVC_NAMESPACE, PV_NAME, FSTYPE_KEY],
+    )
+    .map_err(|e| match e {
+        ParameterError::Invalid(m) if m.contains("unknown field") => invalid(format!(
+            "{m}; tags are set with `{TAG_PREFIX}_<N>: \"key=value\"`"
+        )),
+        other => other,
+    })?;
 
     let volume_type = VolumeType::from_parameter(raw.volume_type.as_deref().unwrap_or(""))?;
     let fs_type = fs_type(raw.fs_type.as_deref(), capability_fs_type)?;
@@ -500,26 +500,24 @@ pub fn spec(
     })
 }
 
-fn invalid(message: String) -> BackendError {
-    BackendError::InvalidParameter(message)
+fn invalid(message: String) -> ParameterError {
+    ParameterError::Invalid(message)
 }
 
-fn out_of_range(message: String) -> BackendError {
-    BackendError::OutOfRange(message)
+fn out_of_range(message: String) -> ParameterError {
+    ParameterError::OutOfRange(message)
 }
 
-/// Separates `tagSpecification_<N>` parameters and rewrites the other keys to their
-/// canonical spelling (keys are case-insensitive, as in aws-ebs-csi-driver; reserved
-/// `csi.storage.k8s.io/*` keys are exact).
+/// Separates `tagSpecification_<N>` parameters from the rest (which [`parse`] reads,
+/// keys in any case, as in aws-ebs-csi-driver) and refuses the deprecated bare `fstype`.
 fn split_keys(
     parameters: &BTreeMap<String, String>,
-) -> Result<(BTreeMap<String, String>, Vec<TagParameter>), BackendError> {
-    let mut canonical = BTreeMap::new();
-    let mut spelled = BTreeMap::<&str, &str>::new();
+) -> Result<(BTreeMap<String, String>, Vec<TagParameter>), ParameterError> {
+    let mut rest = BTreeMap::new();
     let mut tag_parameters = Vec::new();
     for (key, value) in parameters {
         if key.starts_with(RESERVED_PREFIX) {
-            canonical.insert(key.clone(), value.clone());
+            rest.insert(key.clone(), value.clone());
             continue;
         }
         let is_tag = key
@@ -547,24 +545,14 @@ fn split_keys(
                 "parameter `{key}` is deprecated and ignored by aws-ebs-csi-driver; use `{FSTYPE_KEY}`"
             )));
         }
-        let Some(name) = KEYS.into_iter().find(|k| k.eq_ignore_ascii_case(key)) else {
-            // Unknown: serde names it and lists the known keys.
-            canonical.insert(key.clone(), value.clone());
-            continue;
-        };
-        if let Some(other) = spelled.insert(name, key) {
-            return Err(invalid(format!(
-                "parameters `{other}` and `{key}` both set `{name}` (keys are case-insensitive); keep one"
-            )));
-        }
-        canonical.insert(name.to_owned(), value.clone());
+        rest.insert(key.clone(), value.clone());
     }
     tag_parameters.sort_by(|a, b| (a.number, &a.key).cmp(&(b.number, &b.key)));
-    Ok((canonical, tag_parameters))
+    Ok((rest, tag_parameters))
 }
 
 /// A whole number, as the driver's integer parameters.
-fn number(key: &str, value: &str) -> Result<u64, BackendError> {
+fn number(key: &str, value: &str) -> Result<u64, ParameterError> {
     value.trim().parse().map_err(|_| {
         invalid(format!(
             "parameter `{key}` is {value:?}; expected a whole number"
@@ -572,13 +560,13 @@ fn number(key: &str, value: &str) -> Result<u64, BackendError> {
     })
 }
 
-fn optional_number(key: &str, value: Option<&str>) -> Result<Option<u64>, BackendError> {
+fn optional_number(key: &str, value: Option<&str>) -> Result<Option<u64>, ParameterError> {
     value.map(|v| number(key, v)).transpose()
 }
 
 /// "true" or "false". aws-ebs-csi-driver treats anything but "true" as false, which turns
 /// `encrypted: "True"` into an unencrypted volume; stowage refuses to guess.
-fn boolean(key: &str, value: Option<&str>) -> Result<bool, BackendError> {
+fn boolean(key: &str, value: Option<&str>) -> Result<bool, ParameterError> {
     match value {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
@@ -588,7 +576,7 @@ fn boolean(key: &str, value: Option<&str>) -> Result<bool, BackendError> {
     }
 }
 
-fn fs_type(parameter: Option<&str>, capability: Option<&str>) -> Result<FsType, BackendError> {
+fn fs_type(parameter: Option<&str>, capability: Option<&str>) -> Result<FsType, ParameterError> {
     let parameter = parameter.filter(|s| !s.is_empty());
     let capability = capability.filter(|s| !s.is_empty());
     match (parameter, capability) {
@@ -606,7 +594,7 @@ fn fs_type(parameter: Option<&str>, capability: Option<&str>) -> Result<FsType, 
 /// The size in GiB: the request rounded up to whole GiB, or the default when the claim
 /// asks for nothing (aws-ebs-csi-driver: 100 GiB; here raised to the type's minimum and
 /// lowered to the claim's limit). A limit of 0 means no limit (CSI).
-fn size_gib(capacity: CapacityRange, volume_type: VolumeType) -> Result<u64, BackendError> {
+fn size_gib(capacity: CapacityRange, volume_type: VolumeType) -> Result<u64, ParameterError> {
     let range = volume_type.limits().size_gib;
     let limit = capacity.limit.filter(|l| *l > 0);
     let (size, asked) = if capacity.required == 0 {
@@ -642,7 +630,7 @@ fn size_gib(capacity: CapacityRange, volume_type: VolumeType) -> Result<u64, Bac
 
 /// Checks a new size for an existing volume of EC2 type `volume_type` (ControllerExpand):
 /// it must fit the type's range. A type this table does not know is left to EC2.
-pub fn check_size(volume_type: &str, size_gib: u64) -> Result<(), BackendError> {
+pub fn check_size(volume_type: &str, size_gib: u64) -> Result<(), ParameterError> {
     let Some(t) = VolumeType::ALL
         .into_iter()
         .find(|t| t.as_str() == volume_type)
@@ -667,7 +655,7 @@ pub fn check_size(volume_type: &str, size_gib: u64) -> Result<(), BackendError> 
 /// minimum is an error unless `allowAutoIOPSPerGBIncrease` is "true", which raises it to
 /// the minimum. (The driver also applies both to an explicit `iops`; stowage checks an
 /// explicit value strictly, since the user asked for that exact number.)
-fn iops(raw: &Raw, volume_type: VolumeType, size_gib: u64) -> Result<Option<u32>, BackendError> {
+fn iops(raw: &Raw, volume_type: VolumeType, size_gib: u64) -> Result<Option<u32>, ParameterError> {
     let requested = optional_number("iops", raw.iops.as_deref())?;
     let per_gb = optional_number("iopsPerGB", raw.iops_per_gb.as_deref())?;
     let allow_increase = boolean("allowAutoIOPSPerGBIncrease", raw.allow_auto_iops.as_deref())?;
@@ -743,7 +731,7 @@ fn throughput(
     raw: &Raw,
     volume_type: VolumeType,
     iops: Option<u32>,
-) -> Result<Option<u32>, BackendError> {
+) -> Result<Option<u32>, ParameterError> {
     let Some(mibps) = optional_number("throughput", raw.throughput.as_deref())? else {
         return Ok(None);
     };
@@ -779,7 +767,7 @@ fn throughput(
 
 /// `kmsKeyId` only with `encrypted: "true"` (EC2 rejects a key for an unencrypted
 /// volume). Empty means unset, as in aws-ebs-csi-driver.
-fn kms_key_id(key: Option<&str>, encrypted: bool) -> Result<Option<String>, BackendError> {
+fn kms_key_id(key: Option<&str>, encrypted: bool) -> Result<Option<String>, ParameterError> {
     let Some(key) = key.filter(|k| !k.is_empty()) else {
         return Ok(None);
     };
@@ -803,7 +791,7 @@ fn kms_key_id(key: Option<&str>, encrypted: bool) -> Result<Option<String>, Back
 fn tags(
     tag_parameters: Vec<TagParameter>,
     parameters: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, BackendError> {
+) -> Result<BTreeMap<String, String>, ParameterError> {
     let mut tags = BTreeMap::new();
     let mut set_by = BTreeMap::<String, String>::new();
     for TagParameter {
@@ -816,7 +804,7 @@ fn tags(
             )));
         };
         check_tag_key(&param, key)?;
-        let rendered = render_value(&param, template, parameters).map_err(invalid)?;
+        let rendered = render_value(&param, template, parameters)?;
         let chars = rendered.chars().count();
         if chars > MAX_TAG_VALUE_CHARS {
             return Err(invalid(format!(
@@ -839,7 +827,7 @@ fn tags(
     Ok(tags)
 }
 
-fn check_tag_key(param: &str, key: &str) -> Result<(), BackendError> {
+fn check_tag_key(param: &str, key: &str) -> Result<(), ParameterError> {
     let chars = key.chars().count();
     if chars == 0 {
         return Err(invalid(format!(
@@ -881,7 +869,7 @@ const XFS_BLOCK_SIZE: Bounds = Bounds::new(1_024, 65_536);
 const XFS_INODE_SIZE: Bounds = Bounds::new(512, 2_048);
 const XFS_DEFAULT_BLOCK_SIZE: u64 = 4_096;
 
-fn fs_options(raw: &Raw, fs_type: FsType) -> Result<FsOptions, BackendError> {
+fn fs_options(raw: &Raw, fs_type: FsType) -> Result<FsOptions, ParameterError> {
     let block_size = optional_number("blockSize", raw.block_size.as_deref())?;
     let inode_size = optional_number("inodeSize", raw.inode_size.as_deref())?;
     let bytes_per_inode = optional_number("bytesPerInode", raw.bytes_per_inode.as_deref())?;
@@ -997,20 +985,20 @@ mod tests {
         }
     }
 
-    fn with(pairs: &[(&str, &str)], size_gib: u64) -> Result<EbsSpec, BackendError> {
+    fn with(pairs: &[(&str, &str)], size_gib: u64) -> Result<EbsSpec, ParameterError> {
         spec(gib(size_gib), &params(pairs), None)
     }
 
     fn check<T: PartialEq + Debug>(
         case: &str,
-        got: Result<EbsSpec, BackendError>,
+        got: Result<EbsSpec, ParameterError>,
         want: Want<T>,
         pick: impl Fn(&EbsSpec) -> T,
     ) {
         match (got, want) {
             (Ok(spec), Is(want)) => assert_eq!(pick(&spec), want, "{case}"),
-            (Err(BackendError::InvalidParameter(m)), Invalid(needle))
-            | (Err(BackendError::OutOfRange(m)), Range(needle)) => {
+            (Err(ParameterError::Invalid(m)), Invalid(needle))
+            | (Err(ParameterError::OutOfRange(m)), Range(needle)) => {
                 assert!(m.contains(needle), "{case}: {m:?} lacks {needle:?}");
             }
             (got, want) => panic!("{case}: want {want:?}, got {got:?}"),
@@ -1164,7 +1152,7 @@ mod tests {
     #[test]
     fn every_canonical_key_is_a_raw_field() {
         for key in KEYS {
-            let raw: Result<Raw, String> = parse(&params(&[(key, "x")]), &[]);
+            let raw: Result<Raw, ParameterError> = parse(&params(&[(key, "x")]), &KEYS, &[]);
             assert!(raw.is_ok(), "{key}: {raw:?}");
         }
     }
@@ -1224,7 +1212,7 @@ mod tests {
             ("io2", 65_537, "type io2 needs 4–65536 GiB"),
         ] {
             match check_size(volume_type, size) {
-                Err(BackendError::OutOfRange(m)) => assert!(m.contains(needle), "{m}"),
+                Err(ParameterError::OutOfRange(m)) => assert!(m.contains(needle), "{m}"),
                 other => panic!("{volume_type} {size}: {other:?}"),
             }
         }

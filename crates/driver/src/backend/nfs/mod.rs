@@ -256,8 +256,7 @@ impl Backend for NfsBackend {
                 "NFS volumes can't be created from snapshots (asked for {snapshot})"
             )));
         }
-        let placement = params::placement(&request.name, &request.parameters, self.has_default())
-            .map_err(BackendError::InvalidParameter)?;
+        let placement = params::placement(&request.name, &request.parameters, self.has_default())?;
         let export = self.export(&placement.server, &placement.share).await?;
         let id = NfsVolumeId::new(&request.name, &placement);
         // Look up first: a known name is checked, never created again.
@@ -373,8 +372,7 @@ impl Backend for NfsBackend {
     }
 
     async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64, BackendError> {
-        let (server, share) = params::export(parameters, self.has_default())
-            .map_err(BackendError::InvalidParameter)?;
+        let (server, share) = params::export(parameters, self.has_default())?;
         let export = self.export(&server, &share).await?;
         let stat = export.client.fsstat().await.map_err(map_error)?;
         Ok(stat.avail_bytes)

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use stowage_api::keys::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
 
-use crate::backend::params::{check_component, opt_from_str, opt_octal_mode, parse, render_path};
+use crate::backend::params::{
+    ParameterError, check_component, opt_from_str, opt_octal_mode, parse, render_path,
+};
 
 /// What DeleteVolume does with the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -34,6 +36,17 @@ pub const DEFAULT_MODE: u32 = 0o777;
 
 /// The directory holding stowage's per-volume records at the share root.
 pub const RECORDS_DIR: &str = ".stowage";
+
+/// The NFS StorageClass keys, spelled as csi-driver-nfs spells them (any case works).
+const KEYS: &[&str] = &[
+    "server",
+    "share",
+    "subDir",
+    "mountPermissions",
+    "onDelete",
+    "uid",
+    "gid",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,9 +131,9 @@ fn no_hash(component: &str) -> Result<(), String> {
 pub fn export(
     parameters: &BTreeMap<String, String>,
     has_default: bool,
-) -> Result<(String, String), String> {
-    let raw: Raw = parse(parameters, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
-    export_of(raw.server, raw.share, has_default)
+) -> Result<(String, String), ParameterError> {
+    let raw: Raw = parse(parameters, KEYS, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
+    export_of(raw.server, raw.share, has_default).map_err(ParameterError::Invalid)
 }
 
 fn export_of(
@@ -150,26 +163,29 @@ pub fn placement(
     name: &str,
     parameters: &BTreeMap<String, String>,
     has_default: bool,
-) -> Result<Placement, String> {
-    let raw: Raw = parse(parameters, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
-    let (server, share) = export_of(raw.server, raw.share, has_default)?;
+) -> Result<Placement, ParameterError> {
+    let raw: Raw = parse(parameters, KEYS, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
+    let invalid = ParameterError::Invalid;
+    let (server, share) = export_of(raw.server, raw.share, has_default).map_err(invalid)?;
     let sub_dir = match raw.sub_dir.as_deref() {
         Some(template) => render_path("subDir", template, parameters)?,
         None => {
-            check_component(name).map_err(|e| format!("volume name: {e}"))?;
+            check_component(name).map_err(|e| invalid(format!("volume name: {e}")))?;
             vec![name.to_owned()]
         }
     };
     for component in &sub_dir {
-        no_hash(component).map_err(|e| format!("parameter `subDir`: {e}"))?;
+        no_hash(component).map_err(|e| invalid(format!("parameter `subDir`: {e}")))?;
     }
     if sub_dir[0] == RECORDS_DIR {
-        return Err(format!(
+        return Err(invalid(format!(
             "parameter `subDir` must not start with {RECORDS_DIR} (stowage keeps its records there)"
-        ));
+        )));
     }
     if raw.uid.is_some() != raw.gid.is_some() {
-        return Err("parameters `uid` and `gid` must be given together".into());
+        return Err(invalid(
+            "parameters `uid` and `gid` must be given together".into(),
+        ));
     }
     Ok(Placement {
         server,
@@ -216,7 +232,9 @@ mod tests {
                 on_delete: OnDelete::Delete,
             }
         );
-        let err = placement("pvc-1", &params(&[]), false).unwrap_err();
+        let err = placement("pvc-1", &params(&[]), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`server`"), "{err}");
     }
 
@@ -249,6 +267,38 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_case_insensitive_like_ebs_keys() {
+        let upper = placement(
+            "pvc-1",
+            &params(&[
+                ("SERVER", "10.0.0.1"),
+                ("Share", "/export"),
+                ("SUBDIR", "a/b"),
+            ]),
+            false,
+        )
+        .unwrap();
+        let exact = placement(
+            "pvc-1",
+            &params(&[
+                ("server", "10.0.0.1"),
+                ("share", "/export"),
+                ("subDir", "a/b"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(upper, exact);
+        for key in KEYS {
+            let parsed: Result<Raw, ParameterError> = parse(&params(&[(key, "1")]), KEYS, &[]);
+            assert!(
+                !matches!(&parsed, Err(e) if e.to_string().contains("unknown field")),
+                "{key} is not a field: {parsed:?}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_parameters_name_the_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("onDelet", "retain")], "onDelet"),
@@ -275,7 +325,9 @@ mod tests {
             ),
         ];
         for (pairs, key) in cases {
-            let err = placement("pvc-1", &params(pairs), true).unwrap_err();
+            let err = placement("pvc-1", &params(pairs), true)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{pairs:?}: {err}");
         }
         assert!(placement("..", &params(&[]), true).is_err());

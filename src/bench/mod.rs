@@ -19,6 +19,8 @@ use stowage_api::proto::csi::{
     self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
     volume_capability as vc,
 };
+use stowage_driver::backend::nfs::params::{OnDelete, Placement};
+use stowage_driver::backend::nfs::records::Record;
 use stowage_driver::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use stowage_driver::backend::{Backend, Backends};
 use stowage_driver::node::SystemMounter;
@@ -89,6 +91,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             identity: IdentityClient::new(channel::connect(&socket).await?),
             controller: ControllerClient::new(channel::connect(&socket).await?),
             echo: start_echo()?,
+            record: raw_record(),
         };
         clients.interleaved(&bench_args).await
     })
@@ -208,8 +211,22 @@ impl Series {
     }
 }
 
-/// A record-sized symlink target, as CreateVolume writes one.
-const RAW_RECORD: &str = r#"{"capacity_bytes":1073741824,"placement":{"server":"127.0.0.1","share":"/export","sub_dir":["bench"],"mode":511,"owner":null}}"#;
+/// A record-sized symlink target, as CreateVolume writes one: the backend's own
+/// record type, for a 1 GiB volume on an external export.
+fn raw_record() -> String {
+    Record {
+        capacity_bytes: 1 << 30,
+        placement: Placement {
+            server: "127.0.0.1".into(),
+            share: "/export".into(),
+            sub_dir: vec!["bench".into()],
+            mode: 0o777,
+            owner: None,
+            on_delete: OnDelete::Delete,
+        },
+    }
+    .encode()
+}
 
 /// Directory of the raw series on the export.
 const RAW_DIR: &str = "stowage-bench-raw";
@@ -224,6 +241,8 @@ struct Clients {
     controller: ControllerClient<tonic::transport::Channel>,
     /// Our end of the echo thread's socket pair.
     echo: tokio::net::UnixStream,
+    /// The symlink target of the raw SYMLINK series ([`raw_record`]).
+    record: String,
 }
 
 /// Bytes sent and echoed back per echo sample: about a Probe's request.
@@ -281,7 +300,7 @@ impl Clients {
         let (dir_name, link_name) = (format!("d{i}"), format!("l{i}"));
         let dir = [RAW_DIR, dir_name.as_str()];
         let link = [RAW_DIR, link_name.as_str()];
-        let raw = &self.raw;
+        let (raw, record) = (&self.raw, &self.record);
         let started = Instant::now();
         let measured = match op {
             Op::Mkdir => {
@@ -291,7 +310,7 @@ impl Clients {
                 measured
             }
             Op::Symlink => {
-                raw.symlink(&link, RAW_RECORD).await.context("SYMLINK")?;
+                raw.symlink(&link, record).await.context("SYMLINK")?;
                 let measured = started.elapsed();
                 raw.remove_file(&link).await.context("REMOVE")?;
                 measured
@@ -299,7 +318,7 @@ impl Clients {
             Op::MkdirAndSymlink => {
                 let (made, linked) = tokio::join!(
                     raw.create_dir(&dir, 0o755, None),
-                    raw.symlink(&link, RAW_RECORD)
+                    raw.symlink(&link, record)
                 );
                 made.context("MKDIR")?;
                 linked.context("SYMLINK")?;

@@ -16,7 +16,7 @@
 //! This module must not import tonic or kube.
 
 pub mod params;
-mod records;
+pub mod records;
 pub mod volume_id;
 
 use std::collections::{BTreeMap, HashMap};

@@ -23,6 +23,13 @@ pub struct Record {
     pub placement: Placement,
 }
 
+impl Record {
+    /// The record as its symlink's target text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a record is plain data and always serialises")
+    }
+}
+
 /// Longest record a symlink target may hold (NFSv3 MAXPATHLEN).
 const MAX_RECORD: usize = 1024;
 
@@ -108,8 +115,7 @@ impl Export {
         record: &Record,
     ) -> Result<Option<Record>, BackendError> {
         let index = self.index().await?;
-        let text =
-            serde_json::to_string(record).map_err(|e| BackendError::Internal(e.to_string()))?;
+        let text = record.encode();
         if text.len() > MAX_RECORD {
             return Err(BackendError::InvalidParameter(format!(
                 "server, share and subDir of volume {name} are too long to record ({} bytes, at most {MAX_RECORD})",

@@ -271,7 +271,7 @@ fn start_echo() -> anyhow::Result<tokio::net::UnixStream> {
 impl Clients {
     /// `warmup + count` rounds of one sample of every series.
     async fn interleaved(&mut self, args: &BenchArgs) -> anyhow::Result<Vec<Series>> {
-        self.raw.mkdir_all(&[RAW_DIR], 0o755, None).await?;
+        self.raw.create_dir_all(&[RAW_DIR], 0o755, None).await?;
         let mut all: Vec<Series> = OPS
             .iter()
             .map(|&op| Series {

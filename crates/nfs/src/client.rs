@@ -24,10 +24,11 @@
 //!   ([`validate_component`]) before any I/O, and walked with `LOOKUP` from the
 //!   export root. Servers have been seen to act on `..` and `/` inside
 //!   `MKDIR`/`RMDIR` names, so nothing unvalidated is ever sent.
-//! - **Small files**: whole-file reads and atomic (write + rename) replacement,
-//!   for the backend's per-volume records.
-//! - **Idempotency that doesn't trust the server**: `mkdir` looks up before it
-//!   creates (some servers create duplicate entries instead of answering
+//! - **Symbolic links as small records**: one `SYMLINK` writes a target text
+//!   atomically (`AlreadyExists` if the name is taken), `READLINK` reads it back;
+//!   the backend keeps its per-volume records this way.
+//! - **Idempotency that doesn't trust the server**: `create_dir_all` looks up
+//!   before it creates (some servers create duplicate entries instead of answering
 //!   `NFS3ERR_EXIST`) and re-checks after `EXIST`; `remove_all` treats entries
 //!   that vanish underneath it as removed.
 //!
@@ -43,7 +44,6 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,10 +51,10 @@ use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::net::Connector;
 use nfs3_client::{ConnectError, MountError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use nfs3_types::nfs3::{
-    CREATE3args, FSSTAT3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result,
-    READ3args, READDIR3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args,
-    SETATTR3args, SYMLINK3args, WRITE3args, cookieverf3, createhow3, diropargs3, fattr3, filename3,
-    ftype3, nfs_fh3, nfspath3, nfsstat3, sattr3, stable_how, symlinkdata3,
+    FSSTAT3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result, READDIR3args,
+    READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
+    SYMLINK3args, cookieverf3, diropargs3, fattr3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3,
+    sattr3, symlinkdata3,
 };
 use nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_types::xdr_codec::Opaque;
@@ -70,12 +70,6 @@ const MACHINE_NAME: &[u8] = b"stowage";
 /// `READDIRPLUS` sizes: directory-entry bytes and whole-reply bytes per page.
 const READDIR_DIRCOUNT: u32 = 8 * 1024;
 const READDIR_MAXCOUNT: u32 = 64 * 1024;
-
-/// Bytes per `READ`/`WRITE` call: far below any server's maximum.
-const IO_CHUNK: usize = 32 * 1024;
-
-/// `read_file` refuses files larger than this (it is meant for small records).
-pub const MAX_READ_FILE: u64 = 16 * 1024 * 1024;
 
 /// `remove_all` gives up on trees deeper than this (cycles, hostile servers).
 const MAX_TREE_DEPTH: usize = 1024;
@@ -507,16 +501,6 @@ impl Conn {
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    async fn null(&mut self) -> Result<(), NfsError> {
-        guarded(
-            &mut self.reusable,
-            self.call_timeout,
-            "NULL",
-            self.nfs.null(),
-        )
-        .await
-    }
-
     async fn getattr(&mut self, fh: &nfs_fh3, path: &str) -> Result<Attr, NfsError> {
         let args = GETATTR3args { object: fh.clone() };
         let res = guarded(
@@ -665,7 +649,10 @@ impl Conn {
         }
     }
 
-    /// Make sure directory `name` exists in `dir`, creating it if needed.
+    /// Make sure directory `name` exists in `dir`, creating it if needed: looks the
+    /// name up before MKDIR (some servers create a duplicate entry instead of
+    /// answering `NFS3ERR_EXIST`) and again after `EXIST`. An existing directory is
+    /// `Existed` and left untouched; an existing non-directory is `NotADirectory`.
     async fn ensure_dir(
         &mut self,
         dir: &nfs_fh3,
@@ -679,7 +666,7 @@ impl Conn {
             return self.existing_dir(found, path).await;
         }
         match self
-            .mkdir_once(dir, name, path, dir_path, mode, owner)
+            .mkdir_exact(dir, name, path, dir_path, mode, owner)
             .await?
         {
             Ok((attr, fh)) => Ok((Mkdir::Created(attr), fh)),
@@ -700,7 +687,7 @@ impl Conn {
 
     /// One `MKDIR` with an explicit mode (and owner), made exact with one
     /// `SETATTR` if the server didn't apply it. `Ok(Err(status))` for NFS errors.
-    async fn mkdir_once(
+    async fn mkdir_exact(
         &mut self,
         dir: &nfs_fh3,
         name: &str,
@@ -837,115 +824,6 @@ impl Conn {
         )
         .await?;
         Ok(status_of(&res))
-    }
-
-    /// `CREATE` (guarded: fails with `AlreadyExists` if `name` exists) a
-    /// regular file with `mode`.
-    async fn create_file(
-        &mut self,
-        dir: &nfs_fh3,
-        name: &[u8],
-        mode: u32,
-        path: &str,
-        dir_path: &str,
-    ) -> Result<nfs_fh3, NfsError> {
-        let args = CREATE3args {
-            where_: dirop(dir, name),
-            how: createhow3::GUARDED(sattr3 {
-                mode: Nfs3Option::Some(mode & 0o7777),
-                ..sattr3::default()
-            }),
-        };
-        let res = guarded(
-            &mut self.reusable,
-            self.call_timeout,
-            "CREATE",
-            self.nfs.create(&args),
-        )
-        .await?;
-        match res {
-            Nfs3Result::Ok(ok) => match ok.obj {
-                Nfs3Option::Some(fh) => Ok(fh),
-                Nfs3Option::None => match self.lookup(dir, name, path, dir_path).await? {
-                    Some((fh, _)) => Ok(fh),
-                    None => Err(NfsError::Protocol(format!(
-                        "CREATE `{path}` succeeded but LOOKUP can't find it"
-                    ))),
-                },
-            },
-            Nfs3Result::Err((stat, _)) => Err(status_error("CREATE", path, stat)),
-        }
-    }
-
-    /// `WRITE` all of `data` from offset 0, each chunk `FILE_SYNC`.
-    async fn write_all(&mut self, fh: &nfs_fh3, data: &[u8], path: &str) -> Result<(), NfsError> {
-        let mut offset = 0;
-        while offset < data.len() {
-            let chunk = &data[offset..data.len().min(offset + IO_CHUNK)];
-            let args = WRITE3args {
-                file: fh.clone(),
-                offset: offset as u64,
-                count: chunk.len() as u32,
-                stable: stable_how::FILE_SYNC,
-                data: Opaque::borrowed(chunk),
-            };
-            let res = guarded(
-                &mut self.reusable,
-                self.call_timeout,
-                "WRITE",
-                self.nfs.write(&args),
-            )
-            .await?;
-            let written = match res {
-                Nfs3Result::Ok(ok) => ok.count as usize,
-                Nfs3Result::Err((stat, _)) => return Err(status_error("WRITE", path, stat)),
-            };
-            if written == 0 || written > chunk.len() {
-                return Err(NfsError::Protocol(format!(
-                    "WRITE `{path}`: server wrote {written} of {} bytes",
-                    chunk.len()
-                )));
-            }
-            offset += written;
-        }
-        Ok(())
-    }
-
-    /// `READ` a whole file of at most [`MAX_READ_FILE`] bytes.
-    async fn read_all(&mut self, fh: &nfs_fh3, path: &str) -> Result<Vec<u8>, NfsError> {
-        let mut data = Vec::new();
-        loop {
-            let args = READ3args {
-                file: fh.clone(),
-                offset: data.len() as u64,
-                count: IO_CHUNK as u32,
-            };
-            let res = guarded(
-                &mut self.reusable,
-                self.call_timeout,
-                "READ",
-                self.nfs.read(&args),
-            )
-            .await?;
-            let ok = match res {
-                Nfs3Result::Ok(ok) => ok,
-                Nfs3Result::Err((stat, _)) => return Err(status_error("READ", path, stat)),
-            };
-            data.extend_from_slice(&ok.data);
-            if data.len() as u64 > MAX_READ_FILE {
-                return Err(NfsError::Protocol(format!(
-                    "`{path}` is larger than {MAX_READ_FILE} bytes"
-                )));
-            }
-            if ok.eof {
-                return Ok(data);
-            }
-            if ok.data.is_empty() {
-                return Err(NfsError::Protocol(format!(
-                    "READ `{path}`: empty reply before end of file"
-                )));
-            }
-        }
     }
 
     /// Every entry of a directory (without `.` and `..`), all pages.
@@ -1158,19 +1036,6 @@ impl Conn {
     }
 }
 
-/// A fresh name for `write_file`'s temporary file.
-fn temp_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        ".stowage-tmp-{:x}-{:x}-{nanos:x}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 /// Is this server-supplied directory entry name usable? `false` for `.`/`..`;
 /// an error for names no POSIX directory can hold.
 fn checked_entry_name(name: &[u8], dir_path: &str) -> Result<bool, NfsError> {
@@ -1332,29 +1197,11 @@ impl NfsClient {
         }
     }
 
-    /// Create the last component of `path` as a directory with exactly `mode`
-    /// (and `owner` as `(uid, gid)` if given). The parent must exist
-    /// (`NotFound` names the first missing prefix). An existing directory is
-    /// `Existed` and left untouched; an existing non-directory is `NotADirectory`.
-    async fn mkdir_once(
-        &self,
-        path: &[&str],
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> Result<Mkdir, NfsError> {
-        validate_non_root(path)?;
-        let (parent, name) = path.split_at(path.len() - 1);
-        let mut conn = self.lease().await?;
-        let dir = conn.walk_dir(parent).await?;
-        let (result, _) = conn
-            .ensure_dir(&dir, name[0], &join(path), &join(parent), mode, owner)
-            .await?;
-        Ok(result)
-    }
-
-    /// Like [`mkdir`](Self::mkdir), creating missing parents too (with the
-    /// same mode and owner). The result is the last component's.
-    pub async fn mkdir_all(
+    /// Make every component of `path` a directory, creating the missing ones with
+    /// exactly `mode` (and `owner` as `(uid, gid)` if given); existing ones are left
+    /// untouched. Idempotent without trusting the server (see [`Mkdir`]). The result
+    /// is the last component's.
+    pub async fn create_dir_all(
         &self,
         path: &[&str],
         mode: u32,
@@ -1450,10 +1297,7 @@ impl NfsClient {
         }
     }
 
-    /// One plain `MKDIR` of the last component (the parent must exist), with
-    /// the mode made exact like [`mkdir`](Self::mkdir). An existing entry is
-    /// `AlreadyExists` — as far as the server says so: prefer `mkdir`, which
-    /// looks up first, wherever idempotency matters.
+    /// [`create_dir`](Self::create_dir) once, without the stale-handle retry.
     async fn create_dir_once(
         &self,
         path: &[&str],
@@ -1466,7 +1310,7 @@ impl NfsClient {
         let mut conn = self.lease().await?;
         let dir = conn.walk_dir(parent).await?;
         match conn
-            .mkdir_once(&dir, name[0], &display, &join(parent), mode, owner)
+            .mkdir_exact(&dir, name[0], &display, &join(parent), mode, owner)
             .await?
         {
             Ok((attr, _)) => Ok(attr),
@@ -1531,93 +1375,6 @@ impl NfsClient {
         Ok(Some(names))
     }
 
-    /// Contents of the regular file `path` (at most [`MAX_READ_FILE`] bytes);
-    /// `None` if it doesn't exist.
-    pub async fn read_file(&self, path: &[&str]) -> Result<Option<Vec<u8>>, NfsError> {
-        validate_non_root(path)?;
-        let display = join(path);
-        let mut conn = self.lease().await?;
-        let Some((fh, attrs)) = conn.find(path).await? else {
-            return Ok(None);
-        };
-        let attr = conn.attr_of(&fh, attrs, &display).await?;
-        if attr.kind != FileKind::File {
-            return Err(NfsError::Server {
-                op: "READ",
-                path: display,
-                status: format!("not a regular file ({:?})", attr.kind),
-            });
-        }
-        if attr.size > MAX_READ_FILE {
-            return Err(NfsError::Protocol(format!(
-                "`{display}` is larger than {MAX_READ_FILE} bytes"
-            )));
-        }
-        conn.read_all(&fh, &display).await.map(Some)
-    }
-
-    /// Write `data` to the regular file `path` (the parent must exist),
-    /// replacing it atomically: the bytes go to a temporary file in the same
-    /// directory (`.stowage-tmp-…`, created with `mode`) which is then renamed
-    /// over `path`, so readers see the old or the new contents, never a torn
-    /// file. A crash can leave the temporary file behind.
-    pub async fn write_file(&self, path: &[&str], data: &[u8], mode: u32) -> Result<(), NfsError> {
-        validate_non_root(path)?;
-        let (parent, name) = path.split_at(path.len() - 1);
-        let (display, parent_display) = (join(path), join(parent));
-        let temp = temp_name();
-        let temp_display = if parent.is_empty() {
-            temp.clone()
-        } else {
-            format!("{parent_display}/{temp}")
-        };
-        let mut conn = self.lease().await?;
-        let dir = conn.walk_dir(parent).await?;
-        let fh = conn
-            .create_file(&dir, temp.as_bytes(), mode, &temp_display, &parent_display)
-            .await?;
-        let written = match conn.write_all(&fh, data, &temp_display).await {
-            Ok(()) => match conn
-                .rename_once(&dir, temp.as_bytes(), &dir, name[0].as_bytes())
-                .await
-            {
-                Ok(nfsstat3::NFS3_OK) => return Ok(()),
-                Ok(stat) => Err(status_error("RENAME", &display, stat)),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        // Best effort: don't leave the temporary file behind (impossible if
-        // the connection itself broke).
-        if conn.reusable {
-            let _ = conn
-                .unlink(&dir, temp.as_bytes(), false, &temp_display)
-                .await;
-        }
-        written
-    }
-
-    /// Set the permission bits of `path` (an empty path is the export root).
-    pub async fn set_mode(&self, path: &[&str], mode: u32) -> Result<(), NfsError> {
-        validate_path(path)?;
-        let display = join(path);
-        let mut conn = self.lease().await?;
-        let fh = match conn.walk(path).await? {
-            Ok((fh, _)) => fh,
-            Err(i) => {
-                return Err(NfsError::NotFound {
-                    path: join(&path[..=i]),
-                });
-            }
-        };
-        let attributes = sattr3 {
-            mode: Nfs3Option::Some(mode & 0o7777),
-            ..sattr3::default()
-        };
-        conn.setattr(&fh, attributes, &display).await?;
-        Ok(())
-    }
-
     /// Capacity of the export.
     pub async fn fsstat(&self) -> Result<FsStat, NfsError> {
         let mut conn = self.lease().await?;
@@ -1645,32 +1402,11 @@ impl NfsClient {
         }
     }
 
-    /// Check that the export can be mounted and answers: connect (or reuse a
-    /// connection), `NULL`, `GETATTR` of the root.
-    pub async fn probe(&self) -> Result<(), NfsError> {
-        let mut conn = self.lease().await?;
-        conn.null().await?;
-        let root = conn.root.clone();
-        conn.getattr(&root, "").await?;
-        Ok(())
-    }
-
-    /// Like the private `mkdir_once`: see [`Mkdir`]. Looks the name up before
-    /// MKDIR, so a server that answers MKDIR of an existing name with success
-    /// creates no duplicate.
-    pub async fn mkdir(
-        &self,
-        path: &[&str],
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> Result<Mkdir, NfsError> {
-        self.stale_checked(self.mkdir_once(path, mode, owner).await)
-    }
-
     /// One plain `MKDIR` of the last component (the parent must exist, its handle
-    /// cached after the first walk), with the mode made exact like
-    /// [`mkdir`](Self::mkdir). An existing entry is `AlreadyExists` — as far as the
-    /// server says so: callers that need idempotency look the name up themselves.
+    /// cached after the first walk), the mode made exact with one `SETATTR` when the
+    /// server did not apply it. An existing entry is `AlreadyExists` — as far as the
+    /// server says so: callers that need idempotency look the name up themselves, or
+    /// use [`create_dir_all`](Self::create_dir_all).
     pub async fn create_dir(
         &self,
         path: &[&str],
@@ -2203,11 +1939,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mkdir_creates_then_reports_existing() {
+    async fn create_dir_all_creates_then_reports_existing() {
         let server = memfs(|_| {}).await;
         let client = client(server.addr);
         let created = client
-            .mkdir(&["vol"], 0o750, Some((1000, 1000)))
+            .create_dir_all(&["vol"], 0o750, Some((1000, 1000)))
             .await
             .expect("mkdir");
         assert!(
@@ -2215,7 +1951,7 @@ mod tests {
             "{created:?}"
         );
         let again = client
-            .mkdir(&["vol"], 0o750, None)
+            .create_dir_all(&["vol"], 0o750, None)
             .await
             .expect("mkdir again");
         assert_eq!(again, Mkdir::Existed(*created.attr()));
@@ -2226,25 +1962,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mkdir_needs_parent_and_refuses_files() {
+    async fn create_dir_needs_parent_and_create_dir_all_refuses_files() {
         let server = memfs(|c| c.add_file("/rw/file", b"data".to_vec())).await;
         let client = client(server.addr);
         match client
-            .mkdir(&["missing", "deeper", "vol"], 0o755, None)
+            .create_dir(&["missing", "deeper", "vol"], 0o755, None)
             .await
         {
             Err(NfsError::NotFound { path }) => assert_eq!(path, "missing"),
             other => panic!("{other:?}"),
         }
-        match client.mkdir(&["file"], 0o755, None).await {
+        match client.create_dir_all(&["file"], 0o755, None).await {
             Err(NfsError::NotADirectory { path }) => assert_eq!(path, "file"),
             other => panic!("{other:?}"),
         }
-        match client.mkdir(&["file", "vol"], 0o755, None).await {
-            Err(NfsError::NotADirectory { path }) => assert_eq!(path, "file"),
-            other => panic!("{other:?}"),
-        }
-        match client.mkdir_all(&["file", "vol"], 0o755, None).await {
+        match client.create_dir_all(&["file", "vol"], 0o755, None).await {
             Err(NfsError::NotADirectory { path }) => assert_eq!(path, "file"),
             other => panic!("{other:?}"),
         }
@@ -2252,13 +1984,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mkdir_all_creates_parents() {
+    async fn create_dir_all_creates_parents() {
         let server = memfs(|c| c.add_dir("/rw/a")).await;
         let client = client(server.addr);
         let made = client
-            .mkdir_all(&["a", "b", "c"], 0o755, None)
+            .create_dir_all(&["a", "b", "c"], 0o755, None)
             .await
-            .expect("mkdir_all");
+            .expect("create_dir_all");
         assert!(made.created());
         assert!(
             client
@@ -2269,7 +2001,7 @@ mod tests {
                 .is_dir()
         );
         let again = client
-            .mkdir_all(&["a", "b", "c"], 0o755, None)
+            .create_dir_all(&["a", "b", "c"], 0o755, None)
             .await
             .expect("again");
         assert_eq!(again, Mkdir::Existed(*made.attr()));
@@ -2300,7 +2032,6 @@ mod tests {
                 .await
                 .expect("remove_all")
         );
-        assert_eq!(client.read_file(&["f", "below"]).await.expect("read"), None);
     }
 
     #[tokio::test]
@@ -2333,11 +2064,10 @@ mod tests {
                         "{path:?}: {r:?}"
                     );
                 };
-                invalid(client.mkdir(path, 0o777, None).await.map(drop));
-                invalid(client.mkdir_all(path, 0o777, None).await.map(drop));
+                invalid(client.create_dir(path, 0o777, None).await.map(drop));
+                invalid(client.create_dir_all(path, 0o777, None).await.map(drop));
                 invalid(client.remove_all(path).await.map(drop));
                 invalid(client.stat(path).await.map(drop));
-                invalid(client.set_mode(path, 0o777).await);
                 invalid(client.rename(&["a"], path).await);
                 invalid(client.rename(path, &["z"]).await);
             }
@@ -2347,7 +2077,7 @@ mod tests {
                 Err(NfsError::InvalidName { .. })
             ));
             assert!(matches!(
-                client.mkdir(&[], 0o755, None).await,
+                client.create_dir_all(&[], 0o755, None).await,
                 Err(NfsError::InvalidName { .. })
             ));
         }
@@ -2447,60 +2177,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn files_are_written_atomically_and_read_back() {
-        let server = memfs(|c| c.add_dir("/rw/rec")).await;
+    async fn read_dir_lists_names_and_refuses_files() {
+        let server = memfs(|c| {
+            c.add_dir("/rw/rec");
+            c.add_file("/rw/rec/v1", b"{}".to_vec());
+            c.add_file("/rw/rec/empty", Vec::new());
+        })
+        .await;
         let client = client(server.addr);
-        assert_eq!(client.read_file(&["rec", "v1"]).await.expect("read"), None);
-        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        client
-            .write_file(&["rec", "v1"], &big, 0o600)
-            .await
-            .expect("write");
-        assert_eq!(
-            client
-                .read_file(&["rec", "v1"])
-                .await
-                .expect("read")
-                .as_deref(),
-            Some(&big[..])
-        );
-        client
-            .write_file(&["rec", "v1"], b"{}", 0o600)
-            .await
-            .expect("replace");
-        assert_eq!(
-            client
-                .read_file(&["rec", "v1"])
-                .await
-                .expect("read")
-                .as_deref(),
-            Some(&b"{}"[..])
-        );
-        client
-            .write_file(&["rec", "empty"], b"", 0o600)
-            .await
-            .expect("write empty");
-        assert_eq!(
-            client
-                .read_file(&["rec", "empty"])
-                .await
-                .expect("read")
-                .as_deref(),
-            Some(&b""[..])
-        );
-        // No temporary files are left behind.
         assert_eq!(
             client.read_dir(&["rec"]).await.expect("read_dir"),
             Some(vec!["empty".to_owned(), "v1".to_owned()])
         );
-        match client.write_file(&["nope", "v1"], b"x", 0o600).await {
-            Err(NfsError::NotFound { path }) => assert_eq!(path, "nope"),
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            client.read_file(&["rec"]).await,
-            Err(NfsError::Server { op: "READ", .. })
-        ));
         assert_eq!(client.read_dir(&["nope"]).await.expect("read_dir"), None);
         assert!(matches!(
             client.read_dir(&["rec", "v1"]).await,
@@ -2543,15 +2231,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn set_mode_fsstat_and_probe() {
+    async fn fsstat_reports_the_export() {
         let server = memfs(|c| c.add_dir("/rw/d")).await;
         let client = client(server.addr);
-        client.probe().await.expect("probe");
-        client.set_mode(&["d"], 0o700).await.expect("set_mode");
-        match client.set_mode(&["nope"], 0o700).await {
-            Err(NfsError::NotFound { path }) => assert_eq!(path, "nope"),
-            other => panic!("{other:?}"),
-        }
+        assert!(client.stat(&["d"]).await.expect("stat").is_some());
         let st = client.fsstat().await.expect("fsstat");
         // memfs reports a fixed 1 TiB / 1 Gi files.
         assert_eq!(st.total_bytes, 1 << 40);
@@ -2566,7 +2249,7 @@ mod tests {
         let mut t = target(server.addr);
         t.share = "/export/nope".to_owned();
         let client = NfsClient::new(t, ClientConfig::default());
-        match client.probe().await {
+        match client.stat(&[]).await.map(drop) {
             Err(e @ NfsError::Connect { .. }) => {
                 assert!(e.to_string().contains("MNT3ERR_NOENT"), "{e}");
                 assert!(e.is_transient());
@@ -2606,7 +2289,7 @@ mod tests {
         // Still gone: a listener that accepts and hangs up, during MOUNT.
         let c = client.clone();
         let (res, took) = must_finish(Duration::from_secs(3), async move {
-            c.mkdir(&["x"], 0o755, None).await
+            c.create_dir_all(&["x"], 0o755, None).await
         })
         .await;
         match res {
@@ -2721,7 +2404,10 @@ mod tests {
             },
         );
         let c = client.clone();
-        let (res, took) = must_finish(Duration::from_secs(3), async move { c.probe().await }).await;
+        let (res, took) = must_finish(Duration::from_secs(3), async move {
+            c.stat(&[]).await.map(drop)
+        })
+        .await;
         match res {
             Err(e @ NfsError::Connect { .. }) => {
                 assert!(e.to_string().contains("no answer"), "{e}")
@@ -2768,7 +2454,7 @@ mod tests {
                 let c = client.clone();
                 tokio::spawn(async move {
                     let name = format!("v{i}");
-                    c.mkdir(&["p", &name], 0o755, None).await
+                    c.create_dir_all(&["p", &name], 0o755, None).await
                 })
             })
             .collect();
@@ -2801,7 +2487,7 @@ mod tests {
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|ids| ids.split_whitespace().nth(1))
             .expect("effective uid");
-        match client.probe().await {
+        match client.stat(&[]).await.map(drop) {
             Ok(()) => {
                 assert_eq!(euid, "0", "a non-root process got a privileged port?");
                 let peers = proxy.peers.lock().expect("peers").clone();
@@ -2848,7 +2534,7 @@ mod tests {
     /// runs everything); skipped with a message elsewhere.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ganesha() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+        use std::os::unix::fs::{MetadataExt, symlink};
 
         if std::env::var_os("STOWAGE_TEST_NFS_SERVER").is_none() {
             assert!(
@@ -2874,14 +2560,14 @@ mod tests {
             },
             config.clone(),
         );
-        client.probe().await.expect("probe");
+        client.stat(&[]).await.expect("probe");
         let top = format!("client-test-{}", std::process::id());
         let top = top.as_str();
         client.remove_all(&[top]).await.expect("clean");
 
         // Mode and owner are applied exactly.
         let made = client
-            .mkdir(&[top], 0o2750, Some((1234, 5678)))
+            .create_dir_all(&[top], 0o2750, Some((1234, 5678)))
             .await
             .expect("mkdir");
         println!("ganesha mkdir 0o2750 owner 1234:5678 -> {made:?}");
@@ -2894,17 +2580,11 @@ mod tests {
             (0o2750, 1234, 5678)
         );
         assert_eq!(
-            client.mkdir(&[top], 0o700, None).await.expect("again"),
+            client
+                .create_dir_all(&[top], 0o700, None)
+                .await
+                .expect("again"),
             Mkdir::Existed(a)
-        );
-        client.set_mode(&[top], 0o755).await.expect("set_mode");
-        assert_eq!(
-            std::fs::metadata(share_dir.join(top))
-                .expect("meta")
-                .permissions()
-                .mode()
-                & 0o7777,
-            0o755
         );
 
         // Raw MKDIR of an existing name: does ganesha answer EXIST?
@@ -2931,7 +2611,7 @@ mod tests {
             .map(|_| {
                 let c = client.clone();
                 let p = top.to_owned();
-                tokio::spawn(async move { c.mkdir(&[&p, "race"], 0o755, None).await })
+                tokio::spawn(async move { c.create_dir_all(&[&p, "race"], 0o755, None).await })
             })
             .collect();
         let mut created = 0;
@@ -2942,9 +2622,9 @@ mod tests {
 
         // Nested, then a tree with files, a symlink and more than one page.
         let made = client
-            .mkdir_all(&[top, "a", "b", "c"], 0o700, None)
+            .create_dir_all(&[top, "a", "b", "c"], 0o700, None)
             .await
-            .expect("mkdir_all");
+            .expect("create_dir_all");
         assert_eq!(made.attr().mode & 0o7777, 0o700);
         let big = share_dir.join(top).join("a").join("big");
         std::fs::create_dir(&big).expect("mkdir big");
@@ -2967,14 +2647,14 @@ mod tests {
         // Hostile names never reach the server.
         for bad in ["..", "../escape", "a/../../x"] {
             assert!(matches!(
-                client.mkdir(&[top, bad], 0o755, None).await,
+                client.create_dir_all(&[top, bad], 0o755, None).await,
                 Err(NfsError::InvalidName { .. })
             ));
         }
 
         // Rename never replaces.
         client
-            .mkdir(&[top, "dst"], 0o755, None)
+            .create_dir_all(&[top, "dst"], 0o755, None)
             .await
             .expect("mkdir dst");
         assert!(matches!(
@@ -3006,32 +2686,22 @@ mod tests {
             .remove_dir(&[top, "single"])
             .await
             .expect("remove_dir");
+        // A record: one SYMLINK, read back with READLINK; a second is EXIST.
         client
-            .write_file(&[top, "rec"], b"first", 0o600)
+            .symlink(&[top, "rec"], r#"{"capacity_bytes":1}"#)
             .await
-            .expect("write");
-        client
-            .write_file(&[top, "rec"], b"second", 0o600)
-            .await
-            .expect("replace");
-        assert_eq!(
-            std::fs::read(share_dir.join(top).join("rec")).expect("local read"),
-            b"second"
-        );
-        assert_eq!(
-            std::fs::metadata(share_dir.join(top).join("rec"))
-                .expect("meta")
-                .mode()
-                & 0o7777,
-            0o600
-        );
+            .expect("symlink");
+        assert!(matches!(
+            client.symlink(&[top, "rec"], "other").await,
+            Err(NfsError::AlreadyExists { .. })
+        ));
         assert_eq!(
             client
-                .read_file(&[top, "rec"])
+                .readlink(&[top, "rec"])
                 .await
-                .expect("read")
+                .expect("readlink")
                 .as_deref(),
-            Some(&b"second"[..])
+            Some(r#"{"capacity_bytes":1}"#)
         );
         let listed = client
             .read_dir(&[top])
@@ -3065,7 +2735,7 @@ mod tests {
             },
             config.clone(),
         );
-        match squash.mkdir(&["x"], 0o755, None).await {
+        match squash.create_dir_all(&["x"], 0o755, None).await {
             Err(e @ NfsError::PermissionDenied { .. }) => println!("ganesha squash mkdir -> {e}"),
             other => panic!("{other:?}"),
         }

@@ -172,7 +172,7 @@ impl NfsBackend {
                 }
             }
             Err(NfsError::NotFound { .. }) if path.len() > 1 => client
-                .mkdir_all(&path, placement.mode, placement.owner)
+                .create_dir_all(&path, placement.mode, placement.owner)
                 .await
                 .map(|made| made.created())
                 .map_err(map_error),

@@ -126,7 +126,7 @@ impl Export {
         let mut result = self.client.symlink(&path, &text).await;
         if let Err(NfsError::NotFound { .. }) = result {
             self.client
-                .mkdir_all(&[RECORDS_DIR], 0o700, None)
+                .create_dir_all(&[RECORDS_DIR], 0o700, None)
                 .await
                 .map_err(map_error)?;
             result = self.client.symlink(&path, &text).await;

@@ -22,7 +22,7 @@ use kube::{Api, ResourceExt as _};
 use serde_json::{Value, json};
 
 use super::informer::Expect;
-use super::{Next, Shared, finalizers_without, is_api};
+use super::{Context, Next, finalizers_without, is_api};
 use crate::csi_client::pv_capability;
 use stowage_api::proto::csi as proto;
 
@@ -31,12 +31,12 @@ pub fn finalizer(driver: &str) -> String {
     format!("external-attacher/{}", driver.replace('.', "-"))
 }
 
-fn api(shared: &Shared) -> Api<VolumeAttachment> {
+fn api(shared: &Context) -> Api<VolumeAttachment> {
     Api::all(shared.client.clone())
 }
 
 /// Reconcile the VolumeAttachment `name`.
-pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next> {
+pub async fn reconcile(shared: Arc<Context>, name: String) -> anyhow::Result<Next> {
     let Some(va) = shared.attachments.get(&ObjectRef::new(&name)) else {
         return Ok(Next::Done);
     };
@@ -59,7 +59,7 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
 }
 
 async fn attach(
-    shared: &Shared,
+    shared: &Context,
     va: &VolumeAttachment,
     finalizer: &str,
     has_finalizer: bool,
@@ -114,7 +114,7 @@ async fn attach(
     Ok(())
 }
 
-async fn detach(shared: &Shared, va: &VolumeAttachment, finalizer: &str) -> anyhow::Result<()> {
+async fn detach(shared: &Context, va: &VolumeAttachment, finalizer: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     if shared.csi.caps.publish_unpublish {
         let (volume_id, node_id) = match volume_and_node(shared, va).await {
@@ -184,7 +184,7 @@ fn error_status(field: &str, message: &str) -> Value {
 /// write moot: attach results only while it is not being deleted, detach results only
 /// while it is and still carries our finalizer.
 async fn write_status(
-    shared: &Shared,
+    shared: &Context,
     va: &VolumeAttachment,
     patch: Value,
 ) -> anyhow::Result<Option<VolumeAttachment>> {
@@ -203,7 +203,7 @@ async fn write_status(
 }
 
 /// Not looked at again until the cache has this write.
-fn expect_version(shared: &Shared, written: &VolumeAttachment) {
+fn expect_version(shared: &Context, written: &VolumeAttachment) {
     if let Some(version) = written.metadata.resource_version.clone() {
         shared
             .expect
@@ -212,7 +212,7 @@ fn expect_version(shared: &Shared, written: &VolumeAttachment) {
     }
 }
 
-fn attached_pv(shared: &Shared, va: &VolumeAttachment) -> Result<Arc<PersistentVolume>, String> {
+fn attached_pv(shared: &Context, va: &VolumeAttachment) -> Result<Arc<PersistentVolume>, String> {
     let pv_name = va
         .spec
         .source
@@ -228,7 +228,7 @@ fn attached_pv(shared: &Shared, va: &VolumeAttachment) -> Result<Arc<PersistentV
 /// The CSI volume id (from the PV) and node id (from the node's CSINode entry for this
 /// driver).
 async fn volume_and_node(
-    shared: &Shared,
+    shared: &Context,
     va: &VolumeAttachment,
 ) -> Result<(String, String), String> {
     let pv = attached_pv(shared, va)?;
@@ -255,7 +255,7 @@ async fn volume_and_node(
 }
 
 async fn publish_request(
-    shared: &Shared,
+    shared: &Context,
     va: &VolumeAttachment,
 ) -> Result<proto::ControllerPublishVolumeRequest, String> {
     let (volume_id, node_id) = volume_and_node(shared, va).await?;

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use super::informer::Expect;
 use super::rules::{self, Decision};
-use super::{Next, Shared, finalizers_without, hash_map, informer, is_api};
+use super::{Context, Next, finalizers_without, hash_map, informer, is_api};
 use crate::csi_client::capability;
 use stowage_api::convert::volume_from_proto;
 use stowage_api::proto::csi as proto;
@@ -44,7 +44,7 @@ fn has_finalizer(pvc: &PersistentVolumeClaim, finalizer: &str) -> bool {
 }
 
 /// The cache must show this write of the claim before the claim is looked at again.
-fn expect_written(shared: &Shared, written: &PersistentVolumeClaim) {
+fn expect_written(shared: &Context, written: &PersistentVolumeClaim) {
     if let Some(version) = &written.metadata.resource_version {
         shared
             .expect
@@ -53,16 +53,16 @@ fn expect_written(shared: &Shared, written: &PersistentVolumeClaim) {
     }
 }
 
-fn claims(shared: &Shared, namespace: &str) -> Api<PersistentVolumeClaim> {
+fn claims(shared: &Context, namespace: &str) -> Api<PersistentVolumeClaim> {
     Api::namespaced(shared.client.clone(), namespace)
 }
 
-fn volumes(shared: &Shared) -> Api<PersistentVolume> {
+fn volumes(shared: &Context) -> Api<PersistentVolume> {
     Api::all(shared.client.clone())
 }
 
 /// Reconcile the claim `namespace/name`.
-pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next> {
+pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next> {
     let Some(pvc) = informer::get(&shared.claims, &key) else {
         return Ok(Next::Done);
     };
@@ -120,7 +120,7 @@ pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next>
 /// claim it has annotated (or one nobody annotates within the grace: no PV controller
 /// running, or one slowed by its rate limit) goes ahead, and stowage's first write
 /// carries the annotation, so a later PV controller sync has nothing to write.
-fn annotation_wait(shared: &Shared, pvc: &PersistentVolumeClaim) -> Option<std::time::Duration> {
+fn annotation_wait(shared: &Context, pvc: &PersistentVolumeClaim) -> Option<std::time::Duration> {
     let grace = shared.settings.annotation_grace;
     if grace.is_zero()
         || pvc
@@ -140,7 +140,7 @@ fn annotation_wait(shared: &Shared, pvc: &PersistentVolumeClaim) -> Option<std::
         .filter(|left| !left.is_zero())
 }
 
-fn forget_seen(shared: &Shared, pvc: &PersistentVolumeClaim) {
+fn forget_seen(shared: &Context, pvc: &PersistentVolumeClaim) {
     if let Some(uid) = &pvc.metadata.uid {
         shared
             .first_seen
@@ -151,7 +151,7 @@ fn forget_seen(shared: &Shared, pvc: &PersistentVolumeClaim) {
 }
 
 async fn provision(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     finalizer: &str,
@@ -243,7 +243,7 @@ async fn provision(
 
 /// The PV already made for this claim (before a crash or a failed bind), if any.
 async fn existing_pv(
-    shared: &Shared,
+    shared: &Context,
     name: &str,
     pvc: &PersistentVolumeClaim,
 ) -> anyhow::Result<Option<PersistentVolume>> {
@@ -270,7 +270,7 @@ fn check_pv_is_for(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> anyhow
 }
 
 async fn create_pv(
-    shared: &Shared,
+    shared: &Context,
     pv: &PersistentVolume,
     pvc: &PersistentVolumeClaim,
 ) -> anyhow::Result<PersistentVolume> {
@@ -291,7 +291,7 @@ async fn create_pv(
 /// Add the provisioning finalizer (guarded by the claim's resourceVersion); returns
 /// the claim as written.
 async fn add_finalizer(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<PersistentVolumeClaim> {
@@ -327,7 +327,7 @@ async fn add_finalizer(
 /// other finalizers may move meanwhile). A conflict — the PV controller annotating the
 /// claim, say — re-reads the claim and tries again.
 async fn remove_finalizer(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<()> {
@@ -376,7 +376,7 @@ async fn remove_finalizer(
 
 /// A claim whose volume has its PV: drop our finalizer if it is still there.
 async fn settle(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<Next> {
@@ -390,7 +390,7 @@ async fn settle(
 /// over, find the volume by name (CreateVolume is idempotent) and delete it, then let
 /// the claim go.
 async fn abandon(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
 ) -> anyhow::Result<Next> {
@@ -441,7 +441,7 @@ async fn abandon(
 
 /// The CreateVolume request for a claim; `Err` is a message for ProvisioningFailed.
 async fn create_request(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     name: &str,
@@ -484,7 +484,7 @@ async fn create_request(
 /// the selected node's segments (its labels for the driver's CSINode topology keys);
 /// Immediate → the class's allowedTopologies.
 async fn requirements(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
 ) -> Result<Option<proto::TopologyRequirement>, String> {
@@ -515,7 +515,7 @@ async fn requirements(
     }))
 }
 
-async fn node_segments(shared: &Shared, node: &str) -> Result<Segments, String> {
+async fn node_segments(shared: &Context, node: &str) -> Result<Segments, String> {
     let csi_node = Api::<CSINode>::all(shared.client.clone())
         .get_opt(node)
         .await
@@ -553,6 +553,188 @@ async fn node_segments(shared: &Shared, node: &str) -> Result<Segments, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{
+        Caches, DRIVER, FakeDriver, claim, class, fixture, pv_prebound_to, refused,
+    };
+
+    const CLAIMS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+    const PVS: &str = "/api/v1/persistentvolumes";
+
+    fn lines(requests: &[crate::fixtures::Recorded]) -> Vec<String> {
+        requests.iter().map(|r| r.line()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_our_class_gets_a_volume_and_a_prebound_pv_and_no_bind_write() {
+        let pvc = claim("default", "data-db-0", "u-0", "fast", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc.clone()],
+                classes: vec![class("fast", DRIVER, &[("subDir", "${pvc.metadata.name}")])],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+
+        let next = reconcile(Arc::clone(&f.context), "default/data-db-0".into())
+            .await
+            .expect("provisioned");
+        assert_eq!(next, Next::Done);
+
+        let creates = f.driver.creates();
+        assert_eq!(creates.len(), 1, "one CreateVolume");
+        let create = &creates[0];
+        assert_eq!(create.name, "pvc-u-0");
+        assert_eq!(
+            create.capacity_range.as_ref().unwrap().required_bytes,
+            1 << 30
+        );
+        assert_eq!(create.parameters["subDir"], "${pvc.metadata.name}");
+        assert_eq!(create.parameters[stowage_api::keys::PVC_NAME], "data-db-0");
+        assert_eq!(
+            create.parameters[stowage_api::keys::PVC_NAMESPACE],
+            "default"
+        );
+
+        // The finalizer guards the volume until its PV exists; the PV is pre-bound;
+        // the claim's volumeName, bind annotations and phases are the PV controller's.
+        let claim_path = format!("{CLAIMS}/data-db-0");
+        assert_eq!(
+            lines(&f.api.writes()),
+            [
+                format!("PATCH {claim_path}"),
+                format!("POST {PVS}"),
+                format!("PATCH {claim_path}"),
+            ]
+        );
+        let writes = f.api.writes();
+        let finalizer = provisioning_finalizer(DRIVER);
+        assert_eq!(writes[0].body["metadata"]["finalizers"], json!([finalizer]));
+        let pv = &writes[1].body;
+        assert_eq!(pv["metadata"]["name"], "pvc-u-0");
+        assert_eq!(pv["spec"]["claimRef"]["uid"], "u-0");
+        assert_eq!(pv["spec"]["csi"]["driver"], DRIVER);
+        assert_eq!(pv["spec"]["csi"]["volumeHandle"], "vol-pvc-u-0");
+        for write in [&writes[0], &writes[2]] {
+            assert!(write.body.get("spec").is_none(), "{:?}", write.body);
+            assert!(write.body.get("status").is_none(), "{:?}", write.body);
+        }
+        let after: PersistentVolumeClaim = f.api.object(Some("default"), "data-db-0").unwrap();
+        assert!(!has_finalizer(&after, &finalizer), "{:?}", after.metadata);
+        assert!(f.api.event("ProvisioningSucceeded").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_another_provisioner_is_not_touched() {
+        let pvc = claim("default", "other", "u-1", "theirs", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![class("theirs", "ebs.csi.aws.com", &[])],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "default/other".into())
+            .await
+            .expect("skipped");
+        assert_eq!(next, Next::Done);
+        assert!(f.driver.creates().is_empty());
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_a_pv_is_prebound_to_is_left_to_the_pv_controller() {
+        let pvc = claim("default", "static", "u-2", "fast", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc.clone()],
+                volumes: vec![pv_prebound_to("handmade", &pvc)],
+                classes: vec![class("fast", DRIVER, &[])],
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "default/static".into())
+            .await
+            .expect("skipped");
+        assert_eq!(next, Next::Done);
+        assert!(f.driver.creates().is_empty());
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_final_create_error_releases_the_finalizer_and_says_why() {
+        let pvc = claim("default", "bad", "u-3", "fast", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![class("fast", DRIVER, &[])],
+                ..Default::default()
+            },
+            FakeDriver::answering(|_| Err(refused("parameter `sever` is not known"))),
+        )
+        .await;
+        let error = reconcile(Arc::clone(&f.context), "default/bad".into())
+            .await
+            .expect_err("the driver refused");
+        assert!(format!("{error:#}").contains("sever"), "{error:#}");
+        assert_eq!(f.driver.creates().len(), 1);
+        let claim_path = format!("{CLAIMS}/bad");
+        assert_eq!(
+            lines(&f.api.writes()),
+            [format!("PATCH {claim_path}"), format!("PATCH {claim_path}")],
+            "finalizer on, then off; no PV"
+        );
+        let after: PersistentVolumeClaim = f.api.object(Some("default"), "bad").unwrap();
+        assert!(!has_finalizer(&after, &provisioning_finalizer(DRIVER)));
+        let event = f.api.event("ProvisioningFailed").await.expect("a warning");
+        assert_eq!(event["type"], "Warning");
+        assert!(event["note"].as_str().unwrap().contains("sever"), "{event}");
+    }
+
+    #[tokio::test]
+    async fn a_claim_written_meanwhile_is_not_overwritten() {
+        // The cache holds resourceVersion 1; the server has moved on (someone else wrote
+        // the claim): the guarded finalizer write fails and nothing is created.
+        let pvc = claim("default", "raced", "u-4", "fast", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc.clone()],
+                classes: vec![class("fast", DRIVER, &[])],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let mut newer = pvc;
+        newer.metadata.resource_version = Some("7".into());
+        f.api.seed(&newer);
+        let result = reconcile(Arc::clone(&f.context), "default/raced".into()).await;
+        assert!(result.is_err(), "{result:?}");
+        assert!(
+            f.driver.creates().is_empty(),
+            "no CreateVolume without the finalizer"
+        );
+        assert!(
+            f.api
+                .writes()
+                .iter()
+                .all(|w| w.method != http::Method::POST),
+            "{:?}",
+            lines(&f.api.writes())
+        );
+    }
 
     #[test]
     fn finalizer_is_a_qualified_name_under_the_driver() {

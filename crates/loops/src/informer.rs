@@ -1,4 +1,4 @@
-//! Shared informers: one list+watch per resource type, a kube-runtime reflector store
+//! Context informers: one list+watch per resource type, a kube-runtime reflector store
 //! that every loop reads, and handlers called for each object seen (added, changed,
 //! listed again after a re-watch, or deleted) that queue work.
 //!

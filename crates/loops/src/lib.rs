@@ -22,6 +22,8 @@ pub mod attacher;
 pub mod claims;
 pub mod csi_client;
 pub mod events;
+#[cfg(test)]
+pub mod fixtures;
 pub mod informer;
 pub mod kube_client;
 pub mod leader;
@@ -206,8 +208,10 @@ pub struct LoopExpectations {
     pub resizes: Expectations,
 }
 
-/// Everything a reconciler reads or calls.
-pub struct Shared {
+/// Everything a reconciler reads or calls, one context for the four loops: the API
+/// client, the CSI client, the informers' caches, the expectations of the loops' own
+/// writes, events and metrics. Unit tests build one from fixtures (`fixtures.rs`).
+pub struct Context {
     pub expect: LoopExpectations,
     /// When each unbound claim (by uid) was first looked at.
     pub first_seen: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
@@ -340,7 +344,7 @@ impl Loops {
             store.map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
         }
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Context {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
             events: Events::start(client.clone(), &driver, metrics.events_dropped.clone()),
@@ -420,29 +424,29 @@ fn observe_and_queue<K: kube::Resource>(expectations: &Expectations, queue: &Que
 }
 
 /// The resourceVersion a store holds for a key (`None`: not cached).
-type CachedVersion = fn(&Shared, &str) -> Option<String>;
+type CachedVersion = fn(&Context, &str) -> Option<String>;
 
-fn claim_version(shared: &Shared, key: &str) -> Option<String> {
+fn claim_version(shared: &Context, key: &str) -> Option<String> {
     informer::get(&shared.claims, key).and_then(|o| o.metadata.resource_version.clone())
 }
 
-fn volume_version(shared: &Shared, key: &str) -> Option<String> {
+fn volume_version(shared: &Context, key: &str) -> Option<String> {
     informer::get(&shared.volumes, key).and_then(|o| o.metadata.resource_version.clone())
 }
 
-fn attachment_version(shared: &Shared, key: &str) -> Option<String> {
+fn attachment_version(shared: &Context, key: &str) -> Option<String> {
     informer::get(&shared.attachments, key).and_then(|o| o.metadata.resource_version.clone())
 }
 
 fn spawn_workers<F, Fut>(
-    shared: &Arc<Shared>,
+    shared: &Arc<Context>,
     queue: &Queue,
     (expectations, cached): (&Expectations, CachedVersion),
     count: usize,
     reconcile: F,
 ) -> Vec<JoinHandle<()>>
 where
-    F: Fn(Arc<Shared>, String) -> Fut + Copy + Send + Sync + 'static,
+    F: Fn(Arc<Context>, String) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<Next>> + Send + 'static,
 {
     (0..count)

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use super::informer::Expect;
 use super::rules;
-use super::{Next, Shared, informer};
+use super::{Context, Next, informer};
 use crate::csi_client::pv_capability;
 use stowage_api::proto::csi as proto;
 
@@ -52,7 +52,7 @@ fn storage_of(
 }
 
 /// Reconcile the claim `namespace/name` for expansion.
-pub async fn reconcile(shared: Arc<Shared>, key: String) -> anyhow::Result<Next> {
+pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next> {
     let Some(pvc) = informer::get(&shared.claims, &key) else {
         return Ok(Next::Done);
     };
@@ -124,7 +124,7 @@ fn controller_step(pvc: &PersistentVolumeClaim) -> Option<i64> {
 }
 
 async fn expand(
-    shared: &Shared,
+    shared: &Context,
     pvc: &PersistentVolumeClaim,
     pv: &PersistentVolume,
     requested: i64,
@@ -266,7 +266,7 @@ async fn expand(
 /// A claim status write guarded by `pvc`'s resourceVersion (see
 /// [`super::patch_status_guarded`]); `None` when the claim moved on without us.
 async fn patch_claim_status(
-    shared: &Shared,
+    shared: &Context,
     claims: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
     patch: Value,

@@ -17,9 +17,9 @@ use kube::{Api, Resource as _, ResourceExt as _};
 
 use super::informer::Expect;
 use super::rules;
-use super::{Next, Shared, is_api};
+use super::{Context, Next, is_api};
 
-fn volumes(shared: &Shared) -> Api<PersistentVolume> {
+fn volumes(shared: &Context) -> Api<PersistentVolume> {
     Api::all(shared.client.clone())
 }
 
@@ -29,7 +29,7 @@ fn phase(pv: &PersistentVolume) -> Option<&str> {
 
 /// Reconcile the PV `name`: one step per call (a step that writes returns
 /// [`Next::Again`] and the next one starts from the cache that shows the write).
-pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next> {
+pub async fn reconcile(shared: Arc<Context>, name: String) -> anyhow::Result<Next> {
     let Some(pv) = shared.volumes.get(&ObjectRef::new(&name)) else {
         return Ok(Next::Done);
     };
@@ -55,11 +55,11 @@ pub async fn reconcile(shared: Arc<Shared>, name: String) -> anyhow::Result<Next
 }
 
 /// The cache must show this state of the PV before it is looked at again.
-fn expect(shared: &Shared, name: &str, what: Expect) {
+fn expect(shared: &Context, name: &str, what: Expect) {
     shared.expect.volumes.expect(name, what);
 }
 
-fn expect_written(shared: &Shared, written: &PersistentVolume) {
+fn expect_written(shared: &Context, written: &PersistentVolume) {
     if let Some(version) = &written.metadata.resource_version {
         expect(
             shared,
@@ -69,7 +69,7 @@ fn expect_written(shared: &Shared, written: &PersistentVolume) {
     }
 }
 
-async fn patch_pv(shared: &Shared, name: &str, patch: &serde_json::Value) -> anyhow::Result<()> {
+async fn patch_pv(shared: &Context, name: &str, patch: &serde_json::Value) -> anyhow::Result<()> {
     match volumes(shared)
         .patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
@@ -88,7 +88,7 @@ async fn patch_pv(shared: &Shared, name: &str, patch: &serde_json::Value) -> any
 /// of a deleted PV), and a patch from a stale list would put them back (which the API
 /// server refuses on a deleted object). A conflict re-reads the PV and tries again;
 /// DeleteVolume is not repeated for it.
-async fn drop_finalizer(shared: &Shared, mut pv: PersistentVolume) -> anyhow::Result<()> {
+async fn drop_finalizer(shared: &Context, mut pv: PersistentVolume) -> anyhow::Result<()> {
     let name = pv.name_any();
     for _ in 0..5 {
         let Some(patch) = rules::finalizer_patch(&pv, false) else {
@@ -120,7 +120,7 @@ async fn drop_finalizer(shared: &Shared, mut pv: PersistentVolume) -> anyhow::Re
     anyhow::bail!("PV {name} kept changing; its finalizer is removed on the next attempt")
 }
 
-async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> {
+async fn delete(shared: &Context, pv: &PersistentVolume) -> anyhow::Result<Next> {
     let started = Instant::now();
     let name = pv.name_any();
     let attached = shared
@@ -174,7 +174,7 @@ async fn delete(shared: &Shared, pv: &PersistentVolume) -> anyhow::Result<Next> 
 
 /// The DeleteVolume secrets named by the PV's deletion-secret annotations.
 async fn deletion_secrets(
-    shared: &Shared,
+    shared: &Context,
     pv: &PersistentVolume,
 ) -> anyhow::Result<HashMap<String, String>> {
     let annotations = pv.annotations();

@@ -657,6 +657,7 @@ mod tests {
                 claims: vec![pvc.clone()],
                 volumes: vec![pv_prebound_to("handmade", &pvc)],
                 classes: vec![class("fast", DRIVER, &[])],
+                ..Default::default()
             },
             FakeDriver::default(),
         )

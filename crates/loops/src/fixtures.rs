@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{
-    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeSpec, VolumeResourceRequirements,
+    CSIPersistentVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeSpec, PersistentVolumeStatus,
+    VolumeResourceRequirements,
 };
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{
+    StorageClass, VolumeAttachment, VolumeAttachmentSource, VolumeAttachmentSpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
@@ -115,6 +118,58 @@ pub fn pv_prebound_to(name: &str, claim: &PersistentVolumeClaim) -> PersistentVo
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             ..Default::default()
         }),
+        status: None,
+    }
+}
+
+/// A PV [`DRIVER`] provisioned for volume `handle` (annotation, csi source, the
+/// provisioner finalizer), with `reclaim` policy and status `phase`.
+pub fn provisioned_pv(name: &str, handle: &str, reclaim: &str, phase: &str) -> PersistentVolume {
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            resource_version: Some("1".into()),
+            annotations: Some(BTreeMap::from([(
+                crate::rules::ANN_PROVISIONED_BY.to_owned(),
+                DRIVER.to_owned(),
+            )])),
+            finalizers: Some(vec![crate::rules::FINALIZER.to_owned()]),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            csi: Some(CSIPersistentVolumeSource {
+                driver: DRIVER.into(),
+                volume_handle: handle.into(),
+                ..Default::default()
+            }),
+            capacity: Some(BTreeMap::from([("storage".into(), Quantity("1Gi".into()))])),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            persistent_volume_reclaim_policy: Some(reclaim.into()),
+            ..Default::default()
+        }),
+        status: Some(PersistentVolumeStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A VolumeAttachment of `pv` to `node`.
+pub fn attachment(name: &str, pv: &str, node: &str) -> VolumeAttachment {
+    VolumeAttachment {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            resource_version: Some("1".into()),
+            ..Default::default()
+        },
+        spec: VolumeAttachmentSpec {
+            attacher: DRIVER.into(),
+            node_name: node.into(),
+            source: VolumeAttachmentSource {
+                persistent_volume_name: Some(pv.into()),
+                ..Default::default()
+            },
+        },
         status: None,
     }
 }
@@ -271,7 +326,28 @@ impl FakeApi {
                 }
                 merge(stored, &body);
                 stored["metadata"]["resourceVersion"] = json!(version);
-                (StatusCode::OK, stored.clone())
+                let answer = stored.clone();
+                // A deleted object goes once its last finalizer is off.
+                if !answer["metadata"]["deletionTimestamp"].is_null() && !finalizers(&answer) {
+                    state.objects.remove(path);
+                }
+                (StatusCode::OK, answer)
+            }
+            Method::DELETE => {
+                let Some(stored) = state.objects.get_mut(path) else {
+                    return status(StatusCode::NOT_FOUND, "NotFound", path);
+                };
+                if finalizers(stored) {
+                    stored["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                    stored["metadata"]["resourceVersion"] = json!(version);
+                    (StatusCode::OK, stored.clone())
+                } else {
+                    state.objects.remove(path);
+                    (
+                        StatusCode::OK,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                    )
+                }
             }
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", path),
         }
@@ -302,6 +378,12 @@ impl FakeApi {
         });
         kube::Client::new(service, "default")
     }
+}
+
+fn finalizers(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
 }
 
 /// The URL path of an object of kind `K`.
@@ -476,6 +558,7 @@ pub struct Caches {
     pub claims: Vec<PersistentVolumeClaim>,
     pub volumes: Vec<PersistentVolume>,
     pub classes: Vec<StorageClass>,
+    pub attachments: Vec<VolumeAttachment>,
 }
 
 /// A context over `driver` (served on a unix socket in a temporary directory) and a
@@ -487,6 +570,9 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
     }
     for volume in &caches.volumes {
         api.seed(volume);
+    }
+    for attachment in &caches.attachments {
+        api.seed(attachment);
     }
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket = socket_dir.path().join("csi.sock");
@@ -524,7 +610,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
         claims: store(&caches.claims),
         volumes: store(&caches.volumes),
         classes: store(&caches.classes),
-        attachments: store(&[]),
+        attachments: store(&caches.attachments),
         metrics,
     });
     Fixture {

@@ -13,6 +13,9 @@
 //! - [`claims`] (provision + bind), [`volumes`] (release + delete), [`attacher`],
 //!   [`resizer`]: one reconciler each, built on the rules, never re-deciding them.
 //! - [`leader`]: Lease-based leader election around all of them.
+//! - [`Context`]: everything a reconciler reads or calls; unit tests build one from
+//!   `fixtures` (a fake API server behind a real client, a fake CSI driver on a real
+//!   socket) and call the reconcilers directly.
 //!
 //! The loops never touch backends directly: everything goes through CSI, so they can
 //! drive any CSI driver given by `--csi-address`. This crate depends on `stowage-api`

@@ -191,3 +191,112 @@ async fn deletion_secrets(
         .await
         .with_context(|| format!("reading deletion secret {namespace}/{name}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{Caches, FakeDriver, Recorded, attachment, fixture, provisioned_pv};
+
+    const PV: &str = "/api/v1/persistentvolumes/pvc-1";
+
+    fn lines(requests: &[Recorded]) -> Vec<String> {
+        requests.iter().map(Recorded::line).collect()
+    }
+
+    #[tokio::test]
+    async fn a_released_pv_with_delete_policy_loses_its_volume_then_goes() {
+        let f = fixture(
+            Caches {
+                volumes: vec![provisioned_pv("pvc-1", "vol-1", "Delete", "Released")],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "pvc-1".into())
+            .await
+            .expect("deleted");
+        assert_eq!(next, Next::Done);
+        assert_eq!(
+            *f.driver.deletes.lock().unwrap(),
+            ["vol-1"],
+            "one DeleteVolume"
+        );
+        assert_eq!(
+            lines(&f.api.writes()),
+            [format!("DELETE {PV}"), format!("PATCH {PV}")],
+            "the PV is deleted, then our finalizer comes off"
+        );
+        assert!(
+            f.api.object::<PersistentVolume>(None, "pvc-1").is_none(),
+            "gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pv_still_attached_waits_for_its_attachment() {
+        let f = fixture(
+            Caches {
+                volumes: vec![provisioned_pv("pvc-1", "vol-1", "Delete", "Released")],
+                attachments: vec![attachment("csi-1", "pvc-1", "node-1")],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "pvc-1".into())
+            .await
+            .expect("waits");
+        assert_eq!(next, Next::After(Duration::from_secs(5)));
+        assert!(f.driver.deletes.lock().unwrap().is_empty());
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_released_pv_with_retain_policy_keeps_its_volume() {
+        let f = fixture(
+            Caches {
+                volumes: vec![provisioned_pv("pvc-1", "vol-1", "Retain", "Released")],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        reconcile(Arc::clone(&f.context), "pvc-1".into())
+            .await
+            .expect("finalizer dropped");
+        assert!(
+            f.driver.deletes.lock().unwrap().is_empty(),
+            "no DeleteVolume"
+        );
+        assert_eq!(lines(&f.api.writes()), [format!("PATCH {PV}")]);
+        let pv: PersistentVolume = f.api.object(None, "pvc-1").expect("kept");
+        assert!(pv.finalizers().is_empty(), "{:?}", pv.metadata.finalizers);
+    }
+
+    #[tokio::test]
+    async fn a_bound_pv_is_not_touched() {
+        let f = fixture(
+            Caches {
+                volumes: vec![provisioned_pv("pvc-1", "vol-1", "Delete", "Bound")],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "pvc-1".into())
+            .await
+            .expect("nothing to do");
+        assert_eq!(next, Next::Done);
+        assert!(f.driver.deletes.lock().unwrap().is_empty());
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+}

@@ -21,9 +21,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::informer::Expect;
-use super::{Context, Next, finalizers_without, is_api};
+use crate::context::{Context, Next, finalizers_without, is_api};
 use crate::csi_client::pv_capability;
+use crate::informer::Expect;
 use stowage_api::proto::csi as proto;
 
 /// external-attacher's finalizer name for a driver.
@@ -190,7 +190,7 @@ async fn write_status(
 ) -> anyhow::Result<Option<VolumeAttachment>> {
     let deleting = va.metadata.deletion_timestamp.is_some();
     let finalizer = finalizer(&shared.driver);
-    let written = super::patch_status_guarded(&api(shared), va, &patch, |live| {
+    let written = crate::context::patch_status_guarded(&api(shared), va, &patch, |live| {
         live.metadata.deletion_timestamp.is_some() == deleting
             && (!deleting || live.finalizers().contains(&finalizer))
     })

@@ -26,10 +26,11 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::json;
 
-use super::informer::Expect;
-use super::rules::{self, Decision};
-use super::{Context, Next, finalizers_without, hash_map, informer, is_api};
+use crate::context::{Context, Next, finalizers_without, hash_map, is_api};
 use crate::csi_client::capability;
+use crate::informer;
+use crate::informer::Expect;
+use crate::rules::{self, Decision};
 use stowage_api::convert::volume_from_proto;
 use stowage_api::proto::csi as proto;
 use stowage_api::volume::Segments;
@@ -459,7 +460,7 @@ async fn create_request(
         .map(|mode| capability(*mode, modes.block, fs_type.as_deref(), &mount_flags))
         .collect();
     let secrets = match rules::provisioner_secret(class_parameters, pvc, name)? {
-        Some((namespace, name)) => super::read_secret(&shared.client, &namespace, &name)
+        Some((namespace, name)) => crate::context::read_secret(&shared.client, &namespace, &name)
             .await
             .map_err(|e| format!("reading provisioner secret {namespace}/{name}: {e}"))?,
         None => HashMap::new(),

@@ -20,7 +20,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::time::Instant;
 
-use super::is_api;
+use crate::context::is_api;
 
 /// Where the Lease is and how it is kept.
 #[derive(Debug, Clone)]

@@ -23,10 +23,11 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::informer::Expect;
-use super::rules;
-use super::{Context, Next, informer};
+use crate::context::{Context, Next};
 use crate::csi_client::pv_capability;
+use crate::informer;
+use crate::informer::Expect;
+use crate::rules;
 use stowage_api::proto::csi as proto;
 
 const NODE_RESIZE_PENDING: &str = "NodeResizePending";
@@ -272,7 +273,7 @@ async fn patch_claim_status(
     patch: Value,
     still: impl Fn(&PersistentVolumeClaim) -> bool,
 ) -> anyhow::Result<Option<PersistentVolumeClaim>> {
-    let written = super::patch_status_guarded(claims, pvc, &patch, still)
+    let written = crate::context::patch_status_guarded(claims, pvc, &patch, still)
         .await
         .context("writing the claim's resize status")?;
     // Not looked at again until the cache has this write.

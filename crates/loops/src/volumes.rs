@@ -15,9 +15,9 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 
-use super::informer::Expect;
-use super::rules;
-use super::{Context, Next, is_api};
+use crate::context::{Context, Next, is_api};
+use crate::informer::Expect;
+use crate::rules;
 
 fn volumes(shared: &Context) -> Api<PersistentVolume> {
     Api::all(shared.client.clone())
@@ -187,7 +187,7 @@ async fn deletion_secrets(
     let (Some(name), Some(namespace)) = (name, namespace) else {
         return Ok(HashMap::new());
     };
-    super::read_secret(&shared.client, namespace, name)
+    crate::context::read_secret(&shared.client, namespace, name)
         .await
         .with_context(|| format!("reading deletion secret {namespace}/{name}"))
 }

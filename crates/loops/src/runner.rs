@@ -1,0 +1,327 @@
+//! Running the loops: informers, queues and workers ([`Loops`]), under leader election
+//! when asked ([`run`]). Decides nothing about objects: the reconcilers do.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt as _};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::context::*;
+use crate::csi_client::Csi;
+use crate::events::Events;
+use crate::informer::{Expectations, Handler};
+use crate::queue::Queue;
+use crate::{attacher, claims, informer, leader, resizer, rules, volumes};
+
+/// A running set of loops; `stop` ends them.
+pub struct Loops {
+    queues: Vec<Queue>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Loops {
+    /// Start the informers, wait for their first lists, then start the workers.
+    pub async fn start(
+        client: kube::Client,
+        csi: Csi,
+        settings: Settings,
+        metrics: LoopMetrics,
+    ) -> anyhow::Result<Loops> {
+        let driver = csi.caps.driver_name.clone();
+        let runs = |l: Loop| settings.loops.contains(&l);
+        let claims_q = Queue::new(settings.backoff);
+        let volumes_q = Queue::new(settings.backoff);
+        let attach_q = Queue::new(settings.backoff);
+        let resize_q = Queue::new(settings.backoff);
+
+        let expect = LoopExpectations::default();
+        let mut claim_handlers: Vec<Handler<PersistentVolumeClaim>> = Vec::new();
+        let mut volume_handlers: Vec<Handler<PersistentVolume>> = Vec::new();
+        let mut attachment_handlers: Vec<Handler<VolumeAttachment>> = Vec::new();
+        if runs(Loop::Provisioner) {
+            claim_handlers.push(observe_and_queue(&expect.claims, &claims_q));
+            volume_handlers.push(observe_and_queue(&expect.volumes, &volumes_q));
+            let cq = claims_q.clone();
+            volume_handlers.push(Arc::new(move |pv, _| {
+                // A PV for a claim: the claim may wait for it (its own, or one pre-bound).
+                if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
+                    && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
+                {
+                    cq.add_forced(&format!("{ns}/{name}"));
+                }
+            }));
+            let q = volumes_q.clone();
+            attachment_handlers.push(Arc::new(move |va, deleted| {
+                // DeleteVolume waits for attachments to go.
+                if deleted && let Some(pv) = va.spec.source.persistent_volume_name.as_ref() {
+                    q.add_forced(pv);
+                }
+            }));
+        }
+        if runs(Loop::Attacher) {
+            attachment_handlers.push(observe_and_queue(&expect.attachments, &attach_q));
+        }
+        if runs(Loop::Resizer) {
+            claim_handlers.push(observe_and_queue(&expect.resizes, &resize_q));
+        }
+
+        // Classes: a claim waiting for its class (or rejected by it) looks again when
+        // the class appears or changes.
+        let class_claims: Arc<std::sync::OnceLock<Store<PersistentVolumeClaim>>> = Arc::default();
+        let class_handler: Handler<StorageClass> = {
+            let claims = Arc::clone(&class_claims);
+            let q = claims_q.clone();
+            Arc::new(move |class, _| {
+                let Some(store) = claims.get() else { return };
+                let name = class.name_any();
+                for pvc in store.state() {
+                    if rules::claim_class(&pvc) == Some(name.as_str())
+                        && pvc.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
+                    {
+                        q.add_forced(&informer::key(pvc.as_ref()));
+                    }
+                }
+            })
+        };
+
+        // Pages of 100: a list of thousands of objects never sits in memory at once
+        // as JSON and parsed copies (the largest transient allocation of the loops).
+        let config = watcher::Config::default().page_size(100);
+        let claims = informer::start(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            config.clone(),
+            claim_handlers,
+        );
+        let _ = class_claims.set(claims.store.clone());
+        let volumes = informer::start(
+            Api::<PersistentVolume>::all(client.clone()),
+            config.clone(),
+            volume_handlers,
+        );
+        let classes = informer::start(
+            Api::<StorageClass>::all(client.clone()),
+            config.clone(),
+            vec![class_handler],
+        );
+        let attachments = informer::start(
+            Api::<VolumeAttachment>::all(client.clone()),
+            config.clone(),
+            attachment_handlers,
+        );
+        let mut tasks = vec![claims.task, volumes.task, classes.task, attachments.task];
+        for store in [
+            claims.store.wait_until_ready().await,
+            volumes.store.wait_until_ready().await,
+            classes.store.wait_until_ready().await,
+            attachments.store.wait_until_ready().await,
+        ] {
+            store.map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
+        }
+
+        let shared = Arc::new(Context {
+            expect: expect.clone(),
+            first_seen: std::sync::Mutex::default(),
+            events: Events::start(client.clone(), &driver, metrics.events_dropped.clone()),
+            client,
+            csi,
+            driver,
+            settings: settings.clone(),
+            claims: claims.store,
+            volumes: volumes.store,
+            classes: classes.store,
+            attachments: attachments.store,
+            metrics,
+        });
+        shared.metrics.leader.set(1);
+        let workers = settings.workers.max(1);
+        if runs(Loop::Provisioner) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &claims_q,
+                (&expect.claims, claim_version),
+                workers,
+                claims::reconcile,
+            ));
+            tasks.extend(spawn_workers(
+                &shared,
+                &volumes_q,
+                (&expect.volumes, volume_version),
+                workers,
+                volumes::reconcile,
+            ));
+        }
+        if runs(Loop::Attacher) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &attach_q,
+                (&expect.attachments, attachment_version),
+                workers,
+                attacher::reconcile,
+            ));
+        }
+        if runs(Loop::Resizer) {
+            tasks.extend(spawn_workers(
+                &shared,
+                &resize_q,
+                (&expect.resizes, claim_version),
+                workers,
+                resizer::reconcile,
+            ));
+        }
+        tracing::info!(driver = %shared.driver, loops = ?settings.loops, "loops running");
+        Ok(Loops {
+            queues: vec![claims_q, volumes_q, attach_q, resize_q],
+            tasks,
+        })
+    }
+
+    /// Stop every worker and informer (in-flight reconciles are cancelled).
+    pub fn stop(self) {
+        for queue in &self.queues {
+            queue.close();
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// An informer handler that settles the loop's expectations, then queues the key.
+fn observe_and_queue<K: kube::Resource>(expectations: &Expectations, queue: &Queue) -> Handler<K> {
+    let expectations = expectations.clone();
+    let queue = queue.clone();
+    Arc::new(move |object: &K, deleted| {
+        let key = informer::key(object);
+        expectations.observe(&key, object.meta().resource_version.as_deref(), deleted);
+        queue.add(&key);
+    })
+}
+
+/// The resourceVersion a store holds for a key (`None`: not cached).
+type CachedVersion = fn(&Context, &str) -> Option<String>;
+
+fn claim_version(shared: &Context, key: &str) -> Option<String> {
+    informer::get(&shared.claims, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn volume_version(shared: &Context, key: &str) -> Option<String> {
+    informer::get(&shared.volumes, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn attachment_version(shared: &Context, key: &str) -> Option<String> {
+    informer::get(&shared.attachments, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn spawn_workers<F, Fut>(
+    shared: &Arc<Context>,
+    queue: &Queue,
+    (expectations, cached): (&Expectations, CachedVersion),
+    count: usize,
+    reconcile: F,
+) -> Vec<JoinHandle<()>>
+where
+    F: Fn(Arc<Context>, String) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Next>> + Send + 'static,
+{
+    (0..count)
+        .map(|_| {
+            let shared = Arc::clone(shared);
+            let queue = queue.clone();
+            let expectations = expectations.clone();
+            tokio::spawn(async move {
+                while let Some(key) = queue.next().await {
+                    let version = cached(&shared, &key);
+                    if let Some(wait) = expectations.wait(&key, version.as_deref()) {
+                        // Our own last write is not in the cache yet: its event
+                        // queues the key again (or the wait ends).
+                        queue.add_after(&key, wait);
+                        queue.done(&key);
+                        continue;
+                    }
+                    let forced = queue.take_forced(&key);
+                    if !expectations.begin(&key, version.as_deref(), forced) {
+                        // Nothing new since this loop last left the object: its own
+                        // write coming back, or a relist. A pending retry stays pending.
+                        queue.done(&key);
+                        continue;
+                    }
+                    match reconcile(Arc::clone(&shared), key.clone()).await {
+                        Ok(Next::Done) => queue.settle(&key),
+                        Ok(Next::After(delay)) => {
+                            queue.forget(&key);
+                            queue.add_after(&key, delay);
+                        }
+                        Ok(Next::Again) => {
+                            queue.forget(&key);
+                            queue.add_forced(&key);
+                        }
+                        Err(e) => {
+                            let delay = queue.add_rate_limited(&key);
+                            tracing::info!(%key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                        }
+                    }
+                    queue.done(&key);
+                }
+            })
+        })
+        .collect()
+}
+
+/// Run the loops until `stop` turns true: at once, or with leader election only
+/// while holding the Lease (losing it stops the loops until it is won again).
+pub async fn run(
+    client: kube::Client,
+    csi: Csi,
+    settings: Settings,
+    metrics: LoopMetrics,
+    election: Option<leader::Election>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let Some(election) = election else {
+        let loops = Loops::start(client, csi, settings, metrics.clone()).await?;
+        let _ = stop.wait_for(|s| *s).await;
+        loops.stop();
+        metrics.leader.set(0);
+        return Ok(());
+    };
+    let mut lease = leader::Lease::new(client.clone(), election);
+    loop {
+        tokio::select! {
+            acquired = lease.acquire() => acquired?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let loops = Loops::start(
+            client.clone(),
+            csi.clone(),
+            settings.clone(),
+            metrics.clone(),
+        )
+        .await;
+        let loops = match loops {
+            Ok(loops) => loops,
+            Err(e) => {
+                lease.release().await;
+                return Err(e);
+            }
+        };
+        let stopping = tokio::select! {
+            lost = lease.hold() => {
+                tracing::warn!(reason = %lost, "lost the leader Lease; stopping the loops");
+                false
+            }
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        loops.stop();
+        metrics.leader.set(0);
+        if stopping {
+            lease.release().await;
+            return Ok(());
+        }
+    }
+}

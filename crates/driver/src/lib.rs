@@ -3,6 +3,14 @@
 //! server ([`csi`]: Identity, Controller, Node, kubelet's plugin registration) and the
 //! node's OS work ([`node`]: mounts, devices, formatting, stats).
 //!
+//! Where a StorageClass key is validated, one place per backend, before any I/O:
+//! NFS keys (`server`, `share`, `subDir`, `mountPermissions`, `onDelete`, `uid`,
+//! `gid`) in `backend/nfs/params.rs`; EBS keys (`type`, `iops`, `throughput`,
+//! `tagSpecification_<N>` …) in `backend/ebs/params.rs`; the rules both share (the
+//! one error type, keys case-insensitive, templates, path components) in
+//! `backend/params.rs`; `backend` itself in `backend/mod.rs` (routing). The reserved
+//! `csi.storage.k8s.io/*` keys are the loops' (`stowage-loops` rules.rs).
+//!
 //! Must never import kube or k8s-openapi: the driver knows CSI, not Kubernetes objects.
 //! The Kubernetes side is `stowage-loops`, which reaches this crate only over the CSI
 //! socket.

@@ -1,6 +1,6 @@
 //! The client side of a CSI socket: a tonic `Channel` over a unix socket, for the bench,
 //! the tests and the provisioner loops. Its writes are coalesced per scheduler turn
-//! (see [`Coalesced`]), so a unary call reaches the server as one write.
+//! (see `Coalesced`), so a unary call reaches the server as one write.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -166,7 +166,18 @@ async fn directories_get_the_requested_mode_and_owner_on_the_server() {
     assert!(meta.is_dir());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
     assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
-    assert_eq!(volume.volume_context.get("server"), Some(&f.ganesha.server));
+    assert!(
+        volume
+            .volume_id
+            .starts_with(&format!("nfs#{}#", f.ganesha.server)),
+        "the id carries the server: {}",
+        volume.volume_id
+    );
+    assert!(
+        volume.volume_context.is_empty(),
+        "{:?}",
+        volume.volume_context
+    );
     // A repeat finds the same volume and creates nothing new.
     let before = tree(&f.ganesha.root);
     let again = create(

@@ -8,6 +8,11 @@
 //! The NFSv3 protocol work (connection pool, timeouts, traversal-proof path walking;
 //! the embedded server behind `stowage local`) is the `stowage-nfs` crate's.
 //!
+//! Where a volume's placement (server, share, `subDir`) lives, and who reads it: the
+//! volume id (DeleteVolume, and the node, which mounts what the id says) and the record
+//! (CreateVolume retried with the same name, which checks it asked for the same place;
+//! ListVolumes). The volume context is empty.
+//!
 //! CreateVolume looks the name up in the record index first (no round trip). For a new
 //! name the record and the directory are created concurrently — one round trip — and an
 //! EXIST answer to either is verified, never trusted. A crash between the two leaves a
@@ -136,17 +141,13 @@ impl NfsBackend {
         self.config.default_export.is_some()
     }
 
+    /// The volume as CSI reports it. No volume context: the id carries the server,
+    /// share and sub-directory, and its readers (DeleteVolume, the node) read the id.
     fn volume(id: &NfsVolumeId, capacity_bytes: u64) -> Volume {
-        let mut context = BTreeMap::new();
-        if !id.server.is_empty() {
-            context.insert("server".to_owned(), id.server.clone());
-            context.insert("share".to_owned(), id.share.clone());
-        }
-        context.insert("subDir".to_owned(), id.sub_dir.join("/"));
         Volume {
             id: id.encode(),
             capacity_bytes,
-            context,
+            context: BTreeMap::new(),
             topology: vec![],
             source_snapshot: None,
         }

@@ -283,6 +283,62 @@ async fn publish_request(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::fixtures::{Caches, DRIVER, FakeDriver, Recorded, attachment, fixture};
+
+    const VA: &str = "/apis/storage.k8s.io/v1/volumeattachments/csi-1";
+
+    fn lines(requests: &[Recorded]) -> Vec<String> {
+        requests.iter().map(Recorded::line).collect()
+    }
+
+    #[tokio::test]
+    async fn a_driver_without_attach_gets_its_attachments_marked_attached() {
+        let f = fixture(
+            Caches {
+                attachments: vec![attachment("csi-1", "pvc-1", "node-1")],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        assert!(!f.context.csi.caps.publish_unpublish);
+        let next = reconcile(Arc::clone(&f.context), "csi-1".into())
+            .await
+            .expect("attached");
+        assert_eq!(next, Next::Done);
+        assert_eq!(
+            lines(&f.api.writes()),
+            [format!("PATCH {VA}"), format!("PATCH {VA}/status")],
+            "the finalizer, then the status"
+        );
+        let va: VolumeAttachment = f.api.object(None, "csi-1").unwrap();
+        assert_eq!(va.finalizers(), [finalizer(DRIVER)]);
+        assert!(va.status.is_some_and(|s| s.attached));
+    }
+
+    #[tokio::test]
+    async fn an_attachment_of_another_attacher_is_not_touched() {
+        let mut theirs = attachment("csi-1", "pvc-1", "node-1");
+        theirs.spec.attacher = "ebs.csi.aws.com".into();
+        let f = fixture(
+            Caches {
+                attachments: vec![theirs],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        reconcile(Arc::clone(&f.context), "csi-1".into())
+            .await
+            .expect("skipped");
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+
     #[test]
     fn finalizer_spells_the_driver_with_dashes() {
         assert_eq!(

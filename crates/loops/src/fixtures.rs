@@ -402,7 +402,10 @@ pub type CreateAnswer =
 pub struct FakeDriver {
     pub creates: Arc<Mutex<Vec<proto::CreateVolumeRequest>>>,
     pub deletes: Arc<Mutex<Vec<String>>>,
+    pub expands: Arc<Mutex<Vec<proto::ControllerExpandVolumeRequest>>>,
     answer: Arc<CreateAnswer>,
+    /// With EXPAND_VOLUME: whether the node must grow the filesystem afterwards.
+    expand: Option<bool>,
 }
 
 impl Default for FakeDriver {
@@ -432,8 +435,24 @@ impl FakeDriver {
         Self {
             creates: Arc::default(),
             deletes: Arc::default(),
+            expands: Arc::default(),
             answer: Arc::new(Box::new(answer)),
+            expand: None,
         }
+    }
+
+    /// The driver also expands volumes (EXPAND_VOLUME) to exactly the size asked for;
+    /// `node_expansion_required` as its answers say.
+    pub fn expanding(mut self, node_expansion_required: bool) -> Self {
+        self.expand = Some(node_expansion_required);
+        self
+    }
+
+    pub fn expands(&self) -> Vec<proto::ControllerExpandVolumeRequest> {
+        self.expands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn creates(&self) -> Vec<proto::CreateVolumeRequest> {
@@ -488,13 +507,38 @@ impl Controller for FakeDriver {
         _: tonic::Request<proto::ControllerGetCapabilitiesRequest>,
     ) -> Result<tonic::Response<proto::ControllerGetCapabilitiesResponse>, Status> {
         use proto::controller_service_capability::{Rpc, Type, rpc};
+        let mut rpcs = vec![rpc::Type::CreateDeleteVolume];
+        if self.expand.is_some() {
+            rpcs.push(rpc::Type::ExpandVolume);
+        }
         Ok(tonic::Response::new(
             proto::ControllerGetCapabilitiesResponse {
-                capabilities: vec![proto::ControllerServiceCapability {
-                    r#type: Some(Type::Rpc(Rpc {
-                        r#type: rpc::Type::CreateDeleteVolume as i32,
-                    })),
-                }],
+                capabilities: rpcs
+                    .into_iter()
+                    .map(|rpc| proto::ControllerServiceCapability {
+                        r#type: Some(Type::Rpc(Rpc { r#type: rpc as i32 })),
+                    })
+                    .collect(),
+            },
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: tonic::Request<proto::ControllerExpandVolumeRequest>,
+    ) -> Result<tonic::Response<proto::ControllerExpandVolumeResponse>, Status> {
+        let Some(node_expansion_required) = self.expand else {
+            return Err(Status::unimplemented("no EXPAND_VOLUME"));
+        };
+        let request = request.into_inner();
+        self.expands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(request.clone());
+        Ok(tonic::Response::new(
+            proto::ControllerExpandVolumeResponse {
+                capacity_bytes: request.capacity_range.map_or(0, |r| r.required_bytes),
+                node_expansion_required,
             },
         ))
     }

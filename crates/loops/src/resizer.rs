@@ -367,3 +367,103 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::PersistentVolumeClaimStatus;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    use super::*;
+    use crate::fixtures::{
+        Caches, DRIVER, FakeDriver, Recorded, claim, class, fixture, provisioned_pv,
+    };
+
+    /// A claim bound to `pvc-1` at 1Gi whose request grew to 2Gi, in an expandable class.
+    fn grown(state: Option<&str>, allocated: Option<&str>) -> Caches {
+        let mut pvc = claim("default", "data", "u-1", "fast", "2Gi");
+        pvc.spec.as_mut().unwrap().volume_name = Some("pvc-1".into());
+        pvc.status = Some(PersistentVolumeClaimStatus {
+            phase: Some("Bound".into()),
+            capacity: Some(BTreeMap::from([("storage".into(), Quantity("1Gi".into()))])),
+            allocated_resources: allocated
+                .map(|a| BTreeMap::from([("storage".into(), Quantity(a.into()))])),
+            allocated_resource_statuses: state
+                .map(|s| BTreeMap::from([("storage".into(), s.to_owned())])),
+            ..Default::default()
+        });
+        let mut class = class("fast", DRIVER, &[]);
+        class.allow_volume_expansion = Some(true);
+        Caches {
+            claims: vec![pvc],
+            volumes: vec![provisioned_pv("pvc-1", "vol-1", "Delete", "Bound")],
+            classes: vec![class],
+            ..Default::default()
+        }
+    }
+
+    fn lines(requests: &[Recorded]) -> Vec<String> {
+        requests.iter().map(Recorded::line).collect()
+    }
+
+    #[tokio::test]
+    async fn a_grown_claim_is_expanded_once_then_handed_to_the_kubelet() {
+        let f = fixture(grown(None, None), FakeDriver::default().expanding(true)).await;
+        let next = reconcile(Arc::clone(&f.context), "default/data".into())
+            .await
+            .expect("expanded");
+        assert_eq!(next, Next::Done);
+        let expands = f.driver.expands();
+        assert_eq!(expands.len(), 1, "one ControllerExpandVolume");
+        assert_eq!(expands[0].volume_id, "vol-1");
+        assert_eq!(
+            expands[0].capacity_range.as_ref().unwrap().required_bytes,
+            2 << 30
+        );
+        let status_path = "/api/v1/namespaces/default/persistentvolumeclaims/data/status";
+        assert_eq!(
+            lines(&f.api.writes()),
+            [
+                format!("PATCH {status_path}"),
+                "PATCH /api/v1/persistentvolumes/pvc-1".to_owned(),
+                format!("PATCH {status_path}"),
+            ]
+        );
+        let pv: PersistentVolume = f.api.object(None, "pvc-1").unwrap();
+        assert_eq!(pv.spec.unwrap().capacity.unwrap()["storage"].0, "2Gi");
+        let pvc: PersistentVolumeClaim = f.api.object(Some("default"), "data").unwrap();
+        let status = pvc.status.unwrap();
+        assert_eq!(
+            status.allocated_resource_statuses.unwrap()["storage"],
+            NODE_RESIZE_PENDING,
+            "the node's turn"
+        );
+        assert_eq!(
+            status.capacity.unwrap()["storage"].0,
+            "1Gi",
+            "the claim's capacity is the kubelet's to write"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_the_kubelet_is_resizing_is_left_to_it() {
+        let f = fixture(
+            grown(Some("NodeResizeInProgress"), Some("2Gi")),
+            FakeDriver::default().expanding(true),
+        )
+        .await;
+        reconcile(Arc::clone(&f.context), "default/data".into())
+            .await
+            .expect("nothing to do");
+        assert!(
+            f.driver.expands().is_empty(),
+            "the driver is not called again"
+        );
+        assert!(
+            f.api.requests().is_empty(),
+            "{:?}",
+            lines(&f.api.requests())
+        );
+    }
+}

@@ -144,6 +144,13 @@ async fn publish_unpublish_cycle_with_real_bind_mounts() {
         "writes land in the volume directory"
     );
 
+    // Another volume's 1 MiB beside this one on the export.
+    let other = create(&mut c, "pub-vol-neighbour", &[]).await;
+    std::fs::write(
+        local.data_dir().join("pub-vol-neighbour/big"),
+        vec![1u8; 1 << 20],
+    )
+    .unwrap();
     let stats = n
         .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
             volume_id: volume.volume_id.clone(),
@@ -167,23 +174,8 @@ async fn publish_unpublish_cycle_with_real_bind_mounts() {
             .iter()
             .all(|u| u.total > 0 && u.used <= u.total && u.available <= u.total)
     );
-    // Used is the volume's own directory, not the export: another volume's 1 MiB
-    // beside it is not counted; the volume's root and its one file are.
-    let other = create(&mut c, "pub-vol-neighbour", &[]).await;
-    std::fs::write(
-        local.data_dir().join("pub-vol-neighbour/big"),
-        vec![1u8; 1 << 20],
-    )
-    .unwrap();
-    let stats = n
-        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
-            volume_id: volume.volume_id.clone(),
-            volume_path: target.display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Used is the volume's own directory, not the export: the neighbour's 1 MiB is
+    // not counted; the volume's root and its one file are.
     let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
     let own = allocated(&target) + allocated(&target.join("hello"));
     assert_eq!(stats.usage[0].used, own as i64, "bytes used by this volume");

@@ -176,7 +176,7 @@ fn dockerfile_and_registry_free_image_agree() {
     assert_eq!(script["binary_path"], binary, "where the binary goes");
 }
 
-/// Every program the node plugin runs (src/node: mount, format, grow) and every file it
+/// Every program the node plugin runs (the driver's node/: mount, format, grow) and every file it
 /// needs comes from a listed package. `mount.nfs` with `proto=tcp` (which the chart's
 /// in-cluster NFS class always sets) looks `tcp` up in /etc/protocols: without netbase it
 /// fails with "Failed to find 'tcp' protocol".

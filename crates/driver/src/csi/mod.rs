@@ -1,5 +1,6 @@
-//! The CSI gRPC layer: protobuf ↔ domain conversion, request validation, the in-flight
-//! guard and the one mapping from domain errors to gRPC status codes. Handlers follow
+//! The CSI gRPC server: request validation into domain types (the plain mappings are
+//! `stowage_api::convert`'s), the in-flight guard and the one mapping from domain
+//! errors to gRPC status codes. Handlers follow
 //! validate → guard → act → map. This layer never calls AWS, NFS or Kubernetes
 //! directly: it goes through [`crate::backend::Backends`] and [`crate::node::Mounter`].
 

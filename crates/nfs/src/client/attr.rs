@@ -51,7 +51,7 @@ impl From<&fattr3> for Attr {
     }
 }
 
-/// Outcome of a `mkdir`: the directory is there either way.
+/// Outcome of `create_dir_all` for its last component: the directory is there either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mkdir {
     Created(Attr),

@@ -1,7 +1,8 @@
 //! StorageClass parameter rules shared by every backend (the reserved key names are
 //! `stowage_api::keys`): the one error type for parameters ([`ParameterError`]), the
-//! one case rule for keys ([`canonical_keys`]), `${pvc.metadata.*}` templates,
-//! path-component checks, and serde helpers for values that arrive as strings.
+//! one case rule for keys ([`canonical_keys`]), `${pvc.metadata.*}` templates
+//! ([`substitute`]; NFS renders paths with them, EBS tag values), and serde helpers for
+//! values that arrive as strings.
 //! Backends declare their own typed parameter structs (with `deny_unknown_fields`)
 //! and parse them with [`parse`].
 
@@ -131,26 +132,6 @@ where
     Ok(Some(mode))
 }
 
-/// Checks one path component that came from a user: not empty, not `.` or `..`, no `/`,
-/// no NUL, at most 255 bytes. Servers have been seen to act on `../..` inside names,
-/// so every component is checked before any I/O.
-pub fn check_component(component: &str) -> Result<(), String> {
-    let problem = if component.is_empty() {
-        "is empty"
-    } else if component == "." || component == ".." {
-        "is a relative reference"
-    } else if component.contains('/') {
-        "contains '/'"
-    } else if component.contains('\0') {
-        "contains NUL"
-    } else if component.len() > 255 {
-        "is longer than 255 bytes"
-    } else {
-        return Ok(());
-    };
-    Err(format!("path component {component:?} {problem}"))
-}
-
 /// The template variables: the `${…}` spelling (csi-driver-nfs `subDir`), the Go-template
 /// field aws-ebs-csi-driver documents for tag values (`{{ .PVCName }}`), and the parameter
 /// the provisioner fills with the value.
@@ -162,7 +143,7 @@ const VARIABLES: [(&str, &str, &str); 3] = [
 
 /// Which template spellings a renderer accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Syntax {
+pub(crate) enum Syntax {
     /// `${pvc.metadata.name}` only.
     Dollar,
     /// `${pvc.metadata.name}` and `{{ .PVCName }}`.
@@ -184,7 +165,7 @@ fn known_templates(syntax: Syntax) -> String {
 /// Replaces every template variable in `template` with its value from `parameters`;
 /// `check` vets each substituted value. Anything that looks like a template but is not
 /// a known variable is an error naming `key`.
-fn substitute(
+pub(crate) fn substitute(
     key: &str,
     template: &str,
     parameters: &BTreeMap<String, String>,
@@ -238,30 +219,6 @@ fn substitute(
     Ok(rendered)
 }
 
-/// Renders a path template such as `${pvc.metadata.namespace}/${pvc.metadata.name}`
-/// into checked components. Each substituted value must itself be a single valid
-/// component (a namespace with `/` cannot add a level); the result is split on `/`
-/// and every component is checked again.
-pub fn render_path(
-    key: &str,
-    template: &str,
-    parameters: &BTreeMap<String, String>,
-) -> Result<Vec<String>, ParameterError> {
-    let rendered = substitute(key, template, parameters, Syntax::Dollar, &check_component)
-        .map_err(ParameterError::Invalid)?;
-    let components: Vec<String> = rendered
-        .trim_matches('/')
-        .split('/')
-        .map(str::to_owned)
-        .collect();
-    for component in &components {
-        check_component(component).map_err(|e| {
-            ParameterError::Invalid(format!("parameter `{key}` ({template:?}): {e}"))
-        })?;
-    }
-    Ok(components)
-}
-
 /// Renders a value template such as `team-${pvc.metadata.namespace}` (an EBS tag value)
 /// into a string. Besides the `${…}` variables of [`render_path`] it accepts the three
 /// Go-template fields aws-ebs-csi-driver documents for tags (`{{ .PVCName }}`,
@@ -286,77 +243,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn component_checks_reject_hostile_names() {
-        for bad in ["", ".", "..", "a/b", "/", "a\0b", &"x".repeat(256)] {
-            assert!(check_component(bad).is_err(), "{bad:?} accepted");
-        }
-        for good in ["pvc-1", "...", "a..b", "data-db-0", &"x".repeat(255)] {
-            assert!(check_component(good).is_ok(), "{good:?} rejected");
-        }
-    }
-
-    #[test]
-    fn renders_templates_into_components() {
-        let p = params(&[
-            (PVC_NAME, "data-db-0"),
-            (PVC_NAMESPACE, "prod"),
-            (PV_NAME, "pvc-1"),
-        ]);
-        assert_eq!(
-            render_path(
-                "subDir",
-                "${pvc.metadata.namespace}/${pvc.metadata.name}",
-                &p
-            )
-            .unwrap(),
-            vec!["prod", "data-db-0"]
-        );
-        assert_eq!(
-            render_path("subDir", "vols/${pv.metadata.name}-x", &p).unwrap(),
-            vec!["vols", "pvc-1-x"]
-        );
-    }
-
-    #[test]
-    fn hostile_template_values_are_rejected() {
-        let cases = [
-            (PVC_NAME, "..", "${pvc.metadata.name}"),
-            (PVC_NAMESPACE, "a/b", "${pvc.metadata.namespace}/x"),
-            (PVC_NAMESPACE, "../../etc", "${pvc.metadata.namespace}"),
-            (PVC_NAME, "", "${pvc.metadata.name}"),
-            (PVC_NAME, "a\0", "${pvc.metadata.name}"),
-        ];
-        for (key, value, template) in cases {
-            let err = render_path("subDir", template, &params(&[(key, value)]))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("subDir"), "{err}");
-        }
-        // Literal traversal in the template itself.
-        for template in ["../x", "a/../b", "a//b", "./a"] {
-            assert!(
-                render_path("subDir", template, &params(&[])).is_err(),
-                "{template}"
-            );
-        }
-    }
-
-    #[test]
-    fn unknown_or_unfilled_templates_say_what_to_fix() {
-        let err = render_path("subDir", "${pvc.metadata.uid}", &params(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("${pvc.metadata.uid}") && err.contains("known"),
-            "{err}"
-        );
-        let err = render_path("subDir", "${pvc.metadata.name}", &params(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(PVC_NAME), "{err}");
     }
 
     #[test]
@@ -412,9 +298,11 @@ mod tests {
                 "{template}: {err}"
             );
         }
-        // render_path keeps to the `${…}` spelling.
-        let err = render_path("subDir", "{{ .PVCNamespace }}", &p);
-        assert_eq!(err.unwrap(), vec!["{{ .PVCNamespace }}"]);
+        // The `${…}` syntax (NFS paths) keeps Go templates as they are.
+        let literal = substitute("subDir", "{{ .PVCNamespace }}", &p, Syntax::Dollar, &|_| {
+            Ok(())
+        });
+        assert_eq!(literal.unwrap(), "{{ .PVCNamespace }}");
     }
 
     const EXAMPLE_KEYS: &[&str] = &["server", "mountPermissions", "uid"];

@@ -1,5 +1,7 @@
 //! The NFS StorageClass parameters, named as csi-driver-nfs names them, plus `uid`/`gid`
-//! for the new directory's owner. Pure parsing and checking; no I/O.
+//! for the new directory's owner, and the rules for paths on an export: every
+//! component checked ([`check_component`]), `subDir` templates rendered into checked
+//! components ([`render_path`]). Pure parsing and checking; no I/O.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use stowage_api::keys::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
 
 use crate::backend::params::{
-    ParameterError, check_component, opt_from_str, opt_octal_mode, parse, render_path,
+    ParameterError, Syntax, opt_from_str, opt_octal_mode, parse, substitute,
 };
 
 /// What DeleteVolume does with the directory.
@@ -126,6 +128,50 @@ fn no_hash(component: &str) -> Result<(), String> {
     }
 }
 
+/// Checks one path component that came from a user: not empty, not `.` or `..`, no `/`,
+/// no NUL, at most 255 bytes. Servers have been seen to act on `../..` inside names,
+/// so every component is checked before any I/O.
+pub fn check_component(component: &str) -> Result<(), String> {
+    let problem = if component.is_empty() {
+        "is empty"
+    } else if component == "." || component == ".." {
+        "is a relative reference"
+    } else if component.contains('/') {
+        "contains '/'"
+    } else if component.contains('\0') {
+        "contains NUL"
+    } else if component.len() > 255 {
+        "is longer than 255 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(format!("path component {component:?} {problem}"))
+}
+
+/// Renders a path template such as `${pvc.metadata.namespace}/${pvc.metadata.name}`
+/// into checked components. Each substituted value must itself be a single valid
+/// component (a namespace with `/` cannot add a level); the result is split on `/`
+/// and every component is checked again.
+pub fn render_path(
+    key: &str,
+    template: &str,
+    parameters: &BTreeMap<String, String>,
+) -> Result<Vec<String>, ParameterError> {
+    let rendered = substitute(key, template, parameters, Syntax::Dollar, &check_component)
+        .map_err(ParameterError::Invalid)?;
+    let components: Vec<String> = rendered
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    for component in &components {
+        check_component(component).map_err(|e| {
+            ParameterError::Invalid(format!("parameter `{key}` ({template:?}): {e}"))
+        })?;
+    }
+    Ok(components)
+}
+
 /// The export a request names: `(server, share)`, both empty for the default export.
 /// `has_default`: whether a default export is configured (then both may be omitted).
 pub fn export(
@@ -216,6 +262,77 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn component_checks_reject_hostile_names() {
+        for bad in ["", ".", "..", "a/b", "/", "a\0b", &"x".repeat(256)] {
+            assert!(check_component(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["pvc-1", "...", "a..b", "data-db-0", &"x".repeat(255)] {
+            assert!(check_component(good).is_ok(), "{good:?} rejected");
+        }
+    }
+
+    #[test]
+    fn renders_templates_into_components() {
+        let p = params(&[
+            (PVC_NAME, "data-db-0"),
+            (PVC_NAMESPACE, "prod"),
+            (PV_NAME, "pvc-1"),
+        ]);
+        assert_eq!(
+            render_path(
+                "subDir",
+                "${pvc.metadata.namespace}/${pvc.metadata.name}",
+                &p
+            )
+            .unwrap(),
+            vec!["prod", "data-db-0"]
+        );
+        assert_eq!(
+            render_path("subDir", "vols/${pv.metadata.name}-x", &p).unwrap(),
+            vec!["vols", "pvc-1-x"]
+        );
+    }
+
+    #[test]
+    fn hostile_template_values_are_rejected() {
+        let cases = [
+            (PVC_NAME, "..", "${pvc.metadata.name}"),
+            (PVC_NAMESPACE, "a/b", "${pvc.metadata.namespace}/x"),
+            (PVC_NAMESPACE, "../../etc", "${pvc.metadata.namespace}"),
+            (PVC_NAME, "", "${pvc.metadata.name}"),
+            (PVC_NAME, "a\0", "${pvc.metadata.name}"),
+        ];
+        for (key, value, template) in cases {
+            let err = render_path("subDir", template, &params(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("subDir"), "{err}");
+        }
+        // Literal traversal in the template itself.
+        for template in ["../x", "a/../b", "a//b", "./a"] {
+            assert!(
+                render_path("subDir", template, &params(&[])).is_err(),
+                "{template}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_or_unfilled_templates_say_what_to_fix() {
+        let err = render_path("subDir", "${pvc.metadata.uid}", &params(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("${pvc.metadata.uid}") && err.contains("known"),
+            "{err}"
+        );
+        let err = render_path("subDir", "${pvc.metadata.name}", &params(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(PVC_NAME), "{err}");
     }
 
     #[test]

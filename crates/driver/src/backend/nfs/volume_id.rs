@@ -2,8 +2,8 @@
 //! DeleteVolume and the node need is in the id, so they need no parameters and no state.
 //! An empty server and share mean the backend's default export. Pure; no I/O.
 
+use super::params::check_component;
 use super::params::{OnDelete, Placement, check_server, check_share};
-use crate::backend::params::check_component;
 
 const PREFIX: &str = "nfs";
 

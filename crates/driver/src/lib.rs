@@ -5,9 +5,9 @@
 //!
 //! Where a StorageClass key is validated, one place per backend, before any I/O:
 //! NFS keys (`server`, `share`, `subDir`, `mountPermissions`, `onDelete`, `uid`,
-//! `gid`, with the rules for paths on an export) in `backend/nfs/params.rs`; EBS keys (`type`, `iops`, `throughput`,
-//! `tagSpecification_<N>` …) in `backend/ebs/params.rs`; the rules both share (the
-//! one error type, keys case-insensitive, templates) in
+//! `gid`, and the rules for paths on an export) in `backend/nfs/params.rs`; EBS keys
+//! (`type`, `iops`, `throughput`, `tagSpecification_<N>` …) in `backend/ebs/params.rs`;
+//! the rules both share (the one error type, keys case-insensitive, templates) in
 //! `backend/params.rs`; `backend` itself in `backend/mod.rs` (routing). The reserved
 //! `csi.storage.k8s.io/*` keys are the loops' (`stowage-loops` rules.rs).
 //!

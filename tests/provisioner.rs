@@ -1178,6 +1178,79 @@ async fn resizer_expands_an_ebs_volume_and_leaves_the_filesystem_to_the_node() {
     assert_eq!(operations(&stowage, "resize", "success").await, 1.0);
 }
 
+/// Watches of different resources are not ordered: the claim's grown request can reach
+/// the resizer before its PV reaches the PV cache (a busy API server, a slow informer).
+/// The resizer must expand it once the PV arrives, not drop the claim until its next
+/// change. Here stowage's PV watch runs 2 s behind; the claim is grown as soon as it
+/// is Bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_grown_before_its_pv_is_cached_is_expanded_when_the_pv_arrives() {
+    const TEST: &str = "a_claim_grown_before_its_pv_is_cached";
+    const ZONE: &str = "us-east-1a";
+    let Some(moto) = common::moto::Moto::start(TEST) else {
+        return;
+    };
+    let instance = moto.ec2().run_instance(ZONE).await;
+    let cluster = Cluster::start(TEST).await;
+    let Some(fake) = cluster.fake_or_skip(TEST, "delays stowage's PV watch") else {
+        return;
+    };
+    fake.lag_watches("persistentvolumes", Duration::from_secs(2));
+    let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
+    let class = cluster
+        .create_class("stowage-ebs", "Delete", &[], true)
+        .await;
+    cluster.create_claim(&simple_claim("grow", &class)).await;
+    let (_, pv) = cluster.wait_bound("grow").await;
+    cluster
+        .claims()
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})),
+        )
+        .await
+        .unwrap();
+    let claims = cluster.claims();
+    let claims = &claims;
+    wait_for("the claim to wait for the node at 2Gi", || async move {
+        let claim = claims.get("grow").await.map_err(|e| e.to_string())?;
+        let status = claim.status.clone().unwrap_or_default();
+        let state = status
+            .allocated_resource_statuses
+            .as_ref()
+            .and_then(|s| s.get("storage"))
+            .cloned();
+        let allocated = status
+            .allocated_resources
+            .as_ref()
+            .and_then(|a| a.get("storage"))
+            .map(|q| q.0.clone());
+        if state.as_deref() == Some("NodeResizePending") && allocated.as_deref() == Some("2Gi") {
+            Ok(())
+        } else {
+            Err(format!("claim status {status:?}"))
+        }
+    })
+    .await;
+    assert!(
+        stowage.log().contains("its PV is not in the cache"),
+        "the grown claim reached the resizer after its PV (the race this test is about):\n{}",
+        stowage.log()
+    );
+    let handle = &pv
+        .spec
+        .as_ref()
+        .unwrap()
+        .csi
+        .as_ref()
+        .unwrap()
+        .volume_handle;
+    assert_eq!(moto.volume(handle).await.map(|v| v.size_gib), Some(2));
+    wait_quiet(&cluster, Duration::from_secs(1)).await;
+    assert_eq!(csi_calls(&stowage, "ControllerExpandVolume").await, 1.0);
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. Sharing objects with kube-controller-manager and the kubelet (their stand-ins in
 //    tests/common/stand_ins.rs): never fight them.

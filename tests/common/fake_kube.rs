@@ -22,6 +22,7 @@
 //!   stop/start matching a selector are sent as DELETED/ADDED. `timeoutSeconds` ends the
 //!   stream; with `allowWatchBookmarks` a BOOKMARK is sent every second. A watcher that
 //!   lags behind the fan-out has its stream ended (never silently loses events).
+//!   [`FakeKube::lag_watches`] delays one resource's events to the code under test.
 //! - update: optimistic concurrency on `metadata.resourceVersion` (empty = unconditional),
 //!   409 Conflict with the real message; a no-op update writes nothing (no new
 //!   resourceVersion, no event). `uid` (422 if changed), `creationTimestamp`,
@@ -252,6 +253,8 @@ struct Ev {
     ty: &'static str,
     obj: Arc<Value>,
     prev: Option<Arc<Value>>,
+    /// When the write happened (a lagging watch delivers it relative to this).
+    at: tokio::time::Instant,
 }
 
 #[derive(Clone)]
@@ -282,6 +285,8 @@ struct Store {
     /// Write requests per object: (plural, name) → (by others, by stand-ins).
     object_writes: BTreeMap<(String, String), (u64, u64)>,
     faults: Vec<Fault>,
+    /// Per resource (plural): how late events reach the watches of the code under test.
+    watch_lag: BTreeMap<String, Duration>,
     closed: bool,
 }
 
@@ -319,6 +324,7 @@ impl FakeKube {
                 stand_in_calls: BTreeMap::new(),
                 object_writes: BTreeMap::new(),
                 faults: Vec::new(),
+                watch_lag: BTreeMap::new(),
                 closed: false,
             }),
             tx,
@@ -436,6 +442,21 @@ impl FakeKube {
             code,
             reason: reason.into(),
         });
+    }
+
+    /// Watches of `resource` (plural) that the code under test opens from now on get
+    /// each event `lag` after it happened, as from a busy API server or informer: one
+    /// resource's cache behind another's, which no ordering across watches rules out.
+    /// Lists and the stand-ins' watches are not delayed.
+    pub fn lag_watches(&self, resource: &str, lag: Duration) {
+        assert!(
+            RESOURCES.iter().any(|r| r.plural == resource),
+            "fake apiserver has no resource {resource}"
+        );
+        self.shared
+            .lock()
+            .watch_lag
+            .insert(resource.to_owned(), lag);
     }
 
     /// Watch streams open right now.
@@ -744,9 +765,15 @@ async fn handle(
     } else {
         r.plural.to_string()
     };
+    let lag;
     {
         let mut st = sh.lock();
         let stand_in = headers.contains_key(STAND_IN_HEADER);
+        lag = st
+            .watch_lag
+            .get(r.plural)
+            .filter(|_| !stand_in && verb == "watch")
+            .copied();
         let calls = if stand_in {
             &mut st.stand_in_calls
         } else {
@@ -787,7 +814,7 @@ async fn handle(
         }
     }
     let result = match verb {
-        "get" | "list" | "watch" => return read(&sh, res, ns, name, &q, verb),
+        "get" | "list" | "watch" => return read(&sh, res, ns, name, &q, verb, lag),
         _ if q.get("dryRun").is_some() => Err(bad_request("dryRun is not supported by the fake")),
         "create" if r.namespaced && ns.is_none() => Err(method_not_allowed()),
         "create" => parse_body(&body).and_then(|obj| create(&sh, res, ns.as_deref(), obj)),
@@ -954,6 +981,7 @@ fn emit(
         ty,
         obj,
         prev,
+        at: tokio::time::Instant::now(),
     });
     st.history.push_back(ev.clone());
     if st.history.len() > HISTORY {
@@ -1432,6 +1460,7 @@ fn read(
     name: Option<String>,
     q: &Query,
     verb: &str,
+    lag: Option<Duration>,
 ) -> Response {
     let r = &RESOURCES[res];
     if let Some(name) = name {
@@ -1466,10 +1495,10 @@ fn read(
         };
         return json_response(200, &list);
     }
-    watch(sh, filter, q)
+    watch(sh, filter, q, lag)
 }
 
-fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query) -> Response {
+fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query, lag: Option<Duration>) -> Response {
     let r = &RESOURCES[filter.res];
     let bookmarks = q.flag("allowWatchBookmarks");
     let timeout = q
@@ -1538,17 +1567,24 @@ fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query) -> Response {
                 _ = &mut deadline => return,
                 m = rx.recv() => m,
             };
+            let mut happened = tokio::time::Instant::now();
             let line = match msg {
-                Ok(Msg::Ev(ev)) => filter.line(&ev),
+                Ok(Msg::Ev(ev)) => {
+                    happened = ev.at;
+                    filter.line(&ev)
+                }
                 Ok(Msg::Bookmark(rv)) if bookmarks => Some(bookmark(r, rv, false)),
                 Ok(Msg::Bookmark(_)) => None,
                 // Break, shutdown, or this watcher lagged: end the stream; the client
                 // re-watches from its last resourceVersion (or re-lists on 410).
                 Ok(Msg::Break) | Err(_) => return,
             };
-            if let Some(l) = line
-                && tx.send(Ok(l)).await.is_err()
-            {
+            let Some(l) = line else { continue };
+            if let Some(lag) = lag {
+                // Each event `lag` after it happened, in order.
+                tokio::time::sleep_until(happened + lag).await;
+            }
+            if tx.send(Ok(l)).await.is_err() {
                 return;
             }
         }

@@ -57,25 +57,13 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
     let Some(pvc) = informer::get(&shared.claims, &key) else {
         return Ok(Next::Done);
     };
-    let status = pvc.status.clone().unwrap_or_default();
-    if status.phase.as_deref() != Some("Bound") || pvc.metadata.deletion_timestamp.is_some() {
-        return Ok(Next::Done);
-    }
-    let Some(requested) = controller_step(&pvc) else {
-        return Ok(Next::Done);
+    let (pv, requested) = match resize_target(&shared, &pvc) {
+        Ok(target) => target,
+        Err(reason) => {
+            tracing::debug!(claim = %key, version = ?pvc.metadata.resource_version, %reason, "not resizing");
+            return Ok(Next::Done);
+        }
     };
-    let Some(volume) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
-        return Ok(Next::Done);
-    };
-    let Some(pv) = shared.volumes.get(&ObjectRef::new(&volume)) else {
-        return Ok(Next::Done);
-    };
-    let Some(csi) = pv.spec.as_ref().and_then(|s| s.csi.as_ref()) else {
-        return Ok(Next::Done);
-    };
-    if csi.driver != shared.driver {
-        return Ok(Next::Done);
-    }
     let class = rules::claim_class(&pvc).and_then(|n| shared.classes.get(&ObjectRef::new(n)));
     if class.is_none_or(|c| c.allow_volume_expansion != Some(true)) {
         shared.events.warning(
@@ -97,6 +85,54 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
         return Ok(Next::Done);
     }
     expand(&shared, &pvc, &pv, requested).await
+}
+
+/// The claim's PV and the size the controller must expand it to, or why there is
+/// nothing to do for this driver now.
+fn resize_target(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+) -> Result<(Arc<PersistentVolume>, i64), &'static str> {
+    let status = pvc.status.clone().unwrap_or_default();
+    if status.phase.as_deref() != Some("Bound") {
+        return Err("not Bound");
+    }
+    if pvc.metadata.deletion_timestamp.is_some() {
+        return Err("being deleted");
+    }
+    let requested = controller_step(pvc).ok_or("no expansion for the controller")?;
+    let volume = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .ok_or("no volumeName")?;
+    let pv = shared
+        .volumes
+        .get(&ObjectRef::new(&volume))
+        .ok_or("its PV is not in the cache")?;
+    let csi = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .ok_or("not a CSI volume")?;
+    if csi.driver != shared.driver {
+        return Err("another driver's volume");
+    }
+    Ok((pv, requested))
+}
+
+/// The claim (queue key) bound to `pv` when it is waiting for an expansion: the PV
+/// event that must bring it back to the resizer. Watches of claims and PVs are not
+/// ordered, so a claim's grown request can be seen while its PV is not yet cached.
+pub fn claim_waiting_for(
+    pv: &PersistentVolume,
+    claims: &kube::runtime::reflector::Store<PersistentVolumeClaim>,
+) -> Option<String> {
+    let claim = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    let key = format!("{}/{}", claim.namespace.as_deref()?, claim.name.as_deref()?);
+    let pvc = informer::get(claims, &key)?;
+    let bound_here = pvc.spec.as_ref()?.volume_name.as_deref() == Some(pv.name_any().as_str());
+    (bound_here && controller_step(&pvc).is_some()).then_some(key)
 }
 
 /// The size ControllerExpandVolume must reach for this claim now, or `None` when
@@ -443,6 +479,44 @@ mod reconcile_tests {
             status.capacity.unwrap()["storage"].0,
             "1Gi",
             "the claim's capacity is the kubelet's to write"
+        );
+    }
+
+    #[test]
+    fn a_pv_brings_back_only_its_own_claim_waiting_for_an_expansion() {
+        use crate::fixtures::store;
+        use k8s_openapi::api::core::v1::ObjectReference;
+        let bound_to = |pv: &str, claim: &str| {
+            let mut pv = provisioned_pv(pv, "vol-1", "Delete", "Bound");
+            pv.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
+                namespace: Some("default".into()),
+                name: Some(claim.into()),
+                ..Default::default()
+            });
+            pv
+        };
+        let claims = |caches: Caches| store(&caches.claims);
+        let waiting = claims(grown(None, None));
+        assert_eq!(
+            claim_waiting_for(&bound_to("pvc-1", "data"), &waiting).as_deref(),
+            Some("default/data")
+        );
+        // Another PV naming the claim (the claim is bound to pvc-1), another claim, no claim.
+        assert_eq!(
+            claim_waiting_for(&bound_to("pvc-2", "data"), &waiting),
+            None
+        );
+        assert_eq!(
+            claim_waiting_for(&bound_to("pvc-1", "other"), &waiting),
+            None
+        );
+        let unbound = provisioned_pv("pvc-1", "vol-1", "Delete", "Available");
+        assert_eq!(claim_waiting_for(&unbound, &waiting), None);
+        // The node's turn: nothing for the controller.
+        let kubelets = claims(grown(Some("NodeResizePending"), Some("2Gi")));
+        assert_eq!(
+            claim_waiting_for(&bound_to("pvc-1", "data"), &kubelets),
+            None
         );
     }
 

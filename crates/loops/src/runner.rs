@@ -67,15 +67,30 @@ impl Loops {
         if runs(Loop::Attacher) {
             attachment_handlers.push(observe_and_queue(&expect.attachments, &attach_q));
         }
+        // The claims cache, for handlers of other resources (set once it exists).
+        let claims_store: Arc<std::sync::OnceLock<Store<PersistentVolumeClaim>>> = Arc::default();
         if runs(Loop::Resizer) {
             claim_handlers.push(observe_and_queue(&expect.resizes, &resize_q));
+            // A grown claim whose PV was not cached yet looks again when the PV is (a
+            // claim retrying after a failure keeps its backoff: the retry sees the PV).
+            let claims = Arc::clone(&claims_store);
+            let q = resize_q.clone();
+            volume_handlers.push(Arc::new(move |pv, deleted| {
+                if !deleted
+                    && let Some(key) = claims
+                        .get()
+                        .and_then(|store| resizer::claim_waiting_for(pv, store))
+                    && q.failures(&key) == 0
+                {
+                    q.add_forced(&key);
+                }
+            }));
         }
 
         // Classes: a claim waiting for its class (or rejected by it) looks again when
         // the class appears or changes.
-        let class_claims: Arc<std::sync::OnceLock<Store<PersistentVolumeClaim>>> = Arc::default();
         let class_handler: Handler<StorageClass> = {
-            let claims = Arc::clone(&class_claims);
+            let claims = Arc::clone(&claims_store);
             let q = claims_q.clone();
             Arc::new(move |class, _| {
                 let Some(store) = claims.get() else { return };
@@ -98,7 +113,7 @@ impl Loops {
             config.clone(),
             claim_handlers,
         );
-        let _ = class_claims.set(claims.store.clone());
+        let _ = claims_store.set(claims.store.clone());
         let volumes = informer::start(
             Api::<PersistentVolume>::all(client.clone()),
             config.clone(),
@@ -240,6 +255,7 @@ where
                     if let Some(wait) = expectations.wait(&key, version.as_deref()) {
                         // Our own last write is not in the cache yet: its event
                         // queues the key again (or the wait ends).
+                        tracing::trace!(%key, ?wait, "waiting for the cache to show our write");
                         queue.add_after(&key, wait);
                         queue.done(&key);
                         continue;
@@ -248,6 +264,7 @@ where
                     if !expectations.begin(&key, version.as_deref(), forced) {
                         // Nothing new since this loop last left the object: its own
                         // write coming back, or a relist. A pending retry stays pending.
+                        tracing::trace!(%key, ?version, "nothing new");
                         queue.done(&key);
                         continue;
                     }

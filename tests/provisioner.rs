@@ -206,6 +206,26 @@ async fn start_on_ebs(
     .await
 }
 
+/// A claim `grow` of 1Gi in a new expandable EBS class, Bound, then asked to grow to
+/// 2Gi; returns its PV as it was bound.
+async fn bind_then_grow(cluster: &Cluster) -> Pv {
+    let class = cluster
+        .create_class("stowage-ebs", "Delete", &[], true)
+        .await;
+    cluster.create_claim(&simple_claim("grow", &class)).await;
+    let (_, pv) = cluster.wait_bound("grow").await;
+    cluster
+        .claims()
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})),
+        )
+        .await
+        .unwrap();
+    pv
+}
+
 /// Give late (wrong) work a moment to show before asserting it did not happen.
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1197,20 +1217,7 @@ async fn a_claim_grown_before_its_pv_is_cached_is_expanded_when_the_pv_arrives()
     };
     fake.lag_watches("persistentvolumes", Duration::from_secs(2));
     let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
-    let class = cluster
-        .create_class("stowage-ebs", "Delete", &[], true)
-        .await;
-    cluster.create_claim(&simple_claim("grow", &class)).await;
-    let (_, pv) = cluster.wait_bound("grow").await;
-    cluster
-        .claims()
-        .patch(
-            "grow",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})),
-        )
-        .await
-        .unwrap();
+    let pv = bind_then_grow(&cluster).await;
     let claims = cluster.claims();
     let claims = &claims;
     wait_for("the claim to wait for the node at 2Gi", || async move {
@@ -1428,20 +1435,7 @@ async fn an_expansion_is_handed_to_the_kubelet_once() {
     };
     let kubelet = common::stand_ins::Kubelet::start(fake, Duration::from_millis(300), true);
     let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
-    let class = cluster
-        .create_class("stowage-ebs", "Delete", &[], true)
-        .await;
-    cluster.create_claim(&simple_claim("grow", &class)).await;
-    cluster.wait_bound("grow").await;
-    cluster
-        .claims()
-        .patch(
-            "grow",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})),
-        )
-        .await
-        .unwrap();
+    bind_then_grow(&cluster).await;
     let claims = cluster.claims();
     let claims = &claims;
     wait_for("the claim to reach 2Gi", || async move {

@@ -81,11 +81,12 @@ fn unique_tag() -> String {
 
 /// Where the test's objects live and which driver name they use.
 pub struct Cluster {
+    /// On the fake: kube-controller-manager's PV controller, played by a stand-in
+    /// (binding claims to their PVs is its job, not stowage's). Declared before `fake`
+    /// so it stops first: fields drop in order.
+    pub pv_controller: Option<super::stand_ins::PvController>,
     /// The fake API server (None against a real cluster).
     pub fake: Option<FakeKube>,
-    /// On the fake: kube-controller-manager's PV controller, played by a stand-in
-    /// (binding claims to their PVs is its job, not stowage's).
-    pub pv_controller: Option<super::stand_ins::PvController>,
     pub client: kube::Client,
     pub kubeconfig: PathBuf,
     /// The namespace of the test's claims (and Leases).

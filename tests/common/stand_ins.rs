@@ -30,7 +30,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -119,7 +119,9 @@ impl PvController {
         let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
         let claim_tx = tx.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stream = watcher(claims, watcher::Config::default()).boxed();
+            let mut stream = watcher(claims, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(event) = stream.next().await {
                 let changes = match event {
                     Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
@@ -137,7 +139,9 @@ impl PvController {
         let volumes: Api<PersistentVolume> = Api::all(client.clone());
         let (delay_tx, mut delay_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Change)>();
         tasks.push(tokio::spawn(async move {
-            let mut stream = watcher(volumes, watcher::Config::default()).boxed();
+            let mut stream = watcher(volumes, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(event) = stream.next().await {
                 let change = match event {
                     Ok(watcher::Event::Apply(v) | watcher::Event::InitApply(v)) => {
@@ -572,7 +576,9 @@ impl Kubelet {
         let c = counts.clone();
         let task = tokio::spawn(async move {
             let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
-            let mut stream = watcher(claims, watcher::Config::default()).boxed();
+            let mut stream = watcher(claims, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             let busy = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
             while let Some(event) = stream.next().await {
                 let claim = match event {

@@ -1567,14 +1567,12 @@ fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query, lag: Option<Duration>) -> 
                 _ = &mut deadline => return,
                 m = rx.recv() => m,
             };
-            let mut happened = tokio::time::Instant::now();
-            let line = match msg {
-                Ok(Msg::Ev(ev)) => {
-                    happened = ev.at;
-                    filter.line(&ev)
+            let (line, happened) = match msg {
+                Ok(Msg::Ev(ev)) => (filter.line(&ev), ev.at),
+                Ok(Msg::Bookmark(rv)) if bookmarks => {
+                    (Some(bookmark(r, rv, false)), tokio::time::Instant::now())
                 }
-                Ok(Msg::Bookmark(rv)) if bookmarks => Some(bookmark(r, rv, false)),
-                Ok(Msg::Bookmark(_)) => None,
+                Ok(Msg::Bookmark(_)) => continue,
                 // Break, shutdown, or this watcher lagged: end the stream; the client
                 // re-watches from its last resourceVersion (or re-lists on 410).
                 Ok(Msg::Break) | Err(_) => return,

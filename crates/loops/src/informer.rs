@@ -187,6 +187,16 @@ pub fn key<K: Resource>(object: &K) -> String {
     }
 }
 
+/// The queue key of the claim a PV's `claimRef` names, if it names one.
+pub fn claim_key_of(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<String> {
+    let claim = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    Some(format!(
+        "{}/{}",
+        claim.namespace.as_deref()?,
+        claim.name.as_deref()?
+    ))
+}
+
 /// The object behind a queue key, from `store`.
 pub fn get<K>(store: &Store<K>, key: &str) -> Option<Arc<K>>
 where

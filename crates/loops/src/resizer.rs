@@ -93,8 +93,7 @@ fn resize_target(
     shared: &Context,
     pvc: &PersistentVolumeClaim,
 ) -> Result<(Arc<PersistentVolume>, i64), &'static str> {
-    let status = pvc.status.clone().unwrap_or_default();
-    if status.phase.as_deref() != Some("Bound") {
+    if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
         return Err("not Bound");
     }
     if pvc.metadata.deletion_timestamp.is_some() {
@@ -128,8 +127,7 @@ pub fn claim_waiting_for(
     pv: &PersistentVolume,
     claims: &kube::runtime::reflector::Store<PersistentVolumeClaim>,
 ) -> Option<String> {
-    let claim = pv.spec.as_ref()?.claim_ref.as_ref()?;
-    let key = format!("{}/{}", claim.namespace.as_deref()?, claim.name.as_deref()?);
+    let key = informer::claim_key_of(pv)?;
     let pvc = informer::get(claims, &key)?;
     let bound_here = pvc.spec.as_ref()?.volume_name.as_deref() == Some(pv.name_any().as_str());
     (bound_here && controller_step(&pvc).is_some()).then_some(key)

@@ -50,10 +50,8 @@ impl Loops {
             let cq = claims_q.clone();
             volume_handlers.push(Arc::new(move |pv, _| {
                 // A PV for a claim: the claim may wait for it (its own, or one pre-bound).
-                if let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref())
-                    && let (Some(ns), Some(name)) = (&claim.namespace, &claim.name)
-                {
-                    cq.add_forced(&format!("{ns}/{name}"));
+                if let Some(key) = informer::claim_key_of(pv) {
+                    cq.add_forced(&key);
                 }
             }));
             let q = volumes_q.clone();

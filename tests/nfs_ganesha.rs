@@ -50,6 +50,14 @@ impl Mounter for RecordingMounter {
     async fn bind(&self, _: &Path, _: &Path, _: bool) -> Result<(), MountError> {
         panic!("an NFS volume on a remote server is never bind-mounted")
     }
+    async fn bind_opened(
+        &self,
+        _: std::os::fd::OwnedFd,
+        _: &Path,
+        _: bool,
+    ) -> Result<(), MountError> {
+        panic!("an NFS volume on a remote server is never bind-mounted")
+    }
     async fn unmount(&self, target: &Path) -> Result<(), MountError> {
         self.mounts.lock().unwrap().remove(target);
         Ok(())
@@ -318,12 +326,14 @@ async fn hostile_inputs_change_nothing_outside_or_inside_the_share() {
         ),
         format!("nfs#{}#{}#ok#..#delete", f.ganesha.server, f.ganesha.share),
     ] {
-        c.delete_volume(proto::DeleteVolumeRequest {
-            volume_id: hostile_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let err = c
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: hostile_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{hostile_id}: {err:?}");
     }
     assert_eq!(
         tree(&f.ganesha.root),

@@ -469,3 +469,214 @@ async fn stage_and_unstage_outside_the_kubelet_dir_touch_nothing() {
     delete(&mut c, &volume.volume_id).await;
     t.local.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// A volume's own path never follows a tenant's symlink and never reaches stowage's
+// records (#21).
+// ---------------------------------------------------------------------------
+
+/// FAILED_PRECONDITION naming the link.
+fn assert_link_refused(result: Result<impl std::fmt::Debug, tonic::Status>, link: &str) {
+    let err = result.expect_err(link);
+    assert_eq!(err.code(), Code::FailedPrecondition, "{link}: {err:?}");
+    assert!(
+        err.message().contains(link) && err.message().contains("symbolic link"),
+        "the message names {link}: {}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_symlink_planted_by_one_volume_never_redirects_another_volumes_publish() {
+    use std::os::unix::fs::symlink;
+    let t = confined().await;
+    let mut c = t.local.controller();
+    let mut n = t.local.node();
+    // Nested sub-directories: `inner` lives inside `outer`'s directory, which
+    // `outer`'s pod can write.
+    let outer = create(&mut c, "outer", &[("subDir", "nest")]).await;
+    let inner = create(&mut c, "inner", &[("subDir", "nest/inner")]).await;
+    let decoy = t.outside.join("decoy");
+    std::fs::create_dir(&decoy).unwrap();
+    std::fs::write(decoy.join("secret"), "host data").unwrap();
+
+    // `inner` is published, used and unpublished while its directory is real.
+    let inner_target = t.kubelet.join("pods/p-inner/mount");
+    let _inner_guard = MountGuard(inner_target.clone());
+    n.node_publish_volume(publish_request(&inner.volume_id, &inner_target))
+        .await
+        .expect("publish inner");
+    std::fs::write(inner_target.join("data"), "inner's data").unwrap();
+    n.node_unpublish_volume(unpublish_request(&inner.volume_id, &inner_target))
+        .await
+        .unwrap();
+
+    // Then `outer`'s pod swaps `inner`'s directory for a link to the host.
+    let outer_target = t.kubelet.join("pods/p-outer/mount");
+    n.node_publish_volume(publish_request(&outer.volume_id, &outer_target))
+        .await
+        .expect("publish outer");
+    let _outer_guard = MountGuard(outer_target.clone());
+    std::fs::rename(outer_target.join("inner"), outer_target.join("moved")).unwrap();
+    symlink(&decoy, outer_target.join("inner")).unwrap();
+
+    assert_link_refused(
+        n.node_publish_volume(publish_request(&inner.volume_id, &inner_target))
+            .await,
+        "nest/inner",
+    );
+    assert!(
+        !inner_target.exists(),
+        "no target made for a refused publish"
+    );
+    assert!(
+        !is_mount_point(&decoy),
+        "nothing mounted from or onto the decoy"
+    );
+    assert_eq!(
+        std::fs::read_to_string(decoy.join("secret")).unwrap(),
+        "host data"
+    );
+    assert_eq!(
+        std::fs::read_dir(&decoy).unwrap().count(),
+        1,
+        "the decoy is unchanged"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.local.data_dir().join("nest/moved/data")).unwrap(),
+        "inner's data",
+        "the volume's data is untouched"
+    );
+
+    // A link relative to the export, pointing at another volume, is refused too:
+    // no link is followed, wherever it leads.
+    std::fs::remove_file(outer_target.join("inner")).unwrap();
+    symlink("moved", outer_target.join("inner")).unwrap();
+    assert_link_refused(
+        n.node_publish_volume(publish_request(&inner.volume_id, &inner_target))
+            .await,
+        "nest/inner",
+    );
+
+    // Put back, the volume publishes again with its data.
+    std::fs::remove_file(outer_target.join("inner")).unwrap();
+    std::fs::rename(outer_target.join("moved"), outer_target.join("inner")).unwrap();
+    n.node_publish_volume(publish_request(&inner.volume_id, &inner_target))
+        .await
+        .expect("publish inner again");
+    assert_eq!(
+        std::fs::read_to_string(inner_target.join("data")).unwrap(),
+        "inner's data"
+    );
+    n.node_unpublish_volume(unpublish_request(&inner.volume_id, &inner_target))
+        .await
+        .unwrap();
+    n.node_unpublish_volume(unpublish_request(&outer.volume_id, &outer_target))
+        .await
+        .unwrap();
+    delete(&mut c, &inner.volume_id).await;
+    delete(&mut c, &outer.volume_id).await;
+    t.local.stop().await;
+}
+
+#[tokio::test]
+async fn a_volume_id_naming_the_records_directory_is_refused_everywhere() {
+    let t = confined().await;
+    let mut c = t.local.controller();
+    let mut n = t.local.node();
+    let kept = create(&mut c, "kept", &[]).await;
+    let records = t.local.data_dir().join(".stowage");
+    let before = tree(&records);
+    assert!(!before.is_empty(), "the record of `kept` is there");
+    let target = t.kubelet.join("pods/p1/mount");
+    for id in [
+        "nfs###.stowage#pvc-x#delete",
+        "nfs###.stowage#.stowage#delete",
+        "nfs###.stowage/kept#kept#delete",
+    ] {
+        let refused = |err: tonic::Status, call: &str| {
+            assert_eq!(err.code(), Code::InvalidArgument, "{call} {id}: {err:?}");
+            assert!(
+                err.message().contains("reserved"),
+                "{call} {id}: {}",
+                err.message()
+            );
+        };
+        let err = c
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        refused(err, "DeleteVolume");
+        let err = n
+            .node_publish_volume(publish_request(id, &target))
+            .await
+            .unwrap_err();
+        refused(err, "NodePublishVolume");
+        let err = c
+            .validate_volume_capabilities(proto::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.into(),
+                volume_capabilities: vec![mount_capability()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        refused(err, "ValidateVolumeCapabilities");
+    }
+    assert_eq!(tree(&records), before, "the records are untouched");
+    assert!(!target.exists() && !is_mount_point(&target));
+    let listed = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().unwrap().volume_id == kept.volume_id),
+        "`kept` is still listed"
+    );
+    delete(&mut c, &kept.volume_id).await;
+    t.local.stop().await;
+}
+
+#[tokio::test]
+async fn volume_stats_outside_the_kubelet_dir_are_refused() {
+    use std::os::unix::fs::symlink;
+    let t = confined().await;
+    let mut c = t.local.controller();
+    let mut n = t.local.node();
+    let volume = create(&mut c, "stats-vol", &[]).await;
+    let stats = |path: &std::path::Path| proto::NodeGetVolumeStatsRequest {
+        volume_id: volume.volume_id.clone(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    for outside in [
+        std::path::Path::new("/etc"),
+        std::path::Path::new("/root"),
+        &t.outside,
+    ] {
+        assert_refused(
+            n.node_get_volume_stats(stats(outside)).await,
+            &format!("stats of {}", outside.display()),
+        );
+    }
+    symlink("/etc", t.kubelet.join("pods/etc")).unwrap();
+    assert_refused(
+        n.node_get_volume_stats(stats(&t.kubelet.join("pods/etc")))
+            .await,
+        "stats through a symlink out",
+    );
+    // Inside, unpublished: not found, as before.
+    let err = n
+        .node_get_volume_stats(stats(&t.kubelet.join("pods/none")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    delete(&mut c, &volume.volume_id).await;
+    t.local.stop().await;
+}

@@ -48,8 +48,10 @@ pub enum BackendError {
 /// How the node makes a volume visible at a target path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeSource {
-    /// Bind-mount a directory that already exists on this host.
-    Bind { path: PathBuf },
+    /// Bind-mount a directory of an export that is on this host (`stowage local`'s
+    /// embedded server): `sub_dir` below `root`, opened without following any symlink
+    /// and bind-mounted from that descriptor.
+    ExportDir { root: PathBuf, sub_dir: Vec<String> },
     /// Mount a remote filesystem, e.g. `mount -t nfs server:/share/dir`.
     Mount {
         source: String,

@@ -7,9 +7,11 @@
 //! lexically and again with symlinks resolved; they act on the resolved path.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nix::fcntl::OFlag;
 use tonic::{Request, Response, Status};
 
 use super::inflight::InFlight;
@@ -307,6 +309,7 @@ impl NodeService {
         // What to bind or mount, decided before the target is created.
         enum Plan {
             Bind(PathBuf),
+            BindOpened(OwnedFd),
             Mount {
                 source: String,
                 fs_type: String,
@@ -314,7 +317,9 @@ impl NodeService {
             },
         }
         let plan = match source {
-            NodeSource::Bind { path } if !block => Plan::Bind(path),
+            NodeSource::ExportDir { root, sub_dir } if !block => {
+                Plan::BindOpened(open_export_dir(volume_id, root, sub_dir).await?)
+            }
             NodeSource::Mount {
                 source,
                 fs_type,
@@ -324,7 +329,7 @@ impl NodeService {
                 fs_type,
                 options,
             },
-            NodeSource::Bind { .. } | NodeSource::Mount { .. } => {
+            NodeSource::ExportDir { .. } | NodeSource::Mount { .. } => {
                 return Err(Status::invalid_argument(
                     "block volumes are not supported by this backend",
                 ));
@@ -362,18 +367,20 @@ impl NodeService {
             tokio::fs::create_dir_all(&target).await
         };
         made.map_err(|e| internal(&format!("creating target {}", target.display()), e))?;
-        let mounted = match &plan {
-            Plan::Bind(path) => self.mounter.bind(path, &target, read_only).await,
+        let mounted = match plan {
+            Plan::Bind(path) => self.mounter.bind(&path, &target, read_only).await,
+            Plan::BindOpened(dir) => self.mounter.bind_opened(dir, &target, read_only).await,
             Plan::Mount {
                 source,
                 fs_type,
-                options,
+                mut options,
             } => {
-                let mut options = options.clone();
                 if read_only {
                     options.push("ro".into());
                 }
-                self.mounter.mount(source, &target, fs_type, &options).await
+                self.mounter
+                    .mount(&source, &target, &fs_type, &options)
+                    .await
             }
         };
         if let Err(error) = mounted {
@@ -413,18 +420,26 @@ impl NodeService {
     ) -> Result<proto::NodeGetVolumeStatsResponse, Status> {
         let volume_id = validate::required("volume_id", &request.volume_id)?;
         validate::required("volume_path", &request.volume_path)?;
-        let path = Path::new(&request.volume_path);
         let not_found = || {
             Status::not_found(format!(
                 "volume {volume_id} is not published at {}",
                 request.volume_path
             ))
         };
-        let exists = path.is_absolute() && tokio::fs::try_exists(path).await.unwrap_or(false);
-        let backend = match self.backends.for_volume(volume_id) {
-            Some(backend) if exists => backend,
-            _ => return Err(not_found()),
+        let Some(backend) = self.backends.for_volume(volume_id) else {
+            return Err(Status::not_found(format!(
+                "volume {volume_id} does not exist"
+            )));
         };
+        // A path that is not even absolute names nothing published (csi-sanity asks
+        // with "some/path"); any other is confined like every node call's: statvfs and
+        // the usage walk never look at a path outside the kubelet directory.
+        validate::node_path("volume_path", &request.volume_path).map_err(|_| not_found())?;
+        let path = self.confined("volume_path", &request.volume_path).await?;
+        let path = path.as_path();
+        if !tokio::fs::try_exists(path).await.unwrap_or(false) {
+            return Err(not_found());
+        }
         let mut usage = usage_within(path, STATS_TIMEOUT)
             .await
             .map_err(|e| internal(&format!("statvfs {}", path.display()), e))?;
@@ -532,6 +547,38 @@ impl NodeService {
         }
         rpcs
     }
+}
+
+/// The directory `sub_dir` of a local export rooted at `root`, opened without following
+/// any symlink (`stowage_nfs::beneath`): a volume's pod can write its directory, so a
+/// link planted on another volume's path must never redirect that volume's bind mount.
+async fn open_export_dir(
+    volume_id: &str,
+    root: PathBuf,
+    sub_dir: Vec<String>,
+) -> Result<OwnedFd, Status> {
+    use stowage_nfs::beneath::{BeneathError, open_dir_beneath};
+    let id = volume_id.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let top = std::fs::File::open(&root)
+            .map_err(|e| internal(&format!("opening the export {}", root.display()), e))?;
+        open_dir_beneath(std::os::fd::AsFd::as_fd(&top), &sub_dir, OFlag::O_PATH).map_err(
+            |error| {
+                let message = format!(
+                    "volume {id}: {error} (in the export {}); the volume's directory must be a real directory",
+                    root.display()
+                );
+                match error {
+                    BeneathError::NotFound { .. } => Status::not_found(message),
+                    BeneathError::Io { .. } => Status::internal(message),
+                    _ => Status::failed_precondition(message),
+                }
+            },
+        )
+    });
+    opened
+        .await
+        .map_err(|e| internal(&format!("opening volume {volume_id}"), e))?
 }
 
 /// Remove a target directory or (raw block) file; absent is fine.

@@ -1,6 +1,8 @@
 //! The [`Mounter`] trait and [`SystemMounter`], which runs mount(8)/umount(8) with a
-//! timeout and reads `/proc/self/mountinfo`.
+//! timeout, bind-mounts opened directories with mount(2), and reads
+//! `/proc/self/mountinfo`.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,6 +33,14 @@ pub trait Mounter: Send + Sync {
     ) -> Result<(), MountError>;
     /// Bind-mount `source` on `target`, read-only when asked.
     async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError>;
+    /// Bind-mount the directory `source` was opened on (never a path looked up
+    /// again) on `target`, read-only when asked.
+    async fn bind_opened(
+        &self,
+        source: OwnedFd,
+        target: &Path,
+        read_only: bool,
+    ) -> Result<(), MountError>;
     /// Unmount `target` (one layer).
     async fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// Is `target` a mount point?
@@ -184,6 +194,24 @@ impl Mounter for SystemMounter {
         Ok(())
     }
 
+    async fn bind_opened(
+        &self,
+        source: OwnedFd,
+        target: &Path,
+        read_only: bool,
+    ) -> Result<(), MountError> {
+        let target = target.to_path_buf();
+        let bound =
+            tokio::task::spawn_blocking(move || bind_descriptor(&source, &target, read_only));
+        tokio::time::timeout(self.timeout, bound)
+            .await
+            .map_err(|_| MountError::Timeout {
+                command: "mount(2) MS_BIND".into(),
+                after: self.timeout,
+            })?
+            .map_err(std::io::Error::other)?
+    }
+
     async fn unmount(&self, target: &Path) -> Result<(), MountError> {
         self.run("umount", &[target.display().to_string()]).await
     }
@@ -192,6 +220,33 @@ impl Mounter for SystemMounter {
         let mountinfo = tokio::fs::read_to_string("/proc/self/mountinfo").await?;
         Ok(mount_points(&mountinfo).iter().any(|p| p == target))
     }
+}
+
+/// mount(2) `MS_BIND` from `/proc/self/fd/<n>`: the kernel binds the very directory
+/// the descriptor was opened on, whatever its path leads to by now.
+fn bind_descriptor(source: &OwnedFd, target: &Path, read_only: bool) -> Result<(), MountError> {
+    use nix::mount::{MsFlags, mount};
+    let from = format!("/proc/self/fd/{}", source.as_raw_fd());
+    let failed = |what: &str, errno: nix::errno::Errno| MountError::Failed {
+        command: format!("mount(2) {what} {from} {}", target.display()),
+        output: errno.desc().to_owned(),
+    };
+    mount(
+        Some(from.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| failed("MS_BIND", e))?;
+    if read_only {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            let _ = nix::mount::umount(target);
+            return Err(failed("MS_REMOUNT|MS_RDONLY", e));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

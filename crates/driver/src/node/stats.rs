@@ -3,13 +3,18 @@
 //! that directory ([`TreeWalks`]).
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
 use nix::sys::statvfs::statvfs;
 use tokio::sync::watch;
 
@@ -62,48 +67,72 @@ pub struct TreeUsage {
 }
 
 /// Walk the tree at `root` without following symlinks or crossing into other
-/// filesystems (mounts below it). Entries that vanish during the walk are skipped;
-/// any other error ends it. `stop` ends it early (an error); `counted` shows progress.
+/// filesystems (mounts below it). Every directory is opened from its parent's
+/// descriptor (`O_NOFOLLOW`) and every entry looked at with `fstatat`, so a directory
+/// swapped for a symlink mid-walk is never followed out of the volume. Entries that
+/// vanish during the walk are skipped; any other error ends it. `stop` ends it early
+/// (an error); `counted` shows progress.
 pub fn tree_usage(root: &Path, stop: &AtomicBool, counted: &AtomicU64) -> io::Result<TreeUsage> {
-    let top = std::fs::symlink_metadata(root)?;
-    let device = top.dev();
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top = Dir::open(root, flags, Mode::empty()).map_err(|e| with_path(e.into(), root))?;
+    let top_stat = fstat(&top).map_err(|e| with_path(e.into(), root))?;
+    let device = top_stat.st_dev;
     let mut usage = TreeUsage::default();
     let mut linked = HashSet::new();
-    let mut count = |meta: &std::fs::Metadata, usage: &mut TreeUsage| {
+    let mut count = |st: &FileStat, usage: &mut TreeUsage| {
         usage.inodes += 1;
         counted.fetch_add(1, Ordering::Relaxed);
-        if meta.is_dir() || meta.nlink() <= 1 || linked.insert(meta.ino()) {
-            usage.bytes += meta.blocks() * 512;
+        let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+        if is_dir || st.st_nlink <= 1 || linked.insert(st.st_ino) {
+            usage.bytes += st.st_blocks as u64 * 512;
         }
     };
-    count(&top, &mut usage);
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(with_path(e, &dir)),
-        };
-        for entry in entries {
+    count(&top_stat, &mut usage);
+    // Directories still to list, each with its path (for errors only).
+    let mut pending = vec![(top, root.to_path_buf())];
+    while let Some((mut dir, path)) = pending.pop() {
+        let mut children = Vec::new();
+        // The listing borrows `dir`; entries are looked at through a second descriptor.
+        let at = std::os::fd::AsFd::as_fd(&dir)
+            .try_clone_to_owned()
+            .map_err(|e| with_path(e, &path))?;
+        for entry in dir.iter() {
             if stop.load(Ordering::Relaxed) {
                 return Err(io::Error::new(
                     io::ErrorKind::Interrupted,
                     format!("walk of {} stopped", root.display()),
                 ));
             }
-            let entry = entry.map_err(|e| with_path(e, &dir))?;
-            let path = entry.path();
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(with_path(e, &path)),
-            };
-            if meta.dev() != device {
+            let entry = entry.map_err(|e| with_path(e.into(), &path))?;
+            let name = entry.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
                 continue;
             }
-            count(&meta, &mut usage);
-            if meta.is_dir() {
-                pending.push(path);
+            let st = match fstatat(&at, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => {
+                    return Err(with_path(
+                        e.into(),
+                        &path.join(OsStr::from_bytes(name.to_bytes())),
+                    ));
+                }
+            };
+            if st.st_dev != device {
+                continue;
+            }
+            count(&st, &mut usage);
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+                children.push(name.to_owned());
+            }
+        }
+        for name in children {
+            let child = path.join(OsStr::from_bytes(name.to_bytes()));
+            match Dir::openat(&at, name.as_c_str(), flags, Mode::empty()) {
+                Ok(opened) => pending.push((opened, child)),
+                // Gone, or swapped for a link or a file since it was listed.
+                Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+                Err(e) => return Err(with_path(e.into(), &child)),
             }
         }
     }
@@ -237,6 +266,7 @@ impl TreeWalks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn usage_of_a_tmpdir_is_consistent() {

@@ -128,10 +128,9 @@ impl MirrorFs {
 
     // -- walking -------------------------------------------------------------
 
-    /// Opens the directory at `rel` from the root, one component at a time, never
-    /// following a symlink. `last` is added to the flags of the final open.
+    /// Opens the directory at `rel` from the root, never following a symlink
+    /// (`crate::beneath`). `last` is added to the flags of the final open.
     pub(super) fn walk(&self, rel: &Path, last: OFlag) -> nix::Result<OwnedFd> {
-        let base = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let mut names = Vec::new();
         for component in rel.components() {
             match component {
@@ -139,17 +138,7 @@ impl MirrorFs {
                 _ => return Err(Errno::EINVAL),
             }
         }
-        let Some((last_name, parents)) = names.split_last() else {
-            return openat(&self.root, ".", base | last, Mode::empty());
-        };
-        let mut dir: Option<OwnedFd> = None;
-        for name in parents {
-            let from = dir.as_ref().map_or(self.root.as_fd(), AsFd::as_fd);
-            let next = openat(from, *name, base | OFlag::O_PATH, Mode::empty())?;
-            dir = Some(next);
-        }
-        let from = dir.as_ref().map_or(self.root.as_fd(), AsFd::as_fd);
-        openat(from, *last_name, base | last, Mode::empty())
+        crate::beneath::open_dir_beneath(self.root.as_fd(), &names, last).map_err(|e| e.errno())
     }
 
     /// Finds the object behind `id`, checking it is still the same object.
@@ -214,6 +203,24 @@ impl MirrorFs {
 
     pub(super) fn getattr(&self, id: NodeId) -> Result<fattr3, nfsstat3> {
         self.resolve(id).map(|r| fattr(&r.st))
+    }
+
+    /// MOUNT of a sub-directory (`a/b` below the export): every component a real
+    /// directory, none a symlink (the mount point a client gets is never a link's
+    /// target, and never a file).
+    pub(super) fn lookup_dir_path(&self, path: &str) -> Result<NodeId, nfsstat3> {
+        let names: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let fd = crate::beneath::open_dir_beneath(self.root.as_fd(), &names, OFlag::O_PATH)
+            .map_err(|error| {
+                debug!(%error, "MOUNT refused");
+                match error {
+                    crate::beneath::BeneathError::NotFound { .. } => nfsstat3::NFS3ERR_NOENT,
+                    crate::beneath::BeneathError::NotAName { .. } => nfsstat3::NFS3ERR_INVAL,
+                    _ => nfsstat3::NFS3ERR_NOTDIR,
+                }
+            })?;
+        let st = fstat(&fd).map_err(nfs_err)?;
+        Ok(self.remember(names.iter().collect(), &st))
     }
 
     pub(super) fn lookup(&self, dir: NodeId, name: &[u8]) -> Result<NodeId, nfsstat3> {

@@ -463,6 +463,39 @@ async fn hostile_names_are_rejected_and_nothing_is_created_outside() {
 }
 
 #[tokio::test]
+async fn mount_of_a_sub_directory_never_follows_a_symlink() {
+    within(async {
+        let f = fixture().await;
+        let outside = f.tmp.path().join("outside");
+        std::fs::create_dir_all(outside.join("secret")).unwrap();
+        std::fs::create_dir_all(f.data.join("ns/vol")).unwrap();
+        std::fs::write(f.data.join("ns/file"), "x").unwrap();
+        disk_symlink(&outside, f.data.join("ns/escape")).unwrap();
+        disk_symlink("vol", f.data.join("ns/alias")).unwrap();
+        for path in [
+            "/ns/escape",
+            "/ns/escape/secret",
+            "/ns/alias",
+            "/ns/file",
+            "/ns/none",
+        ] {
+            assert!(mount_path(&f.server, path).await.is_err(), "MOUNT {path}");
+        }
+        let mut c = mount_path(&f.server, "/ns/vol")
+            .await
+            .expect("MOUNT /ns/vol");
+        let root = c.root_nfs_fh3();
+        let attr = getattr(&mut c, &root).await.unwrap();
+        assert_eq!(attr.type_, ftype3::NF3DIR);
+        assert_eq!(
+            attr.fileid,
+            std::fs::metadata(f.data.join("ns/vol")).unwrap().ino()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn symlink_replies_carry_the_link_and_the_directory_before_and_after() {
     within(async {
         let f = fixture().await;

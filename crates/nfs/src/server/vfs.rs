@@ -30,6 +30,12 @@ impl NfsReadFileSystem for MirrorVfs {
         self.blocking(move |fs| fs.lookup(dir, &name)).await
     }
 
+    /// MOUNT's path walk: directories only, never a symlink.
+    async fn lookup_by_path(&self, path: &str) -> Result<NodeId, nfsstat3> {
+        let path = path.to_owned();
+        self.blocking(move |fs| fs.lookup_dir_path(&path)).await
+    }
+
     async fn getattr(&self, id: &NodeId) -> Result<fattr3, nfsstat3> {
         let id = *id;
         self.blocking(move |fs| fs.getattr(id)).await

@@ -296,10 +296,10 @@ impl Backend for NfsBackend {
     }
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), BackendError> {
-        let Ok(id) = NfsVolumeId::parse(volume_id) else {
-            tracing::info!(volume_id, "not a valid NFS volume id; nothing to delete");
-            return Ok(());
-        };
+        // An id that names no directory stowage could have made (`..`, the records) is
+        // refused, not "already deleted": a PV with such a handle must not vanish
+        // quietly, and nothing is touched.
+        let id = NfsVolumeId::parse(volume_id).map_err(BackendError::InvalidParameter)?;
         let export = self.export(&id.server, &id.share).await?;
         let client = &export.client;
         let dir = components(&id.sub_dir);
@@ -332,9 +332,7 @@ impl Backend for NfsBackend {
     }
 
     async fn get_volume(&self, volume_id: &str) -> Result<Option<Volume>, BackendError> {
-        let Ok(id) = NfsVolumeId::parse(volume_id) else {
-            return Ok(None);
-        };
+        let id = NfsVolumeId::parse(volume_id).map_err(BackendError::InvalidParameter)?;
         let export = self.export(&id.server, &id.share).await?;
         if let Some(record) = export.lookup(&id.name).await?
             && NfsVolumeId::new(&id.name, &record.placement) == id
@@ -385,7 +383,7 @@ impl Backend for NfsBackend {
         _context: &BTreeMap<String, String>,
         capability: &Capability,
     ) -> Result<NodeSource, BackendError> {
-        let id = NfsVolumeId::parse(volume_id).map_err(BackendError::NotFound)?;
+        let id = NfsVolumeId::parse(volume_id).map_err(BackendError::InvalidParameter)?;
         let mount_flags = match &capability.access_type {
             AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
             AccessType::Block => vec![],
@@ -397,8 +395,9 @@ impl Backend for NfsBackend {
                 )
             })?;
             if let Some(dir) = &default.local_dir {
-                return Ok(NodeSource::Bind {
-                    path: id.sub_dir.iter().fold(dir.clone(), |p, c| p.join(c)),
+                return Ok(NodeSource::ExportDir {
+                    root: dir.clone(),
+                    sub_dir: id.sub_dir.clone(),
                 });
             }
             (

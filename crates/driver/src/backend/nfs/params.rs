@@ -36,8 +36,33 @@ impl OnDelete {
 /// Mode of a new volume directory when `mountPermissions` is not given (like csi-driver-nfs).
 pub const DEFAULT_MODE: u32 = 0o777;
 
-/// The directory holding stowage's per-volume records at the share root.
+/// The directory holding stowage's per-volume records at the share root (and
+/// everything else stowage keeps on an export).
 pub const RECORDS_DIR: &str = ".stowage";
+
+/// Names stowage keeps for itself at an export's root: no volume's directory may
+/// start with one, wherever the directory comes from (a StorageClass `subDir`, a
+/// rendered template, a volume id of a static PV or a CSI call).
+pub const RESERVED: &[&str] = &[RECORDS_DIR];
+
+/// The one rule for a volume's directory on an export, applied to every source of
+/// one: each component a plain name without `#` ([`check_component`]), the first not
+/// a name stowage reserves ([`RESERVED`]).
+pub fn check_volume_dir(sub_dir: &[String]) -> Result<(), String> {
+    let Some(first) = sub_dir.first() else {
+        return Err("the directory is empty".into());
+    };
+    for component in sub_dir {
+        check_component(component).and_then(|()| no_hash(component))?;
+    }
+    if RESERVED.contains(&first.as_str()) {
+        return Err(format!(
+            "{:?} is reserved: stowage keeps its records there, so no volume may live in it",
+            sub_dir.join("/")
+        ));
+    }
+    Ok(())
+}
 
 /// The NFS StorageClass keys, spelled as csi-driver-nfs spells them (any case works).
 const KEYS: &[&str] = &[
@@ -213,21 +238,14 @@ pub fn placement(
     let raw: Raw = parse(parameters, KEYS, &[PVC_NAME, PVC_NAMESPACE, PV_NAME])?;
     let invalid = ParameterError::Invalid;
     let (server, share) = export_of(raw.server, raw.share, has_default).map_err(invalid)?;
-    let sub_dir = match raw.sub_dir.as_deref() {
-        Some(template) => render_path("subDir", template, parameters)?,
-        None => {
-            check_component(name).map_err(|e| invalid(format!("volume name: {e}")))?;
-            vec![name.to_owned()]
-        }
+    let (sub_dir, source) = match raw.sub_dir.as_deref() {
+        Some(template) => (
+            render_path("subDir", template, parameters)?,
+            "parameter `subDir`",
+        ),
+        None => (vec![name.to_owned()], "volume name"),
     };
-    for component in &sub_dir {
-        no_hash(component).map_err(|e| invalid(format!("parameter `subDir`: {e}")))?;
-    }
-    if sub_dir[0] == RECORDS_DIR {
-        return Err(invalid(format!(
-            "parameter `subDir` must not start with {RECORDS_DIR} (stowage keeps its records there)"
-        )));
-    }
+    check_volume_dir(&sub_dir).map_err(|e| invalid(format!("{source}: {e}")))?;
     if raw.uid.is_some() != raw.gid.is_some() {
         return Err(invalid(
             "parameters `uid` and `gid` must be given together".into(),
@@ -429,6 +447,11 @@ mod tests {
             (&[("server", "a")], "share"),
             (&[("subDir", "a#b")], "subDir"),
             (&[("subDir", ".stowage")], "subDir"),
+            (&[("subDir", ".stowage/x")], "reserved"),
+            (
+                &[("subDir", "${pvc.metadata.name}/x"), (PVC_NAME, ".stowage")],
+                "reserved",
+            ),
             (
                 &[("subDir", "${pvc.metadata.name}"), (PVC_NAME, "..")],
                 "subDir",
@@ -448,5 +471,7 @@ mod tests {
             assert!(err.contains(key), "{pairs:?}: {err}");
         }
         assert!(placement("..", &params(&[]), true).is_err());
+        let err = placement(".stowage", &params(&[]), true).unwrap_err();
+        assert!(err.to_string().contains("volume name"), "{err}");
     }
 }

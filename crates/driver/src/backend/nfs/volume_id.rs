@@ -1,9 +1,12 @@
 //! NFS volume ids: `nfs#<server>#<share>#<sub/dir>#<name>#<onDelete>`. Everything
 //! DeleteVolume and the node need is in the id, so they need no parameters and no state.
-//! An empty server and share mean the backend's default export. Pure; no I/O.
+//! An empty server and share mean the backend's default export. Ids are user input
+//! (static PVs, any CSI client): every part is checked as a StorageClass's would be,
+//! the directory by the same rule (`params::check_volume_dir`). Pure; no I/O.
 
-use super::params::check_component;
-use super::params::{OnDelete, Placement, check_server, check_share};
+use super::params::{
+    OnDelete, Placement, check_component, check_server, check_share, check_volume_dir,
+};
 
 const PREFIX: &str = "nfs";
 
@@ -62,9 +65,7 @@ impl NfsVolumeId {
             check_share(share).map_err(|e| bad(&e))?;
         }
         let sub_dir: Vec<String> = sub_dir.split('/').map(str::to_owned).collect();
-        for component in &sub_dir {
-            check_component(component).map_err(|e| bad(&e))?;
-        }
+        check_volume_dir(&sub_dir).map_err(|e| bad(&e))?;
         check_component(name).map_err(|e| bad(&e))?;
         let on_delete = match on_delete {
             "delete" => OnDelete::Delete,
@@ -117,6 +118,10 @@ mod tests {
             "nfs#a b#/x#sub#name#delete",
             "nfs#a#/x/../y#sub#name#delete",
             "ebs#a#/x#sub#name#delete",
+            "nfs###.stowage#pvc-1#delete",
+            "nfs###.stowage/pvc-1#pvc-1#delete",
+            "nfs#a#/x#.stowage#name#retain",
+            "nfs#a#/x#a#b#c#delete",
         ] {
             assert!(NfsVolumeId::parse(bad).is_err(), "{bad:?} accepted");
         }

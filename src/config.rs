@@ -70,9 +70,38 @@ pub struct CommonArgs {
     pub shutdown_grace: Duration,
 }
 
-/// NFS client settings and the optional default export.
+/// Which storage backends to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Nfs,
+    Ebs,
+}
+
+/// Which backends a role serves.
 #[derive(Debug, Clone, Args)]
-pub struct NfsArgs {
+pub struct BackendArgs {
+    /// Storage backends to serve (repeatable or comma-separated); the first is the
+    /// default. EBS in `local` mode needs --ebs-endpoint (an emulator) or AWS credentials.
+    #[arg(
+        long = "backend",
+        env = "BACKENDS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nfs"
+    )]
+    pub backends: Vec<BackendKind>,
+}
+
+impl BackendArgs {
+    pub fn serves(&self, kind: BackendKind) -> bool {
+        self.backends.contains(&kind)
+    }
+}
+
+/// The default NFS export: where volumes of StorageClasses that name no server go
+/// (controller), and what such volumes mount (node).
+#[derive(Debug, Clone, Args)]
+pub struct NfsExportArgs {
     /// Default NFS server for StorageClasses that name none.
     #[arg(long, env = "NFS_SERVER", requires = "nfs_share")]
     pub nfs_server: Option<String>,
@@ -80,7 +109,11 @@ pub struct NfsArgs {
     /// Default NFS share (export path) for StorageClasses that name none.
     #[arg(long, env = "NFS_SHARE", requires = "nfs_server")]
     pub nfs_share: Option<String>,
+}
 
+/// The NFS client of the roles that manage directories over the wire.
+#[derive(Debug, Clone, Args)]
+pub struct NfsClientArgs {
     /// Timeout of each NFS call; a connection that timed out is dropped.
     #[arg(long, env = "NFS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub nfs_timeout: Duration,
@@ -90,16 +123,9 @@ pub struct NfsArgs {
     pub nfs_connections: usize,
 }
 
-/// Which storage backends to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    Nfs,
-    Ebs,
-}
-
-/// EBS settings: where EC2 is, this cluster's id, and (on nodes) this instance.
+/// Where EC2 is and which volumes are this cluster's (the roles that call EC2).
 #[derive(Debug, Clone, Args)]
-pub struct EbsArgs {
+pub struct Ec2Args {
     /// AWS region.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub region: String,
@@ -112,11 +138,27 @@ pub struct EbsArgs {
     #[arg(long, env = "CLUSTER_ID", default_value = "stowage")]
     pub cluster_id: String,
 
+    /// Attempts per EC2 call (standard retries with backoff).
+    #[arg(long, env = "EC2_MAX_ATTEMPTS", default_value_t = 3)]
+    pub ec2_max_attempts: u32,
+
+    /// Timeout of one EC2 call attempt.
+    #[arg(long, env = "EC2_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub ec2_timeout: Duration,
+}
+
+/// The EBS zone: for volumes whose request names none (controller), this node's (node).
+#[derive(Debug, Clone, Args)]
+pub struct EbsZoneArgs {
     /// Zone for volumes whose request names none (controller); this node's zone (node).
     /// From instance metadata when unset on a node.
     #[arg(long, env = "ZONE")]
     pub zone: Option<String>,
+}
 
+/// This node as EBS sees it (the roles that serve the Node service).
+#[derive(Debug, Clone, Args)]
+pub struct EbsNodeArgs {
     /// This node's EC2 instance id (from instance metadata when unset).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -132,33 +174,6 @@ pub struct EbsArgs {
     /// Where attached volumes appear by serial.
     #[arg(long, env = "BY_ID_DIR", default_value = "/dev/disk/by-id")]
     pub by_id_dir: PathBuf,
-
-    /// Attempts per EC2 call (standard retries with backoff).
-    #[arg(long, env = "EC2_MAX_ATTEMPTS", default_value_t = 3)]
-    pub ec2_max_attempts: u32,
-
-    /// Timeout of one EC2 call attempt.
-    #[arg(long, env = "EC2_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
-    pub ec2_timeout: Duration,
-}
-
-/// Which backends a role serves and their settings (the same for every role).
-#[derive(Debug, Clone, Args)]
-pub struct StorageArgs {
-    /// Storage backends to serve (repeatable or comma-separated); the first is the
-    /// default. EBS in `local` mode needs --ebs-endpoint (an emulator) or AWS credentials.
-    #[arg(
-        long = "backend",
-        env = "BACKENDS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "nfs"
-    )]
-    pub backends: Vec<BackendKind>,
-    #[command(flatten)]
-    pub nfs: NfsArgs,
-    #[command(flatten)]
-    pub ebs: EbsArgs,
 }
 
 /// How the controller reaches Kubernetes and the CSI driver it drives.
@@ -258,7 +273,15 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub storage: StorageArgs,
+    pub backends: BackendArgs,
+    #[command(flatten)]
+    pub nfs_export: NfsExportArgs,
+    #[command(flatten)]
+    pub nfs_client: NfsClientArgs,
+    #[command(flatten)]
+    pub ec2: Ec2Args,
+    #[command(flatten)]
+    pub ebs_zone: EbsZoneArgs,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -281,7 +304,13 @@ pub struct NodeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub storage: StorageArgs,
+    pub backends: BackendArgs,
+    #[command(flatten)]
+    pub nfs_export: NfsExportArgs,
+    #[command(flatten)]
+    pub ebs_zone: EbsZoneArgs,
+    #[command(flatten)]
+    pub ebs_node: EbsNodeArgs,
     /// This node's id: the Kubernetes node name for NFS; with EBS it must be the
     /// instance id (defaults to it).
     #[arg(long, env = "NODE_ID")]
@@ -306,7 +335,17 @@ pub struct LocalArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub storage: StorageArgs,
+    pub backends: BackendArgs,
+    #[command(flatten)]
+    pub nfs_export: NfsExportArgs,
+    #[command(flatten)]
+    pub nfs_client: NfsClientArgs,
+    #[command(flatten)]
+    pub ec2: Ec2Args,
+    #[command(flatten)]
+    pub ebs_zone: EbsZoneArgs,
+    #[command(flatten)]
+    pub ebs_node: EbsNodeArgs,
     /// This node's id; defaults to the host name.
     #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,
@@ -347,6 +386,7 @@ pub fn node_socket(kubelet_dir: &std::path::Path, driver_name: &str) -> PathBuf 
 
 /// `stowage bench`: CSI round trips against NFS or EBS, or `provision`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     /// NFS server (IP) to measure against; without it an embedded server in a temp dir.
     #[arg(long, requires = "nfs_share")]
@@ -363,11 +403,11 @@ pub struct BenchArgs {
 
     /// Measure the EBS backend instead: concurrent CreateVolume against this EC2
     /// endpoint (an emulator such as moto; credentials from the AWS environment).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["nfs_server", "nfs_share", "count", "warmup"])]
     pub ebs_endpoint: Option<String>,
 
     /// With --ebs-endpoint: how many CreateVolume calls run at once.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, requires = "ebs_endpoint")]
     pub volumes: usize,
 
     #[command(subcommand)]
@@ -403,6 +443,205 @@ pub struct ProvisionArgs {
     pub keep: bool,
 }
 
+/// Parse a command line: clap's own checks, then [`refuse_inapplicable`]. What
+/// `main`, the chart's tests and the flag tests all use.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    let (name, sub) = matches.subcommand().expect("a subcommand is required");
+    refuse_inapplicable(&cli.command, sub).map_err(|message| {
+        let mut sub_command = command
+            .find_subcommand_mut(name)
+            .expect("the parsed subcommand exists")
+            .clone();
+        clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, message).format(&mut sub_command)
+    })?;
+    Ok(cli)
+}
+
+/// Flags that do nothing in this command's configuration, each with why: a flag of a
+/// backend the role does not serve, a loop flag where no loops run, a leader-election
+/// flag without `--leader-election`, the embedded server's flags beside an export of
+/// one's own. Given on the command line, each is refused (the user meant something by
+/// it); from the environment it is left alone (a platform may set AWS_REGION or
+/// POD_NAME for every container).
+pub fn inapplicable(command: &Command) -> Vec<(&'static str, String)> {
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    let mut refuse = |ids: &[&'static str], why: String| {
+        out.extend(ids.iter().map(|id| (*id, why.clone())));
+    };
+    let nfs_export = &["nfs_server", "nfs_share"];
+    let nfs_client = &["nfs_timeout", "nfs_connections"];
+    let ec2 = &[
+        "region",
+        "ebs_endpoint",
+        "cluster_id",
+        "ec2_max_attempts",
+        "ec2_timeout",
+        "zone",
+    ];
+    let ebs_node = &[
+        "zone",
+        "instance_id",
+        "instance_type",
+        "max_volumes",
+        "by_id_dir",
+    ];
+    let not_served = |kind: &str, role: &str| {
+        format!(
+            "it applies to the {kind} backend, which this `{role}` does not serve (add it with --backend, or leave the flag out)"
+        )
+    };
+    match command {
+        Command::Controller(a) => {
+            if !a.backends.serves(BackendKind::Nfs) {
+                refuse(nfs_export, not_served("NFS", "controller"));
+                refuse(nfs_client, not_served("NFS", "controller"));
+            }
+            if !a.backends.serves(BackendKind::Ebs) {
+                refuse(ec2, not_served("EBS", "controller"));
+            }
+            kube_inapplicable(&a.kube, true, &mut refuse);
+        }
+        Command::Node(a) => {
+            if !a.backends.serves(BackendKind::Nfs) {
+                refuse(nfs_export, not_served("NFS", "node"));
+            }
+            if !a.backends.serves(BackendKind::Ebs) {
+                refuse(ebs_node, not_served("EBS", "node"));
+            }
+            if !a.kubelet_registration {
+                refuse(
+                    &["kubelet_registration_path"],
+                    "it is what stowage tells kubelet when it registers itself, and --kubelet-registration=false leaves registration to node-driver-registrar".into(),
+                );
+            }
+        }
+        Command::Local(a) => {
+            if !a.backends.serves(BackendKind::Nfs) {
+                refuse(nfs_export, not_served("NFS", "local"));
+                refuse(nfs_client, not_served("NFS", "local"));
+                refuse(&["data_dir", "nfs_bind"], not_served("NFS", "local"));
+            } else if a.nfs_export.nfs_server.is_some() {
+                refuse(
+                    &["data_dir", "nfs_bind"],
+                    "it configures the embedded NFS server, which does not start when --nfs-server/--nfs-share name an export of your own".into(),
+                );
+            }
+            if !a.backends.serves(BackendKind::Ebs) {
+                refuse(ec2, not_served("EBS", "local"));
+                refuse(ebs_node, not_served("EBS", "local"));
+            }
+            kube_inapplicable(&a.kube, false, &mut refuse);
+        }
+        Command::NfsServer(_) | Command::Bench(_) => {}
+    }
+    out
+}
+
+/// The loop flags that do nothing: all but --kubeconfig without loops (`--no-loops`,
+/// or `local` without --kubeconfig), the Lease's without --leader-election.
+fn kube_inapplicable(
+    kube: &KubeArgs,
+    loops_by_default: bool,
+    refuse: &mut impl FnMut(&[&'static str], String),
+) {
+    let leader = &[
+        "leader_election_namespace",
+        "leader_election_identity",
+        "leader_election_owner_uid",
+        "leader_election_lease_duration",
+        "leader_election_renew_deadline",
+        "leader_election_retry_period",
+    ];
+    let loops = &[
+        "csi_address",
+        "loops",
+        "leader_election",
+        "kube_api_qps",
+        "kube_api_burst",
+        "max_csi_calls",
+        "retry_interval_start",
+        "retry_interval_max",
+        "annotation_grace",
+        "csi_timeout",
+    ];
+    let runs_loops = if loops_by_default {
+        !kube.no_loops
+    } else {
+        kube.kubeconfig.is_some()
+    };
+    if !loops_by_default {
+        refuse(
+            &["no_loops"],
+            "`local` runs the Kubernetes loops only with --kubeconfig: leave both out to serve CSI alone".into(),
+        );
+    }
+    if !runs_loops {
+        let why = if loops_by_default {
+            "it configures the Kubernetes loops, which --no-loops turns off"
+        } else {
+            "it configures the Kubernetes loops, which `local` runs only with --kubeconfig"
+        };
+        refuse(loops, why.into());
+        refuse(leader, why.into());
+    } else if !kube.leader_election {
+        refuse(
+            leader,
+            "it configures the leader election, which runs only with --leader-election".into(),
+        );
+    }
+}
+
+/// Refuse each [`inapplicable`] flag given on the command line, naming it and why.
+fn refuse_inapplicable(command: &Command, matches: &clap::ArgMatches) -> Result<(), String> {
+    use clap::CommandFactory;
+    let root = Cli::command();
+    let sub_name = matches_name(command);
+    let sub = root
+        .find_subcommand(sub_name)
+        .expect("every Command has a subcommand");
+    let mut seen = std::collections::BTreeSet::new();
+    let refused: Vec<String> = inapplicable(command)
+        .into_iter()
+        .filter(|(id, _)| seen.insert(*id))
+        .filter(|(id, _)| {
+            matches.try_contains_id(id).unwrap_or(false)
+                && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .map(|(id, why)| {
+            let long = sub
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_long())
+                .unwrap_or(id);
+            format!("--{long} does nothing here: {why}")
+        })
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("\n"))
+    }
+}
+
+/// The subcommand's name on the command line.
+pub fn matches_name(command: &Command) -> &'static str {
+    match command {
+        Command::Controller(_) => "controller",
+        Command::Node(_) => "node",
+        Command::Local(_) => "local",
+        Command::NfsServer(_) => "nfs-server",
+        Command::Bench(_) => "bench",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,7 +660,7 @@ mod tests {
         };
         assert_eq!(args.data_dir, PathBuf::from("./stowage-data"));
         assert_eq!(args.common.driver_name, DEFAULT_DRIVER_NAME);
-        assert_eq!(args.storage.nfs.nfs_timeout, Duration::from_secs(10));
+        assert_eq!(args.nfs_client.nfs_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -436,6 +675,22 @@ mod tests {
             default_endpoint("node", "d.example"),
             "unix:///var/lib/kubelet/plugins/d.example/csi.sock"
         );
+    }
+
+    #[test]
+    fn every_flag_named_as_inapplicable_exists() {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        for name in ["controller", "node", "local"] {
+            let cli = parse_from(["stowage", name, "--backend", "ebs"]).unwrap();
+            let sub = root.find_subcommand(name).unwrap();
+            for (id, _) in inapplicable(&cli.command) {
+                assert!(
+                    sub.get_arguments().any(|a| a.get_id() == id),
+                    "`stowage {name}` has no argument {id}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! Here:
 //! - [`config`]: the command line (`controller`, `node`, `local`, `nfs-server`,
 //!   `bench`), every subcommand's flags.
+//! - [`settings`]: what a serving role runs with, resolved from its flags (pure).
 //! - [`run`]: wiring only: build backends, bind sockets, spawn tasks, shut down.
 //! - [`telemetry`], [`http`]: logs; `/metrics`, `/healthz`, `/readyz`.
 //! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod config;
 pub mod http;
 pub mod run;
+pub mod settings;
 pub mod telemetry;
 
 use config::Command;
@@ -32,11 +34,15 @@ use run::ShutdownSignals;
 /// Run one subcommand to its end. Serving roles catch SIGINT/SIGTERM before anything
 /// serves; a bench keeps the default action.
 pub async fn execute(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Controller(args) => run::controller(args, ShutdownSignals::new()?).await,
-        Command::Node(args) => run::node(args, ShutdownSignals::new()?).await,
-        Command::Local(args) => run::local(args, ShutdownSignals::new()?).await,
-        Command::NfsServer(args) => run::nfs_server(args, ShutdownSignals::new()?).await,
-        Command::Bench(args) => bench::run(args).await,
-    }
+    let serve = match &command {
+        Command::Controller(args) => settings::controller(args),
+        Command::Node(args) => settings::node(args),
+        Command::Local(args) => settings::local(args),
+        Command::NfsServer(args) => {
+            return run::nfs_server(args.clone(), ShutdownSignals::new()?).await;
+        }
+        Command::Bench(args) => return bench::run(bench::Bench::of(args)).await,
+    };
+    let serve = serve.map_err(anyhow::Error::msg)?;
+    run::serve(serve, ShutdownSignals::new()?).await
 }

@@ -1,8 +1,9 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = stowage::config::Cli::parse();
+    let cli = match stowage::config::parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     stowage::telemetry::init(cli.log_format);
     match stowage::execute(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

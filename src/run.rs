@@ -1,5 +1,6 @@
-//! Wiring only: build the backends for a role, bind the socket, serve, and shut down
-//! cleanly on SIGINT/SIGTERM (in-flight calls finish, the socket file is removed).
+//! Wiring only: from a role's resolved settings (`settings`, its only input) build
+//! the backends, bind the sockets, serve, and shut down cleanly on SIGINT/SIGTERM
+//! (in-flight calls finish, the socket files are removed).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,14 +10,12 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{
-    BackendKind, CommonArgs, ControllerArgs, EbsArgs, KubeArgs, LocalArgs, NfsArgs, NfsServerArgs,
-    NodeArgs, default_endpoint, node_socket,
-};
+use crate::config::NfsServerArgs;
+use crate::settings;
 use stowage_api::metrics::Metrics;
 use stowage_driver::backend::ebs::EbsBackend;
-use stowage_driver::backend::ebs::cloud::{Cloud, Ec2Settings};
-use stowage_driver::backend::ebs::metadata::{InstanceMetadata, KnownMetadata, metadata};
+use stowage_driver::backend::ebs::cloud::Cloud;
+use stowage_driver::backend::ebs::metadata::{InstanceMetadata, metadata};
 use stowage_driver::backend::nfs::{DefaultExport, NfsBackend, NfsConfig};
 use stowage_driver::backend::{Backend, Backends};
 use stowage_driver::csi::PluginInfo;
@@ -269,112 +268,96 @@ impl ShutdownSignals {
     }
 }
 
-fn client_config(nfs: &NfsArgs) -> ClientConfig {
-    ClientConfig {
-        call_timeout: nfs.nfs_timeout,
-        max_connections: nfs.nfs_connections,
-        privileged_port: nix::unistd::geteuid().is_root(),
-        ..ClientConfig::default()
-    }
-}
-
-/// The NFS backend with an optional default export from flags.
-async fn nfs_backend(
-    nfs: &NfsArgs,
-    local: Option<(NfsTarget, PathBuf)>,
-) -> anyhow::Result<NfsBackend> {
-    let default_export = match (local, &nfs.nfs_server, &nfs.nfs_share) {
-        (Some((target, dir)), _, _) => Some(DefaultExport {
-            target,
-            local_dir: Some(dir),
-        }),
-        (None, Some(server), Some(share)) => {
+/// The NFS backend; its default export resolved (a name looked up, the embedded
+/// server started: returned so it can be shut down).
+async fn nfs_backend(nfs: &settings::Nfs) -> anyhow::Result<(NfsBackend, Option<EmbeddedServer>)> {
+    let (default_export, embedded) = match &nfs.default_export {
+        None => (None, None),
+        Some(settings::Export::Remote { server, share }) => {
             let address = tokio::net::lookup_host((server.as_str(), 0))
                 .await
                 .with_context(|| format!("resolving --nfs-server {server}"))?
                 .next()
                 .with_context(|| format!("--nfs-server {server} has no address"))?
                 .ip();
-            Some(DefaultExport {
+            let export = DefaultExport {
                 target: NfsTarget {
                     server: address,
                     share: share.clone(),
                     port: None,
                 },
                 local_dir: None,
-            })
+            };
+            (Some(export), None)
         }
-        _ => None,
+        Some(settings::Export::Embedded { data_dir, bind }) => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("creating --data-dir {}", data_dir.display()))?;
+            let data_dir = std::fs::canonicalize(data_dir)?;
+            let server = EmbeddedServer::start(data_dir.clone(), *bind)
+                .await
+                .with_context(|| format!("starting the embedded NFS server on {bind}"))?;
+            let export = DefaultExport {
+                target: NfsTarget {
+                    server: server.local_addr().ip(),
+                    share: server.export_path().to_owned(),
+                    port: Some(server.local_addr().port()),
+                },
+                local_dir: Some(data_dir),
+            };
+            (Some(export), Some(server))
+        }
     };
-    Ok(NfsBackend::new(NfsConfig {
+    let client = ClientConfig {
+        privileged_port: nix::unistd::geteuid().is_root(),
+        ..nfs.client.clone().unwrap_or_default()
+    };
+    let backend = NfsBackend::new(NfsConfig {
         default_export,
-        client: client_config(nfs),
+        client,
         resolve_timeout: Duration::from_secs(5),
-    }))
+    });
+    Ok((backend, embedded))
 }
 
-fn socket(common: &CommonArgs, role: &str) -> anyhow::Result<PathBuf> {
-    let endpoint = common
-        .endpoint
-        .clone()
-        .unwrap_or_else(|| default_endpoint(role, &common.driver_name));
-    server::socket_path(&endpoint).map_err(anyhow::Error::msg)
-}
-
-fn ec2_settings(ebs: &EbsArgs) -> Ec2Settings {
-    Ec2Settings {
-        region: ebs.region.clone(),
-        endpoint: ebs.ebs_endpoint.clone(),
-        cluster_id: ebs.cluster_id.clone(),
-        max_attempts: ebs.ec2_max_attempts,
-        call_timeout: ebs.ec2_timeout,
-        ..Ec2Settings::default()
-    }
-}
-
-/// The backends a role serves, in the order given (the first is the default).
+/// The backends a role serves, in the order given (the first is the default), and the
+/// embedded NFS server when one was started for them.
 async fn backends(
-    kinds: &[BackendKind],
-    nfs: Option<NfsBackend>,
-    ebs: &EbsArgs,
-) -> anyhow::Result<Backends> {
-    let mut nfs = nfs;
-    let mut list: Vec<Arc<dyn Backend>> = Vec::new();
-    for kind in kinds {
-        match kind {
-            BackendKind::Nfs => {
-                if let Some(backend) = nfs.take() {
-                    list.push(Arc::new(backend));
-                }
+    list: &[settings::Backend],
+) -> anyhow::Result<(Backends, Option<EmbeddedServer>)> {
+    let mut embedded = None;
+    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+    for backend in list {
+        match backend {
+            settings::Backend::Nfs(nfs) => {
+                let (backend, server) = nfs_backend(nfs).await?;
+                embedded = server;
+                backends.push(Arc::new(backend));
             }
-            BackendKind::Ebs => {
-                let cloud = Arc::new(Cloud::new(ec2_settings(ebs)).await);
-                list.push(Arc::new(EbsBackend::new(cloud, ebs.zone.clone())));
+            settings::Backend::Ebs(ebs) => {
+                // The node makes no EC2 calls: a client with the defaults, never used.
+                let cloud = Cloud::new(ebs.ec2.clone().unwrap_or_default()).await;
+                backends.push(Arc::new(EbsBackend::new(Arc::new(cloud), ebs.zone.clone())));
             }
         }
     }
-    anyhow::ensure!(
-        !list.is_empty(),
-        "no backend configured (--backend nfs|ebs)"
-    );
-    Ok(Backends::new(list))
+    Ok((Backends::new(backends), embedded))
 }
 
 /// Node identity and limits: with EBS, the instance (flags first, then IMDSv2).
-async fn node_config(
-    kinds: &[BackendKind],
-    node_id: Option<String>,
-    ebs: &EbsArgs,
-) -> anyhow::Result<NodeConfig> {
-    let mut config = NodeConfig::new(node_id.clone().unwrap_or_default());
-    config.by_id_dir = ebs.by_id_dir.clone();
-    if kinds.contains(&BackendKind::Ebs) {
-        let known = KnownMetadata {
-            instance_id: ebs.instance_id.clone(),
-            zone: ebs.zone.clone(),
-            instance_type: ebs.instance_type.clone(),
-        };
-        let instance = metadata(&known)
+async fn node_config(role: settings::Role, node: &settings::Node) -> anyhow::Result<NodeConfig> {
+    let node_id = match (&node.node_id, &node.ebs) {
+        (Some(id), _) => id.clone(),
+        (None, None) if role == settings::Role::Local => {
+            nix::unistd::gethostname()?.to_string_lossy().into_owned()
+        }
+        (None, _) => String::new(),
+    };
+    let mut config = NodeConfig::new(node_id);
+    config.kubelet_dir = node.kubelet_dir.clone();
+    if let Some(ebs) = &node.ebs {
+        config.by_id_dir = ebs.by_id_dir.clone();
+        let instance = metadata(&ebs.known)
             .await
             .context("reading this node's instance metadata")?;
         let InstanceMetadata {
@@ -382,7 +365,7 @@ async fn node_config(
             zone,
             instance_type,
         } = instance;
-        if node_id.is_none() {
+        if node.node_id.is_none() {
             config.node_id = instance_id;
         }
         config.topology = Some(stowage_api::volume::Segments::from([(
@@ -397,32 +380,156 @@ async fn node_config(
     Ok(config)
 }
 
-pub async fn controller(args: ControllerArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
-    let nfs = nfs_backend(&args.storage.nfs, None).await?;
-    let running = start(Plan {
-        socket: socket(&args.common, "controller")?,
-        driver_name: args.common.driver_name.clone(),
-        backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
-        controller: true,
-        node: None,
-        mounter: Arc::new(SystemMounter::default()),
-        http_addr: args.common.http_addr,
-        shutdown_grace: args.common.shutdown_grace,
-    })
-    .await?;
-    tracing::info!(socket = %running.socket.display(), "controller serving");
-    if args.kube.no_loops {
-        return running.until_signal(signals).await;
+/// A serving role up and running: the CSI socket (and kubelet's registration socket),
+/// plus the embedded NFS server when `local` started one.
+pub struct Stack {
+    pub running: Running,
+    pub embedded: Option<EmbeddedServer>,
+    pub settings: settings::Serve,
+}
+
+impl Stack {
+    /// Stop serving and shut the embedded server down.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let result = self.running.stop().await;
+        if let Some(embedded) = self.embedded {
+            embedded.shutdown().await;
+        }
+        result
     }
-    let loops = start_loops(&args.kube, &running, &args.common.driver_name).await;
-    let loops = match loops {
-        Ok(loops) => loops,
+}
+
+/// Start a serving role (used by [`serve`] and by the tests): backends, the CSI socket,
+/// kubelet's registration. The loops are [`start_loops`]'.
+pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
+    let node = match &settings.node {
+        Some(node) => Some(node_config(settings.role, node).await?),
+        None => None,
+    };
+    let (backends, embedded) = backends(&settings.backends).await?;
+    let started = start(Plan {
+        socket: settings.socket.clone(),
+        driver_name: settings.driver_name.clone(),
+        backends,
+        controller: settings.controller(),
+        node,
+        mounter: Arc::new(SystemMounter::default()),
+        http_addr: settings.http_addr,
+        shutdown_grace: settings.shutdown_grace,
+    })
+    .await;
+    let mut running = match started {
+        Ok(running) => running,
         Err(e) => {
-            let _ = running.stop().await;
+            if let Some(embedded) = embedded {
+                embedded.shutdown().await;
+            }
             return Err(e);
         }
     };
-    serve_with_loops(running, Some(loops), signals).await
+    if let Some(settings::Node {
+        registration: Some(path),
+        kubelet_dir,
+        ..
+    }) = &settings.node
+    {
+        let endpoint = path.clone().unwrap_or_else(|| running.socket.clone());
+        let registration = KubeletRegistration::new(
+            &settings.driver_name,
+            &endpoint,
+            registration_socket(kubelet_dir, &settings.driver_name),
+            &running.metrics,
+        );
+        if let Err(e) = running.serve_registration(registration) {
+            running.stop().await?;
+            if let Some(embedded) = embedded {
+                embedded.shutdown().await;
+            }
+            return Err(e);
+        }
+    }
+    Ok(Stack {
+        running,
+        embedded,
+        settings,
+    })
+}
+
+/// Serve a role until SIGINT/SIGTERM (or until its loops fail).
+pub async fn serve(settings: settings::Serve, signals: ShutdownSignals) -> anyhow::Result<()> {
+    let stack = start_stack(settings).await?;
+    announce(&stack);
+    let loops = match &stack.settings.loops {
+        Some(loops) => {
+            match start_loops(loops, &stack.running, &stack.settings.driver_name).await {
+                Ok(loops) => Some(loops),
+                Err(e) => {
+                    let _ = stack.stop().await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let Stack {
+        running, embedded, ..
+    } = stack;
+    let result = serve_with_loops(running, loops, signals).await;
+    if let Some(embedded) = embedded {
+        embedded.shutdown().await;
+    }
+    result
+}
+
+/// What a starting role says: every role logs it; `local` also prints it (a person
+/// started it).
+fn announce(stack: &Stack) {
+    let settings = &stack.settings;
+    let socket = stack.running.socket.display();
+    let default_export = settings.nfs().and_then(|n| n.default_export.as_ref());
+    let export = match (&stack.embedded, default_export) {
+        (Some(embedded), _) => Some(format!(
+            "NFS export {}:{} → {} (embedded server)",
+            embedded.local_addr(),
+            embedded.export_path(),
+            embedded.dir().display()
+        )),
+        (None, Some(settings::Export::Remote { server, share })) => {
+            Some(format!("NFS export {server}:{share}"))
+        }
+        _ => None,
+    };
+    let kubelet_dir = settings
+        .node
+        .as_ref()
+        .map(|n| n.kubelet_dir.display().to_string());
+    tracing::info!(
+        %socket,
+        role = ?settings.role,
+        export = export.as_deref().unwrap_or("none"),
+        kubelet_dir = kubelet_dir.as_deref().unwrap_or(""),
+        http_addr = %stack.running.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        "serving"
+    );
+    if settings.role == settings::Role::Local {
+        let mut details: Vec<String> = export.into_iter().collect();
+        details.extend(kubelet_dir.map(|d| format!("node paths under {d}")));
+        println!(
+            "stowage local: CSI endpoint unix://{socket}  ({})",
+            details.join("; ")
+        );
+        if let Some(addr) = stack.running.http_addr {
+            println!("stowage local: metrics on http://{addr}/metrics");
+        }
+        if let Some(loops) = &settings.loops {
+            let config = loops
+                .kubeconfig
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "the in-cluster config".into());
+            println!("stowage local: provisioning for the cluster in {config}");
+        }
+    }
 }
 
 /// The Kubernetes loops running beside a CSI server.
@@ -442,11 +549,11 @@ impl KubeLoops {
 /// Start the provisioner/attacher/resizer loops per `args`, driving the CSI socket
 /// `--csi-address` (default: the process's own).
 pub async fn start_loops(
-    args: &KubeArgs,
+    args: &settings::Loops,
     running: &Running,
     driver_name: &str,
 ) -> anyhow::Result<KubeLoops> {
-    use stowage_loops::{LoopMetrics, Settings, csi_client::Csi, kube_client, leader, queue};
+    use stowage_loops::{LoopMetrics, Settings, csi_client::Csi, kube_client, leader};
     let config = kube_client::config(args.kubeconfig.as_deref()).await?;
     let metrics = LoopMetrics::register(&running.metrics);
     let kube = kube_client::client(
@@ -480,10 +587,7 @@ pub async fn start_loops(
         .unwrap_or_default();
     let settings = Settings {
         loops: args.loops.clone(),
-        backoff: queue::Backoff {
-            start: args.retry_interval_start,
-            max: args.retry_interval_max,
-        },
+        backoff: args.backoff,
         workers: args.max_csi_calls,
         annotation_grace: args.annotation_grace,
         identity: stowage_loops::rules::provisioner_identity(
@@ -497,37 +601,36 @@ pub async fn start_loops(
             .ok()
             .map(|s| s.trim().to_owned())
     });
-    let lease_namespace = args
-        .leader_election_namespace
-        .clone()
-        .or_else(|| pod_namespace.clone())
-        .unwrap_or_else(|| "default".to_owned());
-    let election = args.leader_election.then(|| leader::Election {
-        owner: match (
-            &args.leader_election_owner_uid,
-            &args.leader_election_identity,
-        ) {
-            (Some(uid), Some(pod))
-                if pod_namespace.as_deref() == Some(lease_namespace.as_str()) =>
-            {
-                Some(leader::PodOwner {
-                    name: pod.clone(),
-                    uid: uid.clone(),
-                })
-            }
-            _ => None,
-        },
-        namespace: lease_namespace,
-        name: csi.caps.driver_name.replace(['.', '/'], "-"),
-        identity: args.leader_election_identity.clone().unwrap_or_else(|| {
-            let host = nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "stowage".to_owned());
-            format!("{host}_{}", std::process::id())
-        }),
-        lease_duration: args.leader_election_lease_duration,
-        renew_deadline: args.leader_election_renew_deadline,
-        retry_period: args.leader_election_retry_period,
+    let election = args.leader.as_ref().map(|leader| {
+        let lease_namespace = leader
+            .namespace
+            .clone()
+            .or_else(|| pod_namespace.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        leader::Election {
+            owner: match (&leader.owner_uid, &leader.identity) {
+                (Some(uid), Some(pod))
+                    if pod_namespace.as_deref() == Some(lease_namespace.as_str()) =>
+                {
+                    Some(leader::PodOwner {
+                        name: pod.clone(),
+                        uid: uid.clone(),
+                    })
+                }
+                _ => None,
+            },
+            namespace: lease_namespace,
+            name: csi.caps.driver_name.replace(['.', '/'], "-"),
+            identity: leader.identity.clone().unwrap_or_else(|| {
+                let host = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "stowage".to_owned());
+                format!("{host}_{}", std::process::id())
+            }),
+            lease_duration: leader.lease_duration,
+            renew_deadline: leader.renew_deadline,
+            retry_period: leader.retry_period,
+        }
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(stowage_loops::run(
@@ -582,157 +685,6 @@ async fn serve_with_loops(
     };
     running.stop().await?;
     loops_result
-}
-
-pub async fn node(args: NodeArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
-    let kubelet_dir = std::path::absolute(&args.kubelet_dir)
-        .with_context(|| format!("--kubelet-dir {}", args.kubelet_dir.display()))?;
-    let driver_name = args.common.driver_name.clone();
-    let nfs = nfs_backend(&args.storage.nfs, None).await?;
-    let mut node = node_config(
-        &args.storage.backends,
-        args.node_id.clone(),
-        &args.storage.ebs,
-    )
-    .await?;
-    node.kubelet_dir = kubelet_dir.clone();
-    let node_id = node.node_id.clone();
-    let socket = match &args.common.endpoint {
-        Some(endpoint) => server::socket_path(endpoint).map_err(anyhow::Error::msg)?,
-        None => node_socket(&kubelet_dir, &driver_name),
-    };
-    let mut running = start(Plan {
-        socket,
-        driver_name: driver_name.clone(),
-        backends: backends(&args.storage.backends, Some(nfs), &args.storage.ebs).await?,
-        controller: false,
-        node: Some(node),
-        mounter: Arc::new(SystemMounter::default()),
-        http_addr: args.common.http_addr,
-        shutdown_grace: args.common.shutdown_grace,
-    })
-    .await?;
-    if args.kubelet_registration {
-        let endpoint = args
-            .kubelet_registration_path
-            .clone()
-            .unwrap_or_else(|| running.socket.clone());
-        let registration = KubeletRegistration::new(
-            &driver_name,
-            &endpoint,
-            registration_socket(&kubelet_dir, &driver_name),
-            &running.metrics,
-        );
-        if let Err(e) = running.serve_registration(registration) {
-            running.stop().await?;
-            return Err(e);
-        }
-    }
-    tracing::info!(
-        socket = %running.socket.display(),
-        node = %node_id,
-        kubelet_dir = %kubelet_dir.display(),
-        http_addr = %running.http_addr.map(|a| a.to_string()).unwrap_or_default(),
-        "node plugin serving"
-    );
-    running.until_signal(signals).await
-}
-
-/// `stowage local` up and running: the CSI socket plus the embedded NFS server.
-pub struct LocalStack {
-    pub running: Running,
-    pub nfs: EmbeddedServer,
-    /// The node service acts only on paths under this directory.
-    pub kubelet_dir: PathBuf,
-}
-
-/// Start `stowage local` (used by `main` and by the tests).
-pub async fn start_local(args: LocalArgs) -> anyhow::Result<LocalStack> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
-    let data_dir = std::fs::canonicalize(&args.data_dir)?;
-    let nfs = EmbeddedServer::start(data_dir.clone(), args.nfs_bind)
-        .await
-        .with_context(|| format!("starting the embedded NFS server on {}", args.nfs_bind))?;
-    let target = NfsTarget {
-        server: nfs.local_addr().ip(),
-        share: nfs.export_path().to_owned(),
-        port: Some(nfs.local_addr().port()),
-    };
-    let mut client_args = args.storage.nfs.clone();
-    client_args.nfs_server = None;
-    let nfs_backend = nfs_backend(&client_args, Some((target, data_dir))).await?;
-    let node_id = match args.node_id.clone() {
-        Some(id) => Some(id),
-        None if args.storage.backends.contains(&BackendKind::Ebs) => None,
-        None => Some(nix::unistd::gethostname()?.to_string_lossy().into_owned()),
-    };
-    let mut node = node_config(&args.storage.backends, node_id, &args.storage.ebs).await?;
-    let socket = socket(&args.common, "local")?;
-    let kubelet_dir = match &args.kubelet_dir {
-        Some(dir) => dir.clone(),
-        None => socket
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .context("the CSI socket has no directory")?,
-    };
-    node.kubelet_dir = std::path::absolute(&kubelet_dir)
-        .with_context(|| format!("--kubelet-dir {}", kubelet_dir.display()))?;
-    let node_kubelet_dir = node.kubelet_dir.clone();
-    let running = start(Plan {
-        socket,
-        driver_name: args.common.driver_name.clone(),
-        backends: backends(&args.storage.backends, Some(nfs_backend), &args.storage.ebs).await?,
-        controller: true,
-        node: Some(node),
-        mounter: Arc::new(SystemMounter::default()),
-        http_addr: args.common.http_addr,
-        shutdown_grace: args.common.shutdown_grace,
-    })
-    .await?;
-    Ok(LocalStack {
-        running,
-        nfs,
-        kubelet_dir: node_kubelet_dir,
-    })
-}
-
-pub async fn local(args: LocalArgs, signals: ShutdownSignals) -> anyhow::Result<()> {
-    let args_kube = args.kube.clone();
-    let driver_name = args.common.driver_name.clone();
-    let stack = start_local(args).await?;
-    println!(
-        "stowage local: CSI endpoint unix://{}  (NFS export {}:{} → {}; node paths under {})",
-        stack.running.socket.display(),
-        stack.nfs.local_addr(),
-        stack.nfs.export_path(),
-        stack.nfs.dir().display(),
-        stack.kubelet_dir.display()
-    );
-    if let Some(addr) = stack.running.http_addr {
-        println!("stowage local: metrics on http://{addr}/metrics");
-    }
-    let loops = match &args_kube.kubeconfig {
-        Some(_) if args_kube.no_loops => None,
-        Some(path) => {
-            println!(
-                "stowage local: provisioning for the cluster in {}",
-                path.display()
-            );
-            match start_loops(&args_kube, &stack.running, &driver_name).await {
-                Ok(loops) => Some(loops),
-                Err(e) => {
-                    let _ = stack.running.stop().await;
-                    stack.nfs.shutdown().await;
-                    return Err(e);
-                }
-            }
-        }
-        None => None,
-    };
-    let result = serve_with_loops(stack.running, loops, signals).await;
-    stack.nfs.shutdown().await;
-    result
 }
 
 /// `stowage nfs-server`: the embedded NFSv3 server alone, exporting one directory.

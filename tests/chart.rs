@@ -507,7 +507,7 @@ fn stowage_command_lines_exist_in_the_cli_and_parse() {
                     Err(e) => failures.push(format!("{at}: {e}")),
                     Ok(expanded) => {
                         let argv = std::iter::once("stowage".to_owned()).chain(expanded);
-                        if let Err(e) = Cli::command().try_get_matches_from(argv) {
+                        if let Err(e) = stowage::config::parse_from(argv) {
                             failures.push(format!("{at}: stowage rejects {args:?}:\n{e}"));
                         }
                     }
@@ -665,7 +665,7 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
         let argv = std::iter::once("stowage".to_owned())
             .chain(args.iter().map(|a| expand(a, &env).unwrap()));
         let stowage::config::Command::Node(node_args) =
-            <Cli as clap::Parser>::try_parse_from(argv).unwrap().command
+            stowage::config::parse_from(argv).unwrap().command
         else {
             panic!("{case}: not `stowage node`")
         };

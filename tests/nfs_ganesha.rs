@@ -5,6 +5,8 @@
 //! the node would mount.
 
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -521,4 +523,81 @@ async fn a_second_operation_on_a_busy_volume_is_aborted() {
     let volume = create(&mut c, "pvc-busy", &with(&base, &[])).await;
     delete(&mut c, &volume.volume_id).await;
     delete(&mut c, &warm.volume_id).await;
+}
+
+/// `stowage local --nfs-server --nfs-share` (the real binary) provisions into that
+/// export, starts no embedded server (no --data-dir made), and its node mounts the
+/// volume with `mount -t nfs` from that server (which this kernel cannot do: the
+/// error shows what was run) rather than binding a local directory (#25).
+#[tokio::test]
+async fn local_with_an_nfs_server_of_its_own_provisions_there() {
+    let Some(ganesha) = Ganesha::from_env("local_with_an_nfs_server_of_its_own_provisions_there")
+    else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .current_dir(dir.path())
+        .args([
+            "local",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .args([
+            "--nfs-server",
+            &ganesha.server,
+            "--nfs-share",
+            &ganesha.share,
+        ])
+        .args(["--node-id", "n1", "--shutdown-grace", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = process::Process(child);
+    let mut banner = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut banner,
+    )
+    .unwrap();
+    let export = format!("{}:{}", ganesha.server, ganesha.share);
+    assert!(
+        banner.contains(&export),
+        "the banner names the export: {banner}"
+    );
+    assert!(!banner.contains("embedded"), "{banner}");
+
+    let channel = channel::connect(&socket).await.unwrap();
+    let mut c = ControllerClient::new(channel.clone());
+    let volume = create(&mut c, "pvc-own-export", &[]).await;
+    assert!(
+        ganesha.share_dir.join("pvc-own-export").is_dir(),
+        "the volume's directory is on the export"
+    );
+    assert!(
+        !dir.path().join("stowage-data").exists(),
+        "no embedded server's data dir"
+    );
+    let target = dir.path().join("pods/p1/mount");
+    let err = NodeClient::new(channel)
+        .node_publish_volume(proto::NodePublishVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_capability()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("this kernel has no NFS client");
+    assert!(
+        err.message().contains("-t nfs")
+            && err.message().contains(&format!("{export}/pvc-own-export")),
+        "published by mounting the export: {}",
+        err.message()
+    );
+    delete(&mut c, &volume.volume_id).await;
+    assert!(!ganesha.share_dir.join("pvc-own-export").exists());
+    child.stop();
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::config::{BenchArgs, BenchKind};
+use std::net::IpAddr;
+
+use crate::config::{BenchArgs, BenchKind, ProvisionArgs};
 use crate::run::{Plan, start};
 use stowage_api::proto::csi::{
     self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
@@ -30,16 +32,53 @@ use stowage_nfs::server::EmbeddedServer;
 
 pub mod provision;
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchKind::Provision(provision)) = args.what {
-        return provision::run(provision).await;
+/// What `stowage bench` measures, resolved from its flags (clap refuses the flags of
+/// one kind given to another: `--volumes` without `--ebs-endpoint`, …).
+#[derive(Debug, Clone)]
+pub enum Bench {
+    /// CSI round trips against NFS: a server of one's own, or an embedded one.
+    Nfs {
+        server: Option<(IpAddr, String)>,
+        /// Measured operations per series and unmeasured ones before each.
+        count: usize,
+        warmup: usize,
+    },
+    /// Concurrent CreateVolume against an EC2 endpoint.
+    Ebs { endpoint: String, volumes: usize },
+    /// Claims → Bound against a cluster.
+    Provision(ProvisionArgs),
+}
+
+impl Bench {
+    pub fn of(args: &BenchArgs) -> Bench {
+        match (&args.what, &args.ebs_endpoint) {
+            (Some(BenchKind::Provision(provision)), _) => Bench::Provision(provision.clone()),
+            (None, Some(endpoint)) => Bench::Ebs {
+                endpoint: endpoint.clone(),
+                volumes: args.volumes,
+            },
+            (None, None) => Bench::Nfs {
+                server: args.nfs_server.zip(args.nfs_share.clone()),
+                count: args.count,
+                warmup: args.warmup,
+            },
+        }
     }
-    if let Some(endpoint) = args.ebs_endpoint.clone() {
-        return ebs(&endpoint, args.volumes).await;
-    }
+}
+
+pub async fn run(bench: Bench) -> anyhow::Result<()> {
+    let (server, count, warmup) = match bench {
+        Bench::Provision(provision) => return provision::run(provision).await,
+        Bench::Ebs { endpoint, volumes } => return ebs(&endpoint, volumes).await,
+        Bench::Nfs {
+            server,
+            count,
+            warmup,
+        } => (server, count, warmup),
+    };
     let scratch = tempfile::tempdir()?;
-    let (embedded, target, label) = match (args.nfs_server, &args.nfs_share) {
-        (Some(server), Some(share)) => {
+    let (embedded, target, label) = match server {
+        Some((server, share)) => {
             let target = NfsTarget {
                 server,
                 share: share.clone(),
@@ -83,7 +122,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(5),
     })
     .await?;
-    let (socket, bench_args) = (running.socket.clone(), args.clone());
+    let socket = running.socket.clone();
     let measured = on_client_thread(async move {
         let mut clients = Clients {
             raw: NfsClient::new(target, client_config),
@@ -93,7 +132,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             echo: start_echo()?,
             record: raw_record(),
         };
-        clients.interleaved(&bench_args).await
+        clients.interleaved(count, warmup).await
     })
     .await;
     running.stop().await?;
@@ -104,7 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     println!(
         "stowage bench: {label}, {} measured ops per series after {} warm-up, interleaved",
-        args.count, args.warmup
+        count, warmup
     );
     println!(
         "{:<34} {:>10} {:>10} {:>12}",
@@ -270,21 +309,21 @@ fn start_echo() -> anyhow::Result<tokio::net::UnixStream> {
 
 impl Clients {
     /// `warmup + count` rounds of one sample of every series.
-    async fn interleaved(&mut self, args: &BenchArgs) -> anyhow::Result<Vec<Series>> {
+    async fn interleaved(&mut self, count: usize, warmup: usize) -> anyhow::Result<Vec<Series>> {
         self.raw.create_dir_all(&[RAW_DIR], 0o755, None).await?;
         let mut all: Vec<Series> = OPS
             .iter()
             .map(|&op| Series {
                 op,
-                samples: Vec::with_capacity(args.count),
+                samples: Vec::with_capacity(count),
                 pairs_time: Duration::ZERO,
             })
             .collect();
-        for i in 0..args.warmup + args.count {
+        for i in 0..warmup + count {
             for series in &mut all {
                 let started = Instant::now();
                 let measured = self.sample(series.op, i).await?;
-                if i >= args.warmup {
+                if i >= warmup {
                     series.samples.push(measured);
                     series.pairs_time += started.elapsed();
                 }

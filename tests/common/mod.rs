@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use stowage::config::{Cli, Command};
-use stowage::run::{LocalStack, start_local};
+use stowage::config::Command;
+use stowage::run::{Stack, start_stack};
 use stowage_api::proto::csi::{
     self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
     node_client::NodeClient, volume_capability as vc,
@@ -18,7 +18,7 @@ pub const GIB: i64 = 1 << 30;
 
 /// A running `stowage local` in a temp dir.
 pub struct Local {
-    pub stack: LocalStack,
+    pub stack: Stack,
     pub dir: tempfile::TempDir,
     pub channel: Channel,
 }
@@ -35,7 +35,7 @@ impl Local {
         let socket = dir.path().join("csi.sock");
         let data = dir.path().join("data");
         let kubelet_dir = kubelet_dir(dir.path());
-        let cli = Cli::try_parse_from_args(&[
+        let cli = stowage::config::parse_from([
             "stowage",
             "local",
             "--endpoint",
@@ -48,11 +48,13 @@ impl Local {
             "5s",
             "--kubelet-dir",
             kubelet_dir.to_str().unwrap(),
-        ]);
+        ])
+        .expect("valid test arguments");
         let Command::Local(args) = cli.command else {
             unreachable!()
         };
-        let stack = start_local(args).await.expect("stowage local starts");
+        let settings = stowage::settings::local(&args).expect("settings");
+        let stack = start_stack(settings).await.expect("stowage local starts");
         let channel = channel::connect(&socket).await.expect("connect to socket");
         Local {
             stack,
@@ -79,19 +81,8 @@ impl Local {
 
     pub async fn stop(self) {
         let socket = self.stack.running.socket.clone();
-        self.stack.running.stop().await.unwrap();
-        self.stack.nfs.shutdown().await;
+        self.stack.stop().await.unwrap();
         assert!(!socket.exists(), "socket removed on shutdown");
-    }
-}
-
-trait ParseArgs {
-    fn try_parse_from_args(args: &[&str]) -> Cli;
-}
-
-impl ParseArgs for Cli {
-    fn try_parse_from_args(args: &[&str]) -> Cli {
-        <Cli as clap::Parser>::try_parse_from(args).expect("valid test arguments")
     }
 }
 

@@ -111,7 +111,7 @@ would keep only the last one applied, and `helm install` would not say so. */}}
 {{ include "stowage.nfsServerName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
 {{- end -}}
 
-{{/* Flags every stowage CSI role shares: driver, backends, NFS default export, EBS. */}}
+{{/* Flags every stowage CSI role shares: driver, backends, the NFS default export. */}}
 {{- define "stowage.storageArgs" -}}
 - --driver-name={{ .Values.driverName }}
 - --log-format={{ .Values.logFormat }}
@@ -120,11 +120,19 @@ would keep only the last one applied, and `helm install` would not say so. */}}
 {{- if not (and .Values.nfs.server .Values.nfs.share) }}
 {{- fail "nfs.server and nfs.share: set both (the default export) or neither" }}
 {{- end }}
+{{- if has "nfs" .Values.backends }}
 - --nfs-server={{ .Values.nfs.server }}
 - --nfs-share={{ .Values.nfs.share }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Flags of the backends' clients: only the controller calls NFS and EC2. */}}
+{{- define "stowage.clientArgs" -}}
+{{- if has "nfs" .Values.backends }}
 - --nfs-timeout={{ .Values.nfs.timeout }}
 - --nfs-connections={{ .Values.nfs.connections }}
+{{- end }}
 {{- if has "ebs" .Values.backends }}
 {{- with .Values.ebs.region }}
 - --region={{ . }}

@@ -316,6 +316,7 @@ async fn nfs_backend(nfs: &settings::Nfs) -> anyhow::Result<(NfsBackend, Option<
         default_export,
         client,
         resolve_timeout: Duration::from_secs(5),
+        copy_wait: stowage_driver::backend::nfs::DEFAULT_COPY_WAIT,
     });
     Ok((backend, embedded))
 }

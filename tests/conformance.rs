@@ -68,6 +68,10 @@ async fn controller_and_node_capabilities_are_exactly_what_is_implemented() {
         Type::CreateDeleteVolume as i32,
         Type::ListVolumes as i32,
         Type::GetCapacity as i32,
+        Type::ExpandVolume as i32,
+        Type::CreateDeleteSnapshot as i32,
+        Type::ListSnapshots as i32,
+        Type::CloneVolume as i32,
     ];
     expected.sort();
     assert_eq!(rpcs, expected);

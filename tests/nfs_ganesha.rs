@@ -97,6 +97,7 @@ impl Fixture {
                 ..ClientConfig::default()
             },
             resolve_timeout: Duration::from_secs(5),
+            copy_wait: stowage_driver::backend::nfs::DEFAULT_COPY_WAIT,
         });
         let running = start(Plan {
             socket: dir.path().join("csi.sock"),

@@ -44,6 +44,7 @@ async fn killed_server_fails_fast_without_spinning_and_recovers() {
             ..ClientConfig::default()
         },
         resolve_timeout: Duration::from_secs(5),
+        copy_wait: stowage_driver::backend::nfs::DEFAULT_COPY_WAIT,
     });
     let running = start(Plan {
         socket: dir.path().join("csi.sock"),

@@ -108,6 +108,7 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
         }),
         client: client_config.clone(),
         resolve_timeout: Duration::from_secs(5),
+        copy_wait: stowage_driver::backend::nfs::DEFAULT_COPY_WAIT,
     };
     let running = start(Plan {
         socket: scratch.path().join("csi.sock"),
@@ -263,6 +264,7 @@ fn raw_record() -> String {
             owner: None,
             on_delete: OnDelete::Delete,
         },
+        source: None,
     }
     .encode()
 }

@@ -6,7 +6,7 @@
 
 use crate::proto::csi as proto;
 use crate::proto::csi::volume_capability::access_mode::Mode;
-use crate::volume::{AccessMode, Volume};
+use crate::volume::{AccessMode, ContentSource, Volume};
 
 /// Kubernetes' access mode names, in the order error messages list them.
 pub const KUBERNETES_ACCESS_MODES: [&str; 4] = [
@@ -60,12 +60,7 @@ pub fn access_mode_from_proto(mode: i32) -> Option<AccessMode> {
 
 /// The domain volume as CSI's `Volume` (capacity saturates at `i64::MAX`).
 pub fn volume_to_proto(volume: Volume) -> proto::Volume {
-    use proto::volume_content_source::{SnapshotSource, Type};
-    let content_source = volume
-        .source_snapshot
-        .map(|snapshot_id| proto::VolumeContentSource {
-            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id })),
-        });
+    let content_source = volume.source.map(source_to_proto);
     proto::Volume {
         capacity_bytes: i64::try_from(volume.capacity_bytes).unwrap_or(i64::MAX),
         volume_id: volume.id,
@@ -83,13 +78,7 @@ pub fn volume_to_proto(volume: Volume) -> proto::Volume {
 
 /// CSI's `Volume` as the domain one (a negative capacity reads as 0, unknown).
 pub fn volume_from_proto(volume: proto::Volume) -> Volume {
-    use proto::volume_content_source::Type;
-    let source_snapshot = volume
-        .content_source
-        .and_then(|source| match source.r#type {
-            Some(Type::Snapshot(snapshot)) => Some(snapshot.snapshot_id),
-            _ => None,
-        });
+    let source = volume.content_source.and_then(source_from_proto);
     Volume {
         id: volume.volume_id,
         capacity_bytes: u64::try_from(volume.capacity_bytes).unwrap_or(0),
@@ -99,7 +88,27 @@ pub fn volume_from_proto(volume: proto::Volume) -> Volume {
             .into_iter()
             .map(|t| t.segments.into_iter().collect())
             .collect(),
-        source_snapshot,
+        source,
+    }
+}
+
+/// A content source as CSI sends it.
+pub fn source_to_proto(source: ContentSource) -> proto::VolumeContentSource {
+    use proto::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    proto::VolumeContentSource {
+        r#type: Some(match source {
+            ContentSource::Snapshot(snapshot_id) => Type::Snapshot(SnapshotSource { snapshot_id }),
+            ContentSource::Volume(volume_id) => Type::Volume(VolumeSource { volume_id }),
+        }),
+    }
+}
+
+/// CSI's content source as the domain one (`None` when it names neither kind).
+pub fn source_from_proto(source: proto::VolumeContentSource) -> Option<ContentSource> {
+    use proto::volume_content_source::Type;
+    match source.r#type? {
+        Type::Snapshot(snapshot) => Some(ContentSource::Snapshot(snapshot.snapshot_id)),
+        Type::Volume(volume) => Some(ContentSource::Volume(volume.volume_id)),
     }
 }
 
@@ -149,7 +158,7 @@ mod tests {
                 "topology.ebs.csi.aws.com/zone".to_owned(),
                 "us-east-1a".to_owned(),
             )])],
-            source_snapshot: Some("snap-1".into()),
+            source: Some(ContentSource::Snapshot("snap-1".into())),
         };
         assert_eq!(volume_from_proto(volume_to_proto(volume.clone())), volume);
         let huge = Volume {

@@ -85,8 +85,17 @@ pub struct CreateRequest {
     pub accessibility: Accessibility,
     /// Credentials passed with the request (never logged).
     pub secrets: BTreeMap<String, String>,
-    /// Create the volume from this snapshot id.
-    pub source_snapshot: Option<String>,
+    /// Create the volume from a snapshot, or as a clone of a volume.
+    pub source: Option<ContentSource>,
+}
+
+/// What a new volume's contents come from (CSI `VolumeContentSource`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentSource {
+    /// A snapshot id.
+    Snapshot(String),
+    /// A volume id: the new volume is a clone of it.
+    Volume(String),
 }
 
 /// A point-in-time copy of a volume.
@@ -109,8 +118,8 @@ pub struct Volume {
     pub context: BTreeMap<String, String>,
     /// Where the volume can be used from; empty = everywhere.
     pub topology: Vec<Segments>,
-    /// The snapshot the volume was created from.
-    pub source_snapshot: Option<String>,
+    /// The snapshot or volume the volume was created from.
+    pub source: Option<ContentSource>,
 }
 
 /// Filesystem usage of a published volume.

@@ -914,7 +914,7 @@ mod tests {
             capacity_bytes: 2 << 30,
             context: BTreeMap::from([("server".to_owned(), "nfs.local".to_owned())]),
             topology: vec![],
-            source_snapshot: None,
+            source: None,
         }
     }
 

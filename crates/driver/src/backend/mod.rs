@@ -147,8 +147,19 @@ pub trait Backend: Send + Sync {
         BTreeMap::new()
     }
 
+    /// Can this backend make a volume from another volume (CLONE_VOLUME)?
+    fn can_clone(&self) -> bool {
+        false
+    }
+
     /// Can volumes of this backend grow (ControllerExpandVolume)?
     fn can_expand(&self) -> bool {
+        false
+    }
+
+    /// Must the node grow something after the controller grew a volume (a filesystem
+    /// on a block device: NodeExpandVolume)?
+    fn expands_on_node(&self) -> bool {
         false
     }
 
@@ -297,9 +308,19 @@ impl Backends {
             .map(Arc::clone)
     }
 
+    /// Can any configured backend clone volumes?
+    pub fn any_clone(&self) -> bool {
+        self.backends.iter().any(|b| b.can_clone())
+    }
+
     /// Can any configured backend expand volumes?
     pub fn any_expand(&self) -> bool {
         self.backends.iter().any(|b| b.can_expand())
+    }
+
+    /// Does any configured backend grow volumes on the node too?
+    pub fn any_node_expand(&self) -> bool {
+        self.backends.iter().any(|b| b.expands_on_node())
     }
 
     /// Does any configured backend need NodeStage?

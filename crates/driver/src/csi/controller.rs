@@ -56,6 +56,9 @@ fn capabilities(backends: &Backends) -> Vec<csc::rpc::Type> {
         rpcs.push(csc::rpc::Type::CreateDeleteSnapshot);
         rpcs.push(csc::rpc::Type::ListSnapshots);
     }
+    if backends.any_clone() {
+        rpcs.push(csc::rpc::Type::CloneVolume);
+    }
     rpcs
 }
 

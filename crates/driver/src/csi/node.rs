@@ -494,11 +494,11 @@ impl NodeService {
             .as_ref()
             .map(validate::capability)
             .transpose()?;
-        if self.backends.for_volume(volume_id).is_none() {
+        let Some(backend) = self.backends.for_volume(volume_id) else {
             return Err(Status::not_found(format!(
                 "volume {volume_id} does not exist"
             )));
-        }
+        };
         validate::node_path("volume_path", &request.volume_path).map_err(|_| {
             Status::not_found(format!(
                 "volume {volume_id} is not published at {:?}",
@@ -511,7 +511,8 @@ impl NodeService {
             .inflight
             .try_claim(volume_id)
             .ok_or_else(|| busy(volume_id))?;
-        if !block {
+        // A volume with nothing to grow on the node (an NFS directory) is done.
+        if !block && backend.expands_on_node() {
             let mountinfo = tokio::fs::read_to_string("/proc/self/mountinfo")
                 .await
                 .map_err(|e| internal("reading the mount table", e))?;
@@ -542,7 +543,7 @@ impl NodeService {
         if self.backends.any_stage() {
             rpcs.push(nsc::rpc::Type::StageUnstageVolume);
         }
-        if self.backends.any_expand() {
+        if self.backends.any_node_expand() {
             rpcs.push(nsc::rpc::Type::ExpandVolume);
         }
         rpcs

@@ -8,7 +8,7 @@ use tonic::Status;
 
 use super::proto::{self, volume_capability as vc};
 use stowage_api::convert::access_mode_from_proto;
-use stowage_api::volume::{AccessType, Capability, CapacityRange, CreateRequest};
+use stowage_api::volume::{AccessType, Capability, CapacityRange, ContentSource, CreateRequest};
 
 /// Longest volume id or name accepted (ids end up in paths and API objects).
 const MAX_ID_LEN: usize = 1024;
@@ -125,24 +125,22 @@ pub fn create_volume(request: &proto::CreateVolumeRequest) -> Result<CreateReque
     let capabilities = capabilities(&request.volume_capabilities)?;
     let capacity = capacity_range(request.capacity_range.as_ref())?;
     use proto::volume_content_source::Type as Source;
-    let source_snapshot = match request
+    let source = match request
         .volume_content_source
         .as_ref()
         .and_then(|s| s.r#type.as_ref())
     {
         None if request.volume_content_source.is_none() => None,
-        Some(Source::Snapshot(snapshot)) => Some(
+        Some(Source::Snapshot(snapshot)) => Some(ContentSource::Snapshot(
             required(
                 "volume_content_source.snapshot.snapshot_id",
                 &snapshot.snapshot_id,
             )?
             .to_owned(),
-        ),
-        Some(Source::Volume(_)) => {
-            return Err(Status::invalid_argument(
-                "cloning volumes (volume_content_source.volume) is not supported; create a snapshot and a volume from it",
-            ));
-        }
+        )),
+        Some(Source::Volume(volume)) => Some(ContentSource::Volume(
+            required("volume_content_source.volume.volume_id", &volume.volume_id)?.to_owned(),
+        )),
         None => {
             return Err(Status::invalid_argument(
                 "volume_content_source has no type",
@@ -171,7 +169,7 @@ pub fn create_volume(request: &proto::CreateVolumeRequest) -> Result<CreateReque
         parameters,
         accessibility,
         secrets: to_btree(&request.secrets),
-        source_snapshot,
+        source,
     })
 }
 

@@ -27,6 +27,8 @@
 //! - **Symbolic links as small records**: one `SYMLINK` writes a target text
 //!   atomically (`AlreadyExists` if the name is taken), `READLINK` reads it back;
 //!   the backend keeps its per-volume records this way.
+//! - **Copying a tree** (`copy.rs`): directories, files and symlinks, page by page
+//!   and chunk by chunk, for snapshots and clones.
 //! - **Idempotency that doesn't trust the server**: `create_dir_all` looks up
 //!   before it creates (some servers create duplicate entries instead of answering
 //!   `NFS3ERR_EXIST`) and re-checks after `EXIST`; `remove_all` treats entries
@@ -81,6 +83,7 @@ const MAX_RMDIR_ATTEMPTS: u32 = 5;
 mod attr;
 mod config;
 mod connection;
+mod copy;
 mod error;
 mod path;
 mod pool;
@@ -90,6 +93,7 @@ mod transport;
 
 pub use attr::{Attr, FileKind, FsStat, Mkdir};
 pub use config::{ClientConfig, NfsTarget};
+pub use copy::{COPY_CHUNK, Copied};
 pub use error::NfsError;
 pub use path::validate_component;
 pub use pool::NfsClient;
@@ -246,6 +250,37 @@ impl NfsClient {
             nfsstat3::NFS3ERR_NOENT => Err(NfsError::NotFound { path: from_path }),
             other => Err(status_error("RENAME", &from_path, other)),
         }
+    }
+
+    /// Rename the non-directory `from` onto `to`, replacing what `to` names (RENAME's
+    /// own atomic replace): how a small record is rewritten without a moment where
+    /// neither the old nor the new one exists. `NotFound` if `from` is missing.
+    pub async fn replace(&self, from: &[&str], to: &[&str]) -> Result<(), NfsError> {
+        validate_non_root(from)?;
+        validate_non_root(to)?;
+        let (from_parent, from_name) = from.split_at(from.len() - 1);
+        let (to_parent, to_name) = to.split_at(to.len() - 1);
+        let from_path = join(from);
+        let result = async {
+            let mut conn = self.lease().await?;
+            let from_dir = conn.walk_dir(from_parent).await?;
+            let to_dir = conn.walk_dir(to_parent).await?;
+            match conn
+                .rename_once(
+                    &from_dir,
+                    from_name[0].as_bytes(),
+                    &to_dir,
+                    to_name[0].as_bytes(),
+                )
+                .await?
+            {
+                nfsstat3::NFS3_OK => Ok(()),
+                nfsstat3::NFS3ERR_NOENT => Err(NfsError::NotFound { path: from_path }),
+                other => Err(status_error("RENAME", &from_path, other)),
+            }
+        }
+        .await;
+        self.stale_checked(result)
     }
 
     /// [`create_dir`](Self::create_dir) once, without the stale-handle retry.

@@ -1083,3 +1083,125 @@ async fn ganesha() {
         .expect("root");
     println!("ganesha back: stat ok");
 }
+
+/// A tree on the embedded server's disk, copied over the wire: contents (across
+/// chunks and READDIRPLUS pages), modes, owners, times and symlinks (copied as links,
+/// never followed) arrive; a FIFO is skipped; an existing destination is refused.
+#[tokio::test]
+async fn copy_tree_copies_contents_modes_owners_times_and_links() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+    use std::path::Path;
+    use std::sync::atomic::AtomicU64;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED copy_tree test: needs root (chown)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let src = data.join("src");
+    std::fs::create_dir_all(src.join("deep/er")).unwrap();
+    let big: Vec<u8> = (0..(COPY_CHUNK as usize * 2 + 1234))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    std::fs::write(src.join("big"), &big).unwrap();
+    std::fs::write(src.join("deep/er/small"), b"hello").unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+    for i in 0..1500 {
+        std::fs::write(src.join(format!("many-{i:04}")), i.to_string()).unwrap();
+    }
+    symlink("/etc/passwd", src.join("abs-link")).unwrap();
+    symlink("deep/er/small", src.join("rel-link")).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(src.join("big"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    nix::unistd::chown(
+        &src.join("deep/er/small"),
+        Some(nix::unistd::Uid::from_raw(1234)),
+        Some(nix::unistd::Gid::from_raw(4321)),
+    )
+    .unwrap();
+    std::fs::set_permissions(src.join("deep/er"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(src.join("big"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+
+    let server = crate::server::EmbeddedServer::start(
+        data.clone(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+    )
+    .await
+    .unwrap();
+    let client = NfsClient::new(
+        NfsTarget {
+            server: server.local_addr().ip(),
+            share: server.export_path().to_owned(),
+            port: Some(server.local_addr().port()),
+        },
+        ClientConfig::default(),
+    );
+    let progress = AtomicU64::new(0);
+    let copied = client
+        .copy_tree(&["src"], &["dst"], &progress)
+        .await
+        .unwrap();
+    let dst = std::fs::canonicalize(&data).unwrap().join("dst");
+    assert_eq!(copied.files, 1500 + 3);
+    assert_eq!(copied.symlinks, 2);
+    assert_eq!(copied.dirs, 3);
+    assert_eq!(copied.skipped, 1, "the FIFO");
+    assert_eq!(
+        copied.bytes,
+        progress.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(std::fs::read(dst.join("big")).unwrap(), big);
+    assert_eq!(std::fs::read(dst.join("deep/er/small")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("many-1499")).unwrap(),
+        "1499"
+    );
+    assert_eq!(std::fs::read_dir(&dst).unwrap().count(), 1500 + 5);
+    assert_eq!(
+        std::fs::read_link(dst.join("abs-link")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(
+        std::fs::read_link(dst.join("rel-link")).unwrap(),
+        Path::new("deep/er/small")
+    );
+    assert!(!dst.join("fifo").exists());
+    let meta = |p: &str| std::fs::symlink_metadata(dst.join(p)).unwrap();
+    assert_eq!(meta("big").mode() & 0o7777, 0o640);
+    assert_eq!(meta("big").modified().unwrap(), old);
+    assert_eq!(
+        (meta("deep/er/small").uid(), meta("deep/er/small").gid()),
+        (1234, 4321)
+    );
+    assert_eq!(
+        meta("deep/er").mode() & 0o7777,
+        0o555,
+        "read-only directory closed last"
+    );
+    assert_eq!(
+        std::fs::read(src.join("big")).unwrap(),
+        big,
+        "the source is untouched"
+    );
+    let again = client.copy_tree(&["src"], &["dst"], &progress).await;
+    assert!(
+        matches!(again, Err(NfsError::AlreadyExists { .. })),
+        "{again:?}"
+    );
+    let missing = client.copy_tree(&["nope"], &["dst2"], &progress).await;
+    assert!(
+        matches!(missing, Err(NfsError::NotFound { .. })),
+        "{missing:?}"
+    );
+    server.shutdown().await;
+}

@@ -26,7 +26,8 @@ use self::cloud::{Cloud, CloudVolume, Want};
 use self::params::{EbsSpec, FsOptions};
 use super::{Backend, BackendError, NodeSource};
 use stowage_api::volume::{
-    AccessType, Capability, CapacityRange, CreateRequest, GIB, Segments, Snapshot, Volume,
+    AccessType, Capability, CapacityRange, ContentSource, CreateRequest, GIB, Segments, Snapshot,
+    Volume,
 };
 
 /// The topology key for the zone (what Kubernetes nodes are labelled with).
@@ -110,7 +111,11 @@ impl EbsBackend {
             capacity_bytes: volume.size_gib * GIB,
             context: fs.to_context(),
             topology: vec![Segments::from([(ZONE_KEY.to_owned(), volume.zone.clone())])],
-            source_snapshot: volume.tags.get(SOURCE_SNAPSHOT_TAG).cloned(),
+            source: volume
+                .tags
+                .get(SOURCE_SNAPSHOT_TAG)
+                .cloned()
+                .map(ContentSource::Snapshot),
         }
     }
 
@@ -227,6 +232,10 @@ impl Backend for EbsBackend {
     }
 
     fn can_expand(&self) -> bool {
+        true
+    }
+
+    fn expands_on_node(&self) -> bool {
         true
     }
 
@@ -387,7 +396,16 @@ impl Backend for EbsBackend {
             &request.parameters,
             capability_fs_type(&request.capabilities),
         )?;
-        if let Some(snapshot_id) = &request.source_snapshot {
+        let source_snapshot = match &request.source {
+            None => None,
+            Some(ContentSource::Snapshot(id)) => Some(id.clone()),
+            Some(ContentSource::Volume(id)) => {
+                return Err(BackendError::InvalidParameter(format!(
+                    "EBS volumes can't be cloned yet (asked to clone {id}): snapshot it and create the volume from the snapshot"
+                )));
+            }
+        };
+        if let Some(snapshot_id) = &source_snapshot {
             let snapshot = self.cloud.snapshot(snapshot_id).await?.ok_or_else(|| {
                 BackendError::NotFound(format!("snapshot {snapshot_id} does not exist"))
             })?;
@@ -447,12 +465,7 @@ impl Backend for EbsBackend {
             None => {
                 let created = self
                     .cloud
-                    .create(
-                        &request.name,
-                        &spec,
-                        &zone,
-                        request.source_snapshot.as_deref(),
-                    )
+                    .create(&request.name, &spec, &zone, source_snapshot.as_deref())
                     .await;
                 match created {
                     Ok(created) => {
@@ -484,8 +497,8 @@ impl Backend for EbsBackend {
             ready
         };
         let mut result = Self::volume(&volume, &spec.fs);
-        if result.source_snapshot.is_none() {
-            result.source_snapshot = request.source_snapshot.clone();
+        if result.source.is_none() {
+            result.source = request.source.clone();
         }
         Ok(result)
     }

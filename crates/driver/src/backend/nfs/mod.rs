@@ -4,6 +4,14 @@
 //! - `params`: StorageClass parameters → a checked [`params::Placement`].
 //! - `volume_id`: the id format that carries everything delete and the node need.
 //! - `records`: per-export record index that makes CreateVolume idempotent by name.
+//! - `snapshots`: snapshot ids, records and their layout on the export (copies of the
+//!   tree made over the wire); `copies`: the copies under way (snapshots, restores,
+//!   clones), which outlast the CSI call that started them.
+//!
+//! Restores and clones copy the source tree into `.stowage-work/clone-<name>`, rename
+//! the finished copy into the volume's place and write the record last; a call that
+//! finds the copy still going answers UNAVAILABLE with its progress (the caller
+//! retries). Expansion only records the new capacity: an NFS directory has no quota.
 //!
 //! The NFSv3 protocol work (connection pool, timeouts, traversal-proof path walking;
 //! the embedded server behind `stowage local`) is the `stowage-nfs` crate's.
@@ -20,8 +28,10 @@
 //! and the record last, so a half-deleted volume is still listed and retried.
 //! This module must not import tonic or kube.
 
+pub mod copies;
 pub mod params;
 pub mod records;
+pub mod snapshots;
 pub mod volume_id;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,11 +42,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use self::params::{OnDelete, Placement};
-use self::records::{Export, Record};
+use self::copies::{Copies, Waited};
+use self::params::{OnDelete, Placement, SNAPSHOTS_DIR, WORK_DIR};
+use self::records::{Export, Record, RecordedSource};
+use self::snapshots::{DATA, RECORD, SnapshotId, SnapshotRecord};
 use self::volume_id::NfsVolumeId;
 use super::{Backend, BackendError, NodeSource};
-use stowage_api::volume::{AccessType, Bytes, Capability, CreateRequest, Volume};
+use stowage_api::keys::RESERVED_PREFIX;
+use stowage_api::volume::{
+    AccessType, Bytes, Capability, CapacityRange, ContentSource, CreateRequest, Snapshot, Volume,
+};
 use stowage_nfs::client::{ClientConfig, FileKind, NfsClient, NfsError, NfsTarget};
 
 /// The export used when a StorageClass names no `server`/`share`.
@@ -49,12 +64,29 @@ pub struct DefaultExport {
 }
 
 /// Configuration of the NFS backend.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NfsConfig {
     pub default_export: Option<DefaultExport>,
     pub client: ClientConfig,
     /// How long resolving a server name may take.
     pub resolve_timeout: Duration,
+    /// How long a CreateSnapshot/CreateVolume waits for its copy before answering
+    /// "not ready yet" (the copy goes on; the caller's retry joins it).
+    pub copy_wait: Duration,
+}
+
+/// How long a call waits for a copy when the configuration does not say.
+pub const DEFAULT_COPY_WAIT: Duration = Duration::from_secs(10);
+
+impl Default for NfsConfig {
+    fn default() -> Self {
+        Self {
+            default_export: None,
+            client: ClientConfig::default(),
+            resolve_timeout: Duration::from_secs(5),
+            copy_wait: DEFAULT_COPY_WAIT,
+        }
+    }
 }
 
 pub struct NfsBackend {
@@ -62,6 +94,8 @@ pub struct NfsBackend {
     default_export: Option<Arc<Export>>,
     /// One pool and index per (server, share) named by StorageClasses.
     exports: Mutex<HashMap<(String, String), Arc<Export>>>,
+    /// Snapshots, restores and clones being copied.
+    copies: Copies,
 }
 
 impl NfsBackend {
@@ -76,6 +110,7 @@ impl NfsBackend {
             config,
             default_export,
             exports: Mutex::new(HashMap::new()),
+            copies: Copies::default(),
         }
     }
 
@@ -143,13 +178,13 @@ impl NfsBackend {
 
     /// The volume as CSI reports it. No volume context: the id carries the server,
     /// share and sub-directory, and its readers (DeleteVolume, the node) read the id.
-    fn volume(id: &NfsVolumeId, capacity_bytes: u64) -> Volume {
+    fn volume(id: &NfsVolumeId, capacity_bytes: u64, source: Option<&RecordedSource>) -> Volume {
         Volume {
             id: id.encode(),
             capacity_bytes,
             context: BTreeMap::new(),
             topology: vec![],
-            source_snapshot: None,
+            source: source.map(ContentSource::from),
         }
     }
 
@@ -194,6 +229,12 @@ impl NfsBackend {
                 record.placement.sub_dir.join("/")
             )));
         }
+        if record.source.as_ref() != request.source.as_ref().map(RecordedSource::from).as_ref() {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} already exists with another content source ({:?}); delete it or use another name",
+                request.name, record.source
+            )));
+        }
         if !request.capacity.admits(record.capacity_bytes) {
             return Err(BackendError::AlreadyExists(format!(
                 "volume {} already exists with capacity {}, outside the requested range",
@@ -202,6 +243,139 @@ impl NfsBackend {
             )));
         }
         Ok(())
+    }
+
+    /// Every export this process has used (the default one first).
+    fn exports_in_use(&self) -> Vec<Arc<Export>> {
+        let mut exports: Vec<Arc<Export>> = self.default_export.iter().cloned().collect();
+        exports.extend(
+            self.exports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned(),
+        );
+        exports
+    }
+
+    /// A volume made from a snapshot or another volume: the source's tree copied into
+    /// `.stowage-work/clone-<name>`, renamed into the volume's place, then recorded.
+    /// The copy outlasts this call (see `copies`): until it is done, UNAVAILABLE.
+    async fn create_from(
+        &self,
+        request: &CreateRequest,
+        source: &ContentSource,
+        placement: Placement,
+        export: Arc<Export>,
+    ) -> Result<Volume, BackendError> {
+        let not_found =
+            |what: &str, id: &str| BackendError::NotFound(format!("{what} {id} does not exist"));
+        let same_export = |server: &str, share: &str, what: &str| {
+            if (server, share) == (placement.server.as_str(), placement.share.as_str()) {
+                Ok(())
+            } else {
+                Err(BackendError::InvalidParameter(format!(
+                    "{what} is on another NFS export than the one the StorageClass names ({}:{}); NFS volumes are restored and cloned on their source's export",
+                    placement.server, placement.share
+                )))
+            }
+        };
+        let (from, size): (Vec<String>, u64) = match source {
+            ContentSource::Snapshot(snapshot_id) => {
+                let sid = SnapshotId::parse(snapshot_id)
+                    .map_err(|_| not_found("snapshot", snapshot_id))?;
+                same_export(&sid.server, &sid.share, &format!("snapshot {snapshot_id}"))?;
+                let key = copy_key("snapshot", &sid.server, &sid.share, &sid.name);
+                if self.copies.get(&key).is_some() {
+                    return Err(BackendError::Unavailable(format!(
+                        "snapshot {snapshot_id} is not ready yet (still being copied); retry"
+                    )));
+                }
+                let record = read_snapshot_record(&export.client, &sid)
+                    .await?
+                    .ok_or_else(|| not_found("snapshot", snapshot_id))?;
+                let data = sid.data().iter().map(|c| (*c).to_owned()).collect();
+                (data, record.size_bytes)
+            }
+            ContentSource::Volume(volume_id) => {
+                let vid =
+                    NfsVolumeId::parse(volume_id).map_err(|_| not_found("volume", volume_id))?;
+                same_export(&vid.server, &vid.share, &format!("volume {volume_id}"))?;
+                match export
+                    .client
+                    .stat(&components(&vid.sub_dir))
+                    .await
+                    .map_err(map_error)?
+                {
+                    Some(attr) if attr.is_dir() => {}
+                    _ => return Err(not_found("volume", volume_id)),
+                }
+                let size = export
+                    .lookup(&vid.name)
+                    .await?
+                    .filter(|r| r.placement.sub_dir == vid.sub_dir)
+                    .map_or(0, |r| r.capacity_bytes);
+                (vid.sub_dir.clone(), size)
+            }
+        };
+        if let Some(limit) = request.capacity.limit
+            && limit < size
+        {
+            return Err(BackendError::OutOfRange(format!(
+                "the source holds {} but the requested capacity is at most {}",
+                Bytes(size),
+                Bytes(limit)
+            )));
+        }
+        let id = NfsVolumeId::new(&request.name, &placement);
+        let recorded_source = RecordedSource::from(source);
+        let record = Record {
+            capacity_bytes: request.capacity.required.max(size),
+            placement: placement.clone(),
+            source: Some(recorded_source.clone()),
+        };
+        if let Some(existing) = export.lookup(&request.name).await? {
+            Self::check_existing(request, &placement, &existing)?;
+            return Ok(Self::volume(
+                &id,
+                existing.capacity_bytes,
+                existing.source.as_ref(),
+            ));
+        }
+        let source_id = match source {
+            ContentSource::Snapshot(id) | ContentSource::Volume(id) => id.clone(),
+        };
+        let key = copy_key("clone", &placement.server, &placement.share, &request.name);
+        let job_export = Arc::clone(&export);
+        let (name, job_record) = (request.name.clone(), record.clone());
+        let copy = self
+            .copies
+            .start_or_join(&key, &source_id, move |progress, _| async move {
+                clone_into_place(&job_export, &from, &name, &job_record, &progress).await
+            })
+            .map_err(|other| {
+                BackendError::AlreadyExists(format!(
+                    "volume {} is being made from {other}, not from {source_id}",
+                    request.name
+                ))
+            })?;
+        match self.copies.wait(&key, &copy, self.config.copy_wait).await {
+            Waited::Done => {
+                let stored = export.lookup(&request.name).await?.unwrap_or(record);
+                Self::check_existing(request, &placement, &stored)?;
+                Ok(Self::volume(
+                    &id,
+                    stored.capacity_bytes,
+                    stored.source.as_ref(),
+                ))
+            }
+            Waited::Failed(e) => Err(e),
+            Waited::Running(copied) => Err(BackendError::Unavailable(format!(
+                "volume {} is still being copied from {source_id} ({} so far); retry",
+                request.name,
+                Bytes(copied)
+            ))),
+        }
     }
 }
 
@@ -252,19 +426,17 @@ impl Backend for NfsBackend {
     }
 
     async fn create_volume(&self, request: &CreateRequest) -> Result<Volume, BackendError> {
-        if let Some(snapshot) = &request.source_snapshot {
-            return Err(BackendError::InvalidParameter(format!(
-                "NFS volumes can't be created from snapshots (asked for {snapshot})"
-            )));
-        }
         let placement = params::placement(&request.name, &request.parameters, self.has_default())?;
         let export = self.export(&placement.server, &placement.share).await?;
+        if let Some(source) = &request.source {
+            return self.create_from(request, source, placement, export).await;
+        }
         let id = NfsVolumeId::new(&request.name, &placement);
         // Look up first: a known name is checked, never created again.
         if let Some(record) = export.lookup(&request.name).await? {
             Self::check_existing(request, &placement, &record)?;
             Self::make_dir(&export.client, &placement).await?;
-            return Ok(Self::volume(&id, record.capacity_bytes));
+            return Ok(Self::volume(&id, record.capacity_bytes, None));
         }
         let record = Record {
             capacity_bytes: match request.capacity.required {
@@ -272,6 +444,7 @@ impl Backend for NfsBackend {
                 required => required,
             },
             placement: placement.clone(),
+            source: None,
         };
         let (recorded, made) = tokio::join!(
             export.create(&request.name, &record),
@@ -292,7 +465,7 @@ impl Backend for NfsBackend {
         }
         let capacity = capacity?;
         made?;
-        Ok(Self::volume(&id, capacity))
+        Ok(Self::volume(&id, capacity, None))
     }
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), BackendError> {
@@ -302,6 +475,15 @@ impl Backend for NfsBackend {
         let id = NfsVolumeId::parse(volume_id).map_err(BackendError::InvalidParameter)?;
         let export = self.export(&id.server, &id.share).await?;
         let client = &export.client;
+        // A restore or clone still copying into this volume is stopped first.
+        let clone = clone_scratch(&id.name);
+        self.copies
+            .cancel(&copy_key("clone", &id.server, &id.share, &id.name))
+            .await;
+        client
+            .remove_all(&[WORK_DIR, &clone])
+            .await
+            .map_err(map_error)?;
         let dir = components(&id.sub_dir);
         match id.on_delete {
             OnDelete::Retain => {}
@@ -337,7 +519,11 @@ impl Backend for NfsBackend {
         if let Some(record) = export.lookup(&id.name).await?
             && NfsVolumeId::new(&id.name, &record.placement) == id
         {
-            return Ok(Some(Self::volume(&id, record.capacity_bytes)));
+            return Ok(Some(Self::volume(
+                &id,
+                record.capacity_bytes,
+                record.source.as_ref(),
+            )));
         }
         // A directory without a record: a statically provisioned volume.
         let found = export
@@ -347,7 +533,7 @@ impl Backend for NfsBackend {
             .map_err(map_error)?;
         Ok(found
             .filter(|a| a.kind == FileKind::Dir)
-            .map(|_| Self::volume(&id, 0)))
+            .map(|_| Self::volume(&id, 0, None)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>, BackendError> {
@@ -363,7 +549,11 @@ impl Backend for NfsBackend {
         for export in exports {
             for (name, record) in export.all().await? {
                 let id = NfsVolumeId::new(&name, &record.placement);
-                volumes.push(Self::volume(&id, record.capacity_bytes));
+                volumes.push(Self::volume(
+                    &id,
+                    record.capacity_bytes,
+                    record.source.as_ref(),
+                ));
             }
         }
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -375,6 +565,268 @@ impl Backend for NfsBackend {
         let export = self.export(&server, &share).await?;
         let stat = export.client.fsstat().await.map_err(map_error)?;
         Ok(stat.avail_bytes)
+    }
+
+    fn can_clone(&self) -> bool {
+        true
+    }
+
+    fn can_expand(&self) -> bool {
+        true
+    }
+
+    /// NFS has no quota: the new capacity is recorded (what ListVolumes and the PV
+    /// say), nothing stops a volume from using more, and the node has nothing to grow.
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        capacity: CapacityRange,
+    ) -> Result<(u64, bool), BackendError> {
+        let id = NfsVolumeId::parse(volume_id).map_err(BackendError::InvalidParameter)?;
+        let export = self.export(&id.server, &id.share).await?;
+        let record = export
+            .lookup(&id.name)
+            .await?
+            .filter(|r| NfsVolumeId::new(&id.name, &r.placement) == id);
+        let Some(record) = record else {
+            // A directory without a record (a static volume): nothing to record.
+            return match export
+                .client
+                .stat(&components(&id.sub_dir))
+                .await
+                .map_err(map_error)?
+            {
+                Some(attr) if attr.is_dir() => Ok((capacity.required, false)),
+                _ => Err(BackendError::NotFound(format!(
+                    "volume {volume_id} does not exist"
+                ))),
+            };
+        };
+        if record.capacity_bytes >= capacity.required {
+            return Ok((record.capacity_bytes, false));
+        }
+        let grown = Record {
+            capacity_bytes: capacity.required,
+            ..record
+        };
+        export.update(&id.name, &grown).await?;
+        Ok((grown.capacity_bytes, false))
+    }
+
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
+    fn owns_snapshot(&self, snapshot_id: &str) -> bool {
+        SnapshotId::is_nfs(snapshot_id)
+    }
+
+    /// A copy of the volume's tree (see `snapshots`), made in the background: ready
+    /// at once for a small volume, else `ready: false` until a later call finds it done.
+    async fn create_snapshot(
+        &self,
+        source_volume_id: &str,
+        name: &str,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<Snapshot, BackendError> {
+        if let Some(key) = parameters.keys().find(|k| !k.starts_with(RESERVED_PREFIX)) {
+            return Err(BackendError::InvalidParameter(format!(
+                "VolumeSnapshotClass parameter `{key}` is not known: NFS snapshots take no parameters"
+            )));
+        }
+        snapshots::check_name(name)
+            .map_err(|e| BackendError::InvalidParameter(format!("snapshot name: {e}")))?;
+        let source =
+            NfsVolumeId::parse(source_volume_id).map_err(BackendError::InvalidParameter)?;
+        let export = self.export(&source.server, &source.share).await?;
+        let sid = SnapshotId {
+            server: source.server.clone(),
+            share: source.share.clone(),
+            name: name.to_owned(),
+        };
+        let snapshot = |record: &SnapshotRecord, ready: bool| Snapshot {
+            id: sid.encode(),
+            source_volume_id: record.source_volume_id.clone(),
+            size_bytes: record.size_bytes,
+            created: record.created,
+            ready,
+        };
+        let other_source = |other: &str| {
+            BackendError::AlreadyExists(format!(
+                "snapshot {name} already exists of volume {other}, not of {source_volume_id}"
+            ))
+        };
+        let key = copy_key("snapshot", &sid.server, &sid.share, name);
+        if self.copies.get(&key).is_none()
+            && let Some(record) = read_snapshot_record(&export.client, &sid).await?
+        {
+            if record.source_volume_id != source_volume_id {
+                return Err(other_source(&record.source_volume_id));
+            }
+            return Ok(snapshot(&record, true));
+        }
+        match export
+            .client
+            .stat(&components(&source.sub_dir))
+            .await
+            .map_err(map_error)?
+        {
+            Some(attr) if attr.is_dir() => {}
+            _ => {
+                return Err(BackendError::NotFound(format!(
+                    "volume {source_volume_id} does not exist"
+                )));
+            }
+        }
+        let size = export
+            .lookup(&source.name)
+            .await?
+            .filter(|r| r.placement.sub_dir == source.sub_dir)
+            .map(|r| r.capacity_bytes);
+        let (job_export, job_sid, from) =
+            (Arc::clone(&export), sid.clone(), source.sub_dir.clone());
+        let source_id = source_volume_id.to_owned();
+        let copy = self
+            .copies
+            .start_or_join(
+                &key,
+                source_volume_id,
+                move |progress, started| async move {
+                    make_snapshot(
+                        &job_export,
+                        &job_sid,
+                        &from,
+                        &source_id,
+                        size,
+                        started,
+                        &progress,
+                    )
+                    .await
+                },
+            )
+            .map_err(|other| other_source(&other))?;
+        let started = copy.started;
+        match self.copies.wait(&key, &copy, self.config.copy_wait).await {
+            Waited::Done => {
+                let record = read_snapshot_record(&export.client, &sid)
+                    .await?
+                    .ok_or_else(|| {
+                        BackendError::Internal(format!(
+                            "snapshot {name} was copied but its record is missing"
+                        ))
+                    })?;
+                Ok(snapshot(&record, true))
+            }
+            Waited::Failed(e) => Err(e),
+            Waited::Running(copied) => Ok(snapshot(
+                &SnapshotRecord {
+                    source_volume_id: source_volume_id.to_owned(),
+                    size_bytes: size.unwrap_or(copied),
+                    created: started,
+                },
+                false,
+            )),
+        }
+    }
+
+    /// Stops a copy still under way, then removes the snapshot and any scratch copy
+    /// of it. Refused while a volume is being restored from it.
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), BackendError> {
+        let sid = SnapshotId::parse(snapshot_id).map_err(BackendError::InvalidParameter)?;
+        let restoring = self
+            .copies
+            .under_way(&copy_key("clone", &sid.server, &sid.share, ""))
+            .into_iter()
+            .find(|(_, copy)| copy.source == snapshot_id);
+        if let Some((key, _)) = restoring {
+            return Err(BackendError::InUse(format!(
+                "snapshot {snapshot_id} is being restored ({key}); delete it once that is done"
+            )));
+        }
+        let export = self.export(&sid.server, &sid.share).await?;
+        self.copies
+            .cancel(&copy_key("snapshot", &sid.server, &sid.share, &sid.name))
+            .await;
+        let scratch = sid.scratch_name();
+        export
+            .client
+            .remove_all(&[WORK_DIR, &scratch])
+            .await
+            .map_err(map_error)?;
+        export
+            .client
+            .remove_all(&sid.dir())
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
+    /// Finished snapshots on every export in use, and those still being copied.
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>, BackendError> {
+        let mut found = Vec::new();
+        for export in self.exports_in_use() {
+            let target = export.client.target();
+            let (server, share) = if self
+                .default_export
+                .as_ref()
+                .is_some_and(|d| Arc::ptr_eq(d, &export))
+            {
+                (String::new(), String::new())
+            } else {
+                self.exports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|(_, e)| Arc::ptr_eq(e, &export))
+                    .map(|((server, share), _)| (server.clone(), share.clone()))
+                    .unwrap_or_else(|| (target.server.to_string(), target.share.clone()))
+            };
+            let names = export
+                .client
+                .read_dir(&[SNAPSHOTS_DIR])
+                .await
+                .map_err(map_error)?
+                .unwrap_or_default();
+            for name in names {
+                let sid = SnapshotId {
+                    server: server.clone(),
+                    share: share.clone(),
+                    name,
+                };
+                if let Some(record) = read_snapshot_record(&export.client, &sid).await? {
+                    found.push(Snapshot {
+                        id: sid.encode(),
+                        source_volume_id: record.source_volume_id,
+                        size_bytes: record.size_bytes,
+                        created: record.created,
+                        ready: true,
+                    });
+                }
+            }
+        }
+        for (key, copy) in self.copies.under_way("snapshot ") {
+            let mut parts = key.splitn(4, ' ').skip(1);
+            let (Some(server), Some(share), Some(name)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let sid = SnapshotId {
+                server: server.to_owned(),
+                share: share.to_owned(),
+                name: name.to_owned(),
+            };
+            if !found.iter().any(|s| s.id == sid.encode()) {
+                found.push(Snapshot {
+                    id: sid.encode(),
+                    source_volume_id: copy.source.clone(),
+                    size_bytes: copy.copied(),
+                    created: copy.started,
+                    ready: false,
+                });
+            }
+        }
+        Ok(found)
     }
 
     fn node_source(
@@ -412,6 +864,143 @@ impl Backend for NfsBackend {
             fs_type: "nfs".into(),
             options: nfs_mount_options(mount_flags),
         })
+    }
+}
+
+/// The key of a copy: `<kind> <server> <share> <name>` (empty server and share: the
+/// default export).
+fn copy_key(kind: &str, server: &str, share: &str, name: &str) -> String {
+    format!("{kind} {server} {share} {name}")
+}
+
+/// `.stowage-work/clone-<name>`'s last component.
+fn clone_scratch(name: &str) -> String {
+    format!("clone-{name}")
+}
+
+/// A finished snapshot's record; `None` when there is no such snapshot.
+async fn read_snapshot_record(
+    client: &NfsClient,
+    sid: &SnapshotId,
+) -> Result<Option<SnapshotRecord>, BackendError> {
+    match client.readlink(&sid.record()).await {
+        Ok(Some(text)) => SnapshotRecord::decode(&text).map(Some),
+        Ok(None) | Err(NfsError::NotADirectory { .. }) => Ok(None),
+        Err(e) => Err(map_error(e)),
+    }
+}
+
+/// Copy `from` into `.stowage-work/snapshot-<name>/data`, write its record beside
+/// it, rename the whole into `.stowage-snapshots/<name>`. What a crash leaves in the
+/// scratch directory is removed first.
+async fn make_snapshot(
+    export: &Export,
+    sid: &SnapshotId,
+    from: &[String],
+    source_volume_id: &str,
+    size: Option<u64>,
+    created: (i64, i32),
+    progress: &std::sync::atomic::AtomicU64,
+) -> Result<(), BackendError> {
+    let client = &export.client;
+    let scratch_name = sid.scratch_name();
+    let scratch = [WORK_DIR, scratch_name.as_str()];
+    client.remove_all(&scratch).await.map_err(map_error)?;
+    client
+        .create_dir_all(&scratch, 0o700, None)
+        .await
+        .map_err(map_error)?;
+    let copied = client
+        .copy_tree(
+            &components(from),
+            &[WORK_DIR, &scratch_name, DATA],
+            progress,
+        )
+        .await
+        .map_err(map_error)?;
+    let record = SnapshotRecord {
+        source_volume_id: source_volume_id.to_owned(),
+        size_bytes: size.unwrap_or(copied.bytes),
+        created,
+    };
+    client
+        .symlink(&[WORK_DIR, &scratch_name, RECORD], &record.encode())
+        .await
+        .map_err(map_error)?;
+    client
+        .create_dir_all(&[SNAPSHOTS_DIR], 0o700, None)
+        .await
+        .map_err(map_error)?;
+    client
+        .rename(&scratch, &sid.dir())
+        .await
+        .map_err(map_error)?;
+    tracing::info!(
+        snapshot = %sid.encode(),
+        files = copied.files,
+        bytes = copied.bytes,
+        skipped = copied.skipped,
+        "snapshot copied"
+    );
+    Ok(())
+}
+
+/// Copy `from` into `.stowage-work/clone-<name>`, rename it into the volume's place
+/// and record the volume. A directory already in that place is the rename of an
+/// earlier attempt that crashed before its record: adopted.
+async fn clone_into_place(
+    export: &Export,
+    from: &[String],
+    name: &str,
+    record: &Record,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Result<(), BackendError> {
+    let client = &export.client;
+    let placement = &record.placement;
+    let to = components(&placement.sub_dir);
+    match client.stat(&to).await.map_err(map_error)? {
+        Some(attr) if attr.is_dir() => {}
+        Some(_) => {
+            return Err(BackendError::AlreadyExists(format!(
+                "{} exists on the export and is not a directory",
+                placement.sub_dir.join("/")
+            )));
+        }
+        None => {
+            let scratch_name = clone_scratch(name);
+            let scratch = [WORK_DIR, scratch_name.as_str()];
+            client.remove_all(&scratch).await.map_err(map_error)?;
+            client
+                .create_dir_all(&[WORK_DIR], 0o700, None)
+                .await
+                .map_err(map_error)?;
+            let copied = client
+                .copy_tree(&components(from), &scratch, progress)
+                .await
+                .map_err(map_error)?;
+            if let Some((_, parent)) = to.split_last()
+                && !parent.is_empty()
+            {
+                client
+                    .create_dir_all(parent, placement.mode, placement.owner)
+                    .await
+                    .map_err(map_error)?;
+            }
+            client.rename(&scratch, &to).await.map_err(map_error)?;
+            tracing::info!(
+                volume = name,
+                files = copied.files,
+                bytes = copied.bytes,
+                "volume copied"
+            );
+        }
+    }
+    match export.create(name, record).await? {
+        None => Ok(()),
+        Some(existing) if existing == *record => Ok(()),
+        Some(existing) => Err(BackendError::AlreadyExists(format!(
+            "volume {name} already exists with other parameters ({existing:?})"
+        ))),
     }
 }
 

@@ -36,14 +36,21 @@ impl OnDelete {
 /// Mode of a new volume directory when `mountPermissions` is not given (like csi-driver-nfs).
 pub const DEFAULT_MODE: u32 = 0o777;
 
-/// The directory holding stowage's per-volume records at the share root (and
-/// everything else stowage keeps on an export).
+/// The directory holding stowage's per-volume records at the share root.
 pub const RECORDS_DIR: &str = ".stowage";
+
+/// The directory holding finished snapshots: `<name>/data` (the copied tree) and
+/// `<name>/record`.
+pub const SNAPSHOTS_DIR: &str = ".stowage-snapshots";
+
+/// Scratch space of copies under way (snapshots, clones) and of records being
+/// rewritten; what a crash leaves here is removed by the next attempt.
+pub const WORK_DIR: &str = ".stowage-work";
 
 /// Names stowage keeps for itself at an export's root: no volume's directory may
 /// start with one, wherever the directory comes from (a StorageClass `subDir`, a
 /// rendered template, a volume id of a static PV or a CSI call).
-pub const RESERVED: &[&str] = &[RECORDS_DIR];
+pub const RESERVED: &[&str] = &[RECORDS_DIR, SNAPSHOTS_DIR, WORK_DIR];
 
 /// The one rule for a volume's directory on an export, applied to every source of
 /// one: each component a plain name without `#` ([`check_component`]), the first not
@@ -57,8 +64,9 @@ pub fn check_volume_dir(sub_dir: &[String]) -> Result<(), String> {
     }
     if RESERVED.contains(&first.as_str()) {
         return Err(format!(
-            "{:?} is reserved: stowage keeps its records there, so no volume may live in it",
-            sub_dir.join("/")
+            "{:?} is reserved: stowage keeps its records, snapshots and scratch copies under {}, so no volume may live there",
+            sub_dir.join("/"),
+            RESERVED.join(", ")
         ));
     }
     Ok(())

@@ -12,8 +12,9 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::map_error;
-use super::params::{Placement, RECORDS_DIR};
+use super::params::{Placement, RECORDS_DIR, WORK_DIR};
 use crate::backend::BackendError;
+use stowage_api::volume::ContentSource;
 use stowage_nfs::client::{NfsClient, NfsError};
 
 /// What a volume's record says.
@@ -21,6 +22,35 @@ use stowage_nfs::client::{NfsClient, NfsError};
 pub struct Record {
     pub capacity_bytes: u64,
     pub placement: Placement,
+    /// What the volume was made from (a restore or a clone), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RecordedSource>,
+}
+
+/// A volume's content source as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordedSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+impl From<&ContentSource> for RecordedSource {
+    fn from(source: &ContentSource) -> Self {
+        match source {
+            ContentSource::Snapshot(id) => RecordedSource::Snapshot(id.clone()),
+            ContentSource::Volume(id) => RecordedSource::Volume(id.clone()),
+        }
+    }
+}
+
+impl From<&RecordedSource> for ContentSource {
+    fn from(source: &RecordedSource) -> Self {
+        match source {
+            RecordedSource::Snapshot(id) => ContentSource::Snapshot(id.clone()),
+            RecordedSource::Volume(id) => ContentSource::Volume(id.clone()),
+        }
+    }
 }
 
 impl Record {
@@ -149,6 +179,34 @@ impl Export {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), stored);
         Ok(existing)
+    }
+
+    /// Rewrite the record of volume `name` (a grown capacity): the new text is written
+    /// beside it under `.stowage-work` and renamed over it, so the record is always
+    /// the old one or the new one, never missing.
+    pub async fn update(&self, name: &str, record: &Record) -> Result<(), BackendError> {
+        let index = self.index().await?;
+        let text = record.encode();
+        let scratch_name = format!("record-{name}");
+        let scratch = [WORK_DIR, scratch_name.as_str()];
+        self.client.remove_file(&scratch).await.map_err(map_error)?;
+        self.client
+            .create_dir_all(&[WORK_DIR], 0o700, None)
+            .await
+            .map_err(map_error)?;
+        self.client
+            .symlink(&scratch, &text)
+            .await
+            .map_err(map_error)?;
+        self.client
+            .replace(&scratch, &[RECORDS_DIR, name])
+            .await
+            .map_err(map_error)?;
+        index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), record.clone());
+        Ok(())
     }
 
     /// Remove the record of volume `name` (absent is fine).

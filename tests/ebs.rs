@@ -674,6 +674,188 @@ async fn snapshots_and_volumes_from_them() {
     e.stop().await;
 }
 
+fn clone_request(name: &str, bytes: i64, source: &str) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        volume_content_source: Some(proto::VolumeContentSource {
+            r#type: Some(proto::volume_content_source::Type::Volume(
+                proto::volume_content_source::VolumeSource {
+                    volume_id: source.into(),
+                },
+            )),
+        }),
+        ..ebs_request(name, bytes, &[])
+    }
+}
+
+/// Where EC2 offers no CopyVolumes (moto, which fails it with an HTTP 500), a clone
+/// goes through a snapshot of the source and a volume from it, in the source's zone,
+/// at least the source's size; the snapshot is deleted once the clone is made; a
+/// retry makes no second copy; CopyVolumes is tried once, then no more.
+#[tokio::test]
+async fn clones_go_through_a_snapshot_where_copy_volumes_is_not_offered() {
+    let Some(e) = Ebs::start("clones_go_through_a_snapshot", 1).await else {
+        return;
+    };
+    let mut c = e.controller();
+    let source = create(&mut c, "pvc-clone-src", &[("type", "gp3")]).await;
+    let sized = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: source.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 3 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sized.capacity_bytes, 3 * GIB);
+    e.proxy.reset_counts();
+    let clone = c
+        .create_volume(clone_request("pvc-clone", GIB, &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(clone.capacity_bytes, 3 * GIB, "at least the source's size");
+    assert!(matches!(
+        clone.content_source.as_ref().and_then(|s| s.r#type.as_ref()),
+        Some(proto::volume_content_source::Type::Volume(v)) if v.volume_id == source.volume_id
+    ));
+    assert_eq!(e.proxy.count("CopyVolumes"), 1, "tried once");
+    assert_eq!(e.proxy.count("CreateSnapshot"), 1);
+    assert_eq!(e.proxy.count("CreateVolume"), 1);
+    assert_eq!(
+        e.proxy.count("DeleteSnapshot"),
+        1,
+        "the snapshot it went through"
+    );
+    let made = e.moto.volume(&clone.volume_id).await.unwrap();
+    assert_eq!(made.zone.as_deref(), Some(ZONE));
+    assert_eq!(
+        made.tags.get("stowage.csi.dev/source-volume"),
+        Some(&source.volume_id)
+    );
+    let snapshots = e.moto.ec2().ok("DescribeSnapshots", &[]).await;
+    assert!(!snapshots.contains("clone-pvc-clone"), "{snapshots}");
+
+    // A retry finds the clone by name: no second copy, no second snapshot.
+    e.proxy.reset_counts();
+    let again = c
+        .create_volume(clone_request("pvc-clone", GIB, &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, clone.volume_id);
+    assert_eq!(e.proxy.count("CreateVolume"), 0);
+    assert_eq!(e.proxy.count("CreateSnapshot"), 0);
+    // A second clone: CopyVolumes is not asked again.
+    let second = c
+        .create_volume(clone_request("pvc-clone-2", GIB, &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(e.proxy.count("CopyVolumes"), 0);
+
+    // Bad sources and sizes.
+    let err = c
+        .create_volume(clone_request(
+            "pvc-clone-none",
+            GIB,
+            "vol-0123456789abcdef0",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c
+        .create_volume(proto::CreateVolumeRequest {
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: GIB,
+                limit_bytes: 2 * GIB,
+            }),
+            ..clone_request("pvc-clone-small", GIB, &source.volume_id)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let err = c
+        .create_volume(proto::CreateVolumeRequest {
+            accessibility_requirements: Some(proto::TopologyRequirement {
+                requisite: vec![proto::Topology {
+                    segments: [(
+                        stowage_driver::backend::ebs::ZONE_KEY.to_owned(),
+                        "us-east-1b".to_owned(),
+                    )]
+                    .into(),
+                }],
+                preferred: vec![],
+            }),
+            ..clone_request("pvc-clone-zone", GIB, &source.volume_id)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(ZONE), "{}", err.message());
+    for id in [&second.volume_id, &clone.volume_id, &source.volume_id] {
+        delete(&mut c, id).await;
+    }
+    e.stop().await;
+}
+
+/// Where EC2 offers CopyVolumes (here the fault proxy stands in for it, out of moto's
+/// own calls: see tests/common/fault_proxy.rs), a clone is one CopyVolumes with a
+/// ClientToken from the name, no snapshot; a retry makes no second copy.
+#[tokio::test]
+async fn clones_are_one_copy_volumes_where_ec2_offers_it() {
+    let Some(e) = Ebs::start("clones_are_one_copy_volumes", 1).await else {
+        return;
+    };
+    e.proxy.offer_copy_volumes();
+    let mut c = e.controller();
+    let source = create(&mut c, "pvc-copy-src", &[("type", "gp3")]).await;
+    e.proxy.reset_counts();
+    let clone = c
+        .create_volume(clone_request("pvc-copy", 2 * GIB, &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(clone.capacity_bytes, 2 * GIB);
+    assert_eq!(e.proxy.count("CopyVolumes"), 1);
+    assert_eq!(e.proxy.count("CreateSnapshot"), 0);
+    assert_eq!(
+        e.proxy.count("CreateVolume"),
+        0,
+        "no volume made another way"
+    );
+    let made = e.moto.volume(&clone.volume_id).await.unwrap();
+    assert_eq!(made.zone.as_deref(), Some(ZONE));
+    assert_eq!(
+        made.tags.get("CSIVolumeName").map(String::as_str),
+        Some("pvc-copy")
+    );
+    e.proxy.reset_counts();
+    let again = c
+        .create_volume(clone_request("pvc-copy", 2 * GIB, &source.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, clone.volume_id);
+    assert_eq!(e.proxy.count("CopyVolumes"), 0);
+    delete(&mut c, &clone.volume_id).await;
+    delete(&mut c, &source.volume_id).await;
+    e.stop().await;
+}
+
 #[tokio::test]
 async fn expansion_grows_the_volume_and_the_filesystem() {
     let Some(e) = Ebs::start("expansion_grows_the_volume_and_the_filesystem", 1).await else {

@@ -14,6 +14,12 @@
 //! Each fault applies to the next `n` matching requests, in the order the proxy
 //! receives them; faults don't stack (an error wins over a delay). The action is read
 //! from the form-encoded body (as aws-sdk-ec2 sends it) or the query string.
+//!
+//! It can also stand in for EC2's `CopyVolumes`, which moto does not know
+//! ([`FaultProxy::offer_copy_volumes`]): the copy is made as EC2 documents it (same
+//! zone as the source, the size/type/IOPS/throughput asked or the source's, the tags
+//! asked, the same copy again for the same ClientToken) out of moto's own
+//! DescribeVolumes and CreateVolume, and answered in CopyVolumes' wire format.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,6 +44,8 @@ pub struct FaultProxy {
 struct Shared {
     upstream: String,
     faults: Mutex<Faults>,
+    /// `Some(token → copy)` while the proxy answers CopyVolumes itself.
+    copy_volumes: Mutex<Option<BTreeMap<String, String>>>,
     /// Requests being handled now (received, not yet answered or abandoned).
     in_flight: tokio::sync::watch::Sender<usize>,
     /// Ticks on every request received (after it was counted).
@@ -106,6 +114,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             faults: Mutex::new(Faults::default()),
+            copy_volumes: Mutex::new(None),
             in_flight: tokio::sync::watch::channel(0).0,
             received: tokio::sync::watch::channel(0).0,
         });
@@ -247,6 +256,12 @@ impl FaultProxy {
     }
 
     /// Forget every fault not fired yet.
+    /// Answer CopyVolumes (see the module docs) instead of forwarding it to moto,
+    /// which fails it with an HTTP 500.
+    pub fn offer_copy_volumes(&self) {
+        *self.shared.copy_volumes.lock().unwrap() = Some(BTreeMap::new());
+    }
+
     pub fn clear(&self) {
         let mut faults = self.faults();
         faults.errors.clear();
@@ -354,6 +369,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             hold_after,
         } => (hold_before, hold_after),
     };
+    if action == "CopyVolumes" && shared.copy_volumes.lock().unwrap().is_some() {
+        return copy_volumes(&shared, std::str::from_utf8(&body).unwrap_or_default()).await;
+    }
     if let Some(duration) = hold_before {
         // The injected fault itself: if the client gives up, hyper drops this future
         // and the request never reaches the server.
@@ -445,5 +463,106 @@ fn ec2_error(status: u16, code: &str, message: &str) -> Response {
 fn plain(status: StatusCode, text: String) -> Response {
     let mut response = Response::new(Body::from(text));
     *response.status_mut() = status;
+    response
+}
+
+/// CopyVolumes as EC2 documents it, out of moto's DescribeVolumes and CreateVolume.
+async fn copy_volumes(shared: &Shared, form: &str) -> Response {
+    let ec2 = super::moto::Ec2Query::new(shared.upstream.clone());
+    let token = form_value(form, "ClientToken");
+    let known = token.as_ref().and_then(|token| {
+        shared
+            .copy_volumes
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|copies| copies.get(token).cloned())
+    });
+    let copy_id = match known {
+        Some(id) => id,
+        None => {
+            let Some(source) = form_value(form, "SourceVolumeId") else {
+                return ec2_error(400, "MissingParameter", "SourceVolumeId is required");
+            };
+            let described = ec2
+                .call("DescribeVolumes", &[("VolumeId.1", &source)])
+                .await;
+            if described.status != 200 {
+                return ec2_reply(described.status, described.body);
+            }
+            let Some(item) = super::moto::parse_volumes(&described.body)
+                .into_iter()
+                .next()
+            else {
+                return ec2_error(
+                    400,
+                    "InvalidVolume.NotFound",
+                    &format!("The volume '{source}' does not exist."),
+                );
+            };
+            let size = form_value(form, "Size").unwrap_or_else(|| item.size_gib.to_string());
+            let volume_type = form_value(form, "VolumeType")
+                .or(item.volume_type.clone())
+                .unwrap_or_else(|| "gp3".into());
+            let zone = item.zone.clone().unwrap_or_default();
+            let mut params: Vec<(String, String)> = vec![
+                ("AvailabilityZone".into(), zone),
+                ("Size".into(), size),
+                ("VolumeType".into(), volume_type),
+            ];
+            for key in ["Iops", "Throughput"] {
+                if let Some(value) = form_value(form, key) {
+                    params.push((key.into(), value));
+                }
+            }
+            for pair in form.split('&') {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let key = super::moto::form_decode(key);
+                if key.starts_with("TagSpecification.") {
+                    params.push((key, super::moto::form_decode(value)));
+                }
+            }
+            let params: Vec<(&str, &str)> = params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let created = ec2.call("CreateVolume", &params).await;
+            if created.status != 200 {
+                return ec2_reply(created.status, created.body);
+            }
+            let Some(id) = xml::text(xml::root(&created.body), "volumeId") else {
+                return ec2_error(500, "InternalError", "CreateVolume answered no volumeId");
+            };
+            if let (Some(token), Some(copies)) =
+                (token, shared.copy_volumes.lock().unwrap().as_mut())
+            {
+                copies.insert(token, id.clone());
+            }
+            id
+        }
+    };
+    let described = ec2
+        .call("DescribeVolumes", &[("VolumeId.1", &copy_id)])
+        .await;
+    let item = xml::find(&described.body, "volumeSet")
+        .and_then(|set| xml::children(set).into_iter().next())
+        .map(|(_, item)| item.to_owned())
+        .unwrap_or_default();
+    ec2_reply(
+        200,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CopyVolumesResponse xmlns=\"http://ec2.amazonaws.com/doc/{}/\"><requestId>fault-proxy</requestId><volumeSet><item>{item}</item></volumeSet></CopyVolumesResponse>",
+            super::moto::API_VERSION
+        ),
+    )
+}
+
+fn ec2_reply(status: u16, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/xml;charset=UTF-8"),
+    );
     response
 }

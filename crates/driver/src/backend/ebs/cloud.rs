@@ -267,6 +267,28 @@ where
     }
 }
 
+/// Does this error say the endpoint has no CopyVolumes (rather than that this copy
+/// failed)?
+fn copy_volumes_unsupported<E>(
+    error: &SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
+) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    let status = |raw: Option<u16>| raw.is_some_and(|s| s == 500 || s == 501);
+    match error {
+        SdkError::ServiceError(e) => match e.err().code() {
+            Some(
+                "InvalidAction" | "UnsupportedOperation" | "UnknownOperation" | "NotImplemented",
+            ) => true,
+            None => status(Some(e.raw().status().as_u16())),
+            Some(_) => false,
+        },
+        SdkError::ResponseError(e) => status(Some(e.raw().status().as_u16())),
+        _ => false,
+    }
+}
+
 /// What a waiter waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Want {
@@ -507,6 +529,73 @@ impl Cloud {
             attachments: vec![],
             tags: tag_map(out.tags()),
         })
+    }
+
+    /// CopyVolumes: an instant copy of `source` in its zone, tagged with `name` and the
+    /// cluster, with a ClientToken from the name (EC2 answers a retry with the same
+    /// copy). `Ok(None)` when this endpoint does not offer CopyVolumes (an older
+    /// region or partition answers InvalidAction/UnsupportedOperation; an emulator
+    /// without it fails with a 5xx and no code): the caller clones another way.
+    pub async fn copy_volume(
+        &self,
+        source: &CloudVolume,
+        name: &str,
+        spec: &EbsSpec,
+    ) -> Result<Option<CloudVolume>, BackendError> {
+        let mut tags = vec![
+            Tag::builder().key(NAME_TAG).value(name).build(),
+            Tag::builder()
+                .key(CLUSTER_TAG)
+                .value(&self.settings.cluster_id)
+                .build(),
+        ];
+        tags.extend(
+            spec.tags
+                .iter()
+                .map(|(k, v)| Tag::builder().key(k).value(v).build()),
+        );
+        let mut request = self
+            .client
+            .copy_volumes()
+            .source_volume_id(&source.id)
+            .size(i32::try_from(spec.size_gib).unwrap_or(i32::MAX))
+            .volume_type(Ec2VolumeType::from(spec.volume_type.as_str()))
+            .client_token(client_token(name))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tags))
+                    .build(),
+            );
+        if let Some(iops) = spec.iops {
+            request = request.iops(iops as i32);
+        }
+        if let Some(throughput) = spec.throughput_mibps {
+            request = request.throughput(throughput as i32);
+        }
+        match request.send().await {
+            Ok(out) => {
+                let copy = out
+                    .volumes()
+                    .first()
+                    .map(CloudVolume::from_ec2)
+                    .ok_or_else(|| {
+                        BackendError::Internal(format!(
+                            "CopyVolumes {name} of {}: EC2 answered without a volume",
+                            source.id
+                        ))
+                    })?;
+                Ok(Some(copy))
+            }
+            Err(error) if copy_volumes_unsupported(&error) => {
+                tracing::info!(error = ?error, "CopyVolumes is not offered by this EC2 endpoint");
+                Ok(None)
+            }
+            Err(error) => Err(map_sdk(
+                &format!("CopyVolumes {name} of {}", source.id),
+                error,
+            )),
+        }
     }
 
     /// DeleteVolume; a volume that is already gone is fine.

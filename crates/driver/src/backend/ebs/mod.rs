@@ -18,6 +18,7 @@ pub mod metadata;
 pub mod params;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -26,14 +27,20 @@ use self::cloud::{Cloud, CloudVolume, Want};
 use self::params::{EbsSpec, FsOptions};
 use super::{Backend, BackendError, NodeSource};
 use stowage_api::volume::{
-    AccessType, Capability, CapacityRange, ContentSource, CreateRequest, GIB, Segments, Snapshot,
-    Volume,
+    AccessType, Bytes, Capability, CapacityRange, ContentSource, CreateRequest, GIB, Segments,
+    Snapshot, Volume,
 };
 
 /// The topology key for the zone (what Kubernetes nodes are labelled with).
 pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
 /// Tag recording the snapshot a volume was created from.
 const SOURCE_SNAPSHOT_TAG: &str = "stowage.csi.dev/source-snapshot";
+/// Tag on a volume cloned from another: the source volume's id.
+const SOURCE_VOLUME_TAG: &str = "stowage.csi.dev/source-volume";
+/// Name of the snapshot a clone goes through where EC2 offers no CopyVolumes.
+fn clone_snapshot_name(volume_name: &str) -> String {
+    format!("clone-{volume_name}")
+}
 /// publish_context key with the device name ControllerPublish attached the volume as.
 pub const DEVICE_PATH_KEY: &str = "devicePath";
 
@@ -53,6 +60,8 @@ pub struct EbsBackend {
     /// error): EC2 may have created the volume, so the next attempt asks EC2 by name
     /// instead of trusting the index.
     uncertain: Mutex<HashSet<String>>,
+    /// EC2 answered that it offers no CopyVolumes: clones go through a snapshot.
+    no_copy_volumes: std::sync::atomic::AtomicBool,
 }
 
 impl EbsBackend {
@@ -63,6 +72,7 @@ impl EbsBackend {
             index: tokio::sync::OnceCell::new(),
             reserved: Mutex::new(HashMap::new()),
             uncertain: Mutex::new(HashSet::new()),
+            no_copy_volumes: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -105,17 +115,103 @@ impl EbsBackend {
             })
     }
 
+    /// A clone is made in its source's zone; the request's topology must allow it.
+    fn clone_zone(request: &CreateRequest, source: &CloudVolume) -> Result<String, BackendError> {
+        let zones: Vec<&String> = request
+            .accessibility
+            .requisite
+            .iter()
+            .filter_map(|s| s.get(ZONE_KEY))
+            .collect();
+        if !zones.is_empty() && !zones.contains(&&source.zone) {
+            return Err(BackendError::InvalidParameter(format!(
+                "volume {} is in zone {}; its clone is made there, but the request allows only {}",
+                source.id,
+                source.zone,
+                zones
+                    .iter()
+                    .map(|z| z.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(source.zone.clone())
+    }
+
+    /// A copy of `source` named `name`: CopyVolumes where EC2 offers it (instant, in
+    /// the source's zone), else a snapshot of the source (`clone-<name>`, reused by a
+    /// retry) and a volume from it. A snapshot still pending is UNAVAILABLE: the caller
+    /// retries, and finds the same snapshot.
+    async fn clone_volume(
+        &self,
+        name: &str,
+        spec: &EbsSpec,
+        source: &CloudVolume,
+    ) -> Result<CloudVolume, BackendError> {
+        if !self.no_copy_volumes.load(Ordering::Relaxed) {
+            match self.cloud.copy_volume(source, name, spec).await? {
+                Some(copy) => return Ok(copy),
+                None => self.no_copy_volumes.store(true, Ordering::Relaxed),
+            }
+        }
+        let snapshot_name = clone_snapshot_name(name);
+        let existing = self
+            .cloud
+            .snapshots(Some(&snapshot_name))
+            .await?
+            .into_iter()
+            .find(|s| s.volume_id == source.id);
+        let snapshot = match existing {
+            Some(snapshot) => snapshot,
+            None => {
+                self.cloud
+                    .create_snapshot(&source.id, &snapshot_name)
+                    .await?
+            }
+        };
+        if !snapshot.ready() {
+            return Err(BackendError::Unavailable(format!(
+                "cloning volume {} through snapshot {}, which is {}; retry",
+                source.id, snapshot.id, snapshot.state
+            )));
+        }
+        self.cloud
+            .create(name, spec, &source.zone, Some(&snapshot.id))
+            .await
+    }
+
+    /// Delete the snapshot a clone went through (best effort: a leftover is only space,
+    /// and the next CreateVolume of the same name tries again).
+    async fn forget_clone_snapshot(&self, name: &str) {
+        let snapshot_name = clone_snapshot_name(name);
+        match self.cloud.snapshots(Some(&snapshot_name)).await {
+            Ok(snapshots) => {
+                for snapshot in snapshots {
+                    if let Err(e) = self.cloud.delete_snapshot(&snapshot.id).await {
+                        tracing::warn!(snapshot = %snapshot.id, error = %e, "could not delete the snapshot a clone went through");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the snapshot a clone went through")
+            }
+        }
+    }
+
     fn volume(volume: &CloudVolume, fs: &FsOptions) -> Volume {
         Volume {
             id: volume.id.clone(),
             capacity_bytes: volume.size_gib * GIB,
             context: fs.to_context(),
             topology: vec![Segments::from([(ZONE_KEY.to_owned(), volume.zone.clone())])],
-            source: volume
-                .tags
-                .get(SOURCE_SNAPSHOT_TAG)
-                .cloned()
-                .map(ContentSource::Snapshot),
+            source: match (
+                volume.tags.get(SOURCE_SNAPSHOT_TAG),
+                volume.tags.get(SOURCE_VOLUME_TAG),
+            ) {
+                (Some(snapshot), _) => Some(ContentSource::Snapshot(snapshot.clone())),
+                (None, Some(source)) => Some(ContentSource::Volume(source.clone())),
+                (None, None) => None,
+            },
         }
     }
 
@@ -236,6 +332,10 @@ impl Backend for EbsBackend {
     }
 
     fn expands_on_node(&self) -> bool {
+        true
+    }
+
+    fn can_clone(&self) -> bool {
         true
     }
 
@@ -396,15 +496,33 @@ impl Backend for EbsBackend {
             &request.parameters,
             capability_fs_type(&request.capabilities),
         )?;
-        let source_snapshot = match &request.source {
-            None => None,
-            Some(ContentSource::Snapshot(id)) => Some(id.clone()),
+        let (source_snapshot, source_volume) = match &request.source {
+            None => (None, None),
+            Some(ContentSource::Snapshot(id)) => (Some(id.clone()), None),
             Some(ContentSource::Volume(id)) => {
-                return Err(BackendError::InvalidParameter(format!(
-                    "EBS volumes can't be cloned yet (asked to clone {id}): snapshot it and create the volume from the snapshot"
-                )));
+                let source =
+                    self.cloud.get(id).await?.ok_or_else(|| {
+                        BackendError::NotFound(format!("volume {id} does not exist"))
+                    })?;
+                (None, Some(source))
             }
         };
+        if let Some(source) = &source_volume {
+            // A clone is at least as large as its source.
+            if let Some(limit) = request.capacity.limit
+                && limit < source.size_gib * GIB
+            {
+                return Err(BackendError::OutOfRange(format!(
+                    "volume {} holds {} GiB; a clone of it can't be smaller (asked at most {})",
+                    source.id,
+                    source.size_gib,
+                    Bytes(limit)
+                )));
+            }
+            spec.size_gib = spec.size_gib.max(source.size_gib);
+            spec.tags
+                .insert(SOURCE_VOLUME_TAG.to_owned(), source.id.clone());
+        }
         if let Some(snapshot_id) = &source_snapshot {
             let snapshot = self.cloud.snapshot(snapshot_id).await?.ok_or_else(|| {
                 BackendError::NotFound(format!("snapshot {snapshot_id} does not exist"))
@@ -435,7 +553,10 @@ impl Backend for EbsBackend {
                 "blockSize, inodeSize, bytesPerInode and numberOfInodes format a filesystem; a raw block volume (volumeMode: Block) has none".into(),
             ));
         }
-        let zone = self.zone(request)?;
+        let zone = match &source_volume {
+            Some(source) => Self::clone_zone(request, source)?,
+            None => self.zone(request)?,
+        };
         let index = self.index().await?;
         let mut known = index
             .lock()
@@ -463,10 +584,14 @@ impl Backend for EbsBackend {
                 existing
             }
             None => {
-                let created = self
-                    .cloud
-                    .create(&request.name, &spec, &zone, source_snapshot.as_deref())
-                    .await;
+                let created = match &source_volume {
+                    Some(source) => self.clone_volume(&request.name, &spec, source).await,
+                    None => {
+                        self.cloud
+                            .create(&request.name, &spec, &zone, source_snapshot.as_deref())
+                            .await
+                    }
+                };
                 match created {
                     Ok(created) => {
                         Self::remember(index, &created);
@@ -496,6 +621,9 @@ impl Backend for EbsBackend {
             Self::remember(index, &ready);
             ready
         };
+        if source_volume.is_some() && self.no_copy_volumes.load(Ordering::Relaxed) {
+            self.forget_clone_snapshot(&request.name).await;
+        }
         let mut result = Self::volume(&volume, &spec.fs);
         if result.source.is_none() {
             result.source = request.source.clone();

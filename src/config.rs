@@ -196,7 +196,7 @@ pub struct KubeArgs {
         value_parser = clap::builder::PossibleValuesParser::new(Loop::ALL.map(|(name, _)| name))
             .try_map(|name| name.parse::<Loop>()),
         value_delimiter = ',',
-        default_value = "provisioner,attacher,resizer"
+        default_value = "provisioner,attacher,resizer,snapshotter"
     )]
     pub loops: Vec<Loop>,
 

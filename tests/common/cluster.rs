@@ -851,7 +851,7 @@ pub fn volume_dirs(data: &Path) -> Vec<String> {
     let mut names: Vec<String> = entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".stowage")
+        .filter(|n| !n.starts_with(".stowage"))
         .collect();
     names.sort();
     names

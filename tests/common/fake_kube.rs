@@ -140,6 +140,10 @@ pub const RESOURCES: &[Res] = &[
     res("coordination.k8s.io", "v1", "leases", "Lease", true, false, &[]),
     res("events.k8s.io", "v1", "events", "Event", true, false, &["reason", "type"]),
     res("apps", "v1", "statefulsets", "StatefulSet", true, true, &[]),
+    res("storage.k8s.io", "v1", "volumeattributesclasses", "VolumeAttributesClass", false, false, &[]),
+    res("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot", true, true, &[]),
+    res("snapshot.storage.k8s.io", "v1", "volumesnapshotcontents", "VolumeSnapshotContent", false, true, &[]),
+    res("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", "VolumeSnapshotClass", false, false, &[]),
 ];
 
 impl Res {
@@ -442,6 +446,11 @@ impl FakeKube {
             code,
             reason: reason.into(),
         });
+    }
+
+    /// Forget every fault not fired yet.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
     }
 
     /// Watches of `resource` (plural) that the code under test opens from now on get
@@ -1037,6 +1046,9 @@ fn create(sh: &Shared, res: usize, ns: Option<&str>, mut obj: Value) -> Answer {
     }
     if let Some(status) = r.create_status() {
         obj["status"] = status;
+    } else if r.status && r.group == "snapshot.storage.k8s.io" {
+        // Custom resources with a status subresource drop the status on create.
+        obj.as_object_mut().unwrap().remove("status");
     }
     let m = meta_mut(&mut obj);
     m.insert("name".into(), json!(name));

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttributesClass};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
@@ -181,6 +181,7 @@ async fn provision(
         .as_ref()
         .map_or(0, |r| r.required_bytes);
     let pvc = add_finalizer(shared, pvc, finalizer).await?;
+    protect_clone_source(shared, &pvc).await?;
     shared.events.normal(
         pvc.object_ref(&()),
         "Provisioning",
@@ -239,7 +240,90 @@ async fn provision(
     );
     // The volume has its PV: the claim may go now, and the PV controller binds it.
     remove_finalizer(shared, &pvc, finalizer).await?;
+    release_clone_source(shared, &pvc).await?;
     Ok(Next::Done)
+}
+
+/// The finalizer a claim being cloned keeps until its clones have their volumes
+/// (external-provisioner's clone protection).
+pub const CLONE_FINALIZER: &str = "provisioner.storage.kubernetes.io/cloning-protection";
+
+/// The claim `pvc` clones from, if it clones one.
+fn clone_source_key(pvc: &PersistentVolumeClaim) -> Option<String> {
+    let source = pvc.spec.as_ref().and_then(rules::data_source)?;
+    (rules::source_kind(&source) == Some(rules::SourceKind::Claim))
+        .then(|| format!("{}/{}", pvc.namespace().unwrap_or_default(), source.name))
+}
+
+/// The source of a clone keeps [`CLONE_FINALIZER`] while the clone is made.
+async fn protect_clone_source(shared: &Context, pvc: &PersistentVolumeClaim) -> anyhow::Result<()> {
+    let Some(key) = clone_source_key(pvc) else {
+        return Ok(());
+    };
+    let Some(source) = informer::get(&shared.claims, &key) else {
+        return Ok(());
+    };
+    if has_finalizer(&source, CLONE_FINALIZER) {
+        return Ok(());
+    }
+    let mut finalizers = source.finalizers().to_vec();
+    finalizers.push(CLONE_FINALIZER.to_owned());
+    let patch = json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": source.metadata.resource_version}
+    });
+    claims(shared, &source.namespace().unwrap_or_default())
+        .patch(
+            &source.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .context("protecting the claim being cloned")?;
+    Ok(())
+}
+
+/// Drop the clone protection of `pvc`'s source once no other claim is still being
+/// cloned from it.
+async fn release_clone_source(shared: &Context, pvc: &PersistentVolumeClaim) -> anyhow::Result<()> {
+    let Some(key) = clone_source_key(pvc) else {
+        return Ok(());
+    };
+    let Some(source) = informer::get(&shared.claims, &key) else {
+        return Ok(());
+    };
+    if !has_finalizer(&source, CLONE_FINALIZER) {
+        return Ok(());
+    }
+    let others = shared.claims.state().into_iter().any(|other| {
+        other.metadata.uid != pvc.metadata.uid
+            && clone_source_key(&other).as_deref() == Some(key.as_str())
+            && other
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .is_none_or(str::is_empty)
+    });
+    if others {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers_without(source.as_ref(), CLONE_FINALIZER),
+            "resourceVersion": source.metadata.resource_version,
+        }
+    });
+    match claims(shared, &source.namespace().unwrap_or_default())
+        .patch(
+            &source.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_api(&e, 404) || is_api(&e, 409) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("releasing the cloned claim")),
+    }
 }
 
 /// The PV already made for this claim (before a crash or a failed bind), if any.
@@ -437,6 +521,7 @@ async fn abandon(
         }
     }
     remove_finalizer(shared, pvc, finalizer).await?;
+    release_clone_source(shared, pvc).await?;
     Ok(Next::Done)
 }
 
@@ -466,6 +551,8 @@ async fn create_request(
         None => HashMap::new(),
     };
     let accessibility_requirements = requirements(shared, pvc, class).await?;
+    let volume_content_source = content_source(shared, pvc, required)?;
+    let mutable_parameters = mutable_parameters(shared, pvc).await?;
     Ok(proto::CreateVolumeRequest {
         name: name.to_owned(),
         capacity_range: Some(proto::CapacityRange {
@@ -475,10 +562,123 @@ async fn create_request(
         volume_capabilities,
         parameters: hash_map(&parameters),
         secrets,
-        volume_content_source: None,
+        volume_content_source,
         accessibility_requirements,
-        mutable_parameters: HashMap::new(),
+        mutable_parameters,
     })
+}
+
+/// The claim's data source as CSI names it: the snapshot handle of a ready
+/// VolumeSnapshot of this driver (a restore), or the volume handle of a bound claim of
+/// the same class (a clone); `Err` says what to fix (or wait for).
+fn content_source(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+    requested: i64,
+) -> Result<Option<proto::VolumeContentSource>, String> {
+    use proto::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let Some(source) = pvc.spec.as_ref().and_then(rules::data_source) else {
+        return Ok(None);
+    };
+    let namespace = pvc.namespace().unwrap_or_default();
+    let kind = rules::source_kind(&source).ok_or_else(|| {
+        format!(
+            "data source kind {} is not one stowage provisions from",
+            source.kind
+        )
+    })?;
+    let r#type = match kind {
+        rules::SourceKind::Snapshot => {
+            let stores = shared.snapshot_stores.as_ref().ok_or(
+                "the claim restores a VolumeSnapshot, but the API server serves no snapshot.storage.k8s.io/v1 (install the snapshot CRDs, then restart stowage)",
+            )?;
+            let key = format!("{namespace}/{}", source.name);
+            let snapshot = informer::get(&stores.snapshots, &key)
+                .ok_or_else(|| format!("VolumeSnapshot {key} does not exist"))?;
+            let status = snapshot.status.clone().unwrap_or_default();
+            if status.ready_to_use != Some(true) {
+                return Err(format!("VolumeSnapshot {key} is not ready to use yet"));
+            }
+            let content_name = status
+                .bound_volume_snapshot_content_name
+                .ok_or_else(|| format!("VolumeSnapshot {key} is not bound to a content"))?;
+            let content = stores
+                .contents
+                .get(&ObjectRef::new(&content_name))
+                .ok_or_else(|| format!("VolumeSnapshotContent {content_name} does not exist"))?;
+            if content.spec.driver != shared.driver {
+                return Err(format!(
+                    "VolumeSnapshot {key} is a snapshot of driver {}, not {}",
+                    content.spec.driver, shared.driver
+                ));
+            }
+            if let Some(size) = &status.restore_size {
+                let size = rules::parse_quantity(&size.0)?;
+                if size > requested {
+                    return Err(format!(
+                        "the claim asks for {requested} bytes, less than VolumeSnapshot {key}'s restoreSize ({size} bytes)"
+                    ));
+                }
+            }
+            let snapshot_id = content
+                .status
+                .as_ref()
+                .and_then(|s| s.snapshot_handle.clone())
+                .ok_or_else(|| {
+                    format!("VolumeSnapshotContent {content_name} has no snapshot handle yet")
+                })?;
+            Type::Snapshot(SnapshotSource { snapshot_id })
+        }
+        rules::SourceKind::Claim => {
+            let key = format!("{namespace}/{}", source.name);
+            let source_pvc = informer::get(&shared.claims, &key)
+                .ok_or_else(|| format!("the source claim {key} does not exist"))?;
+            let source_pv = source_pvc
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .and_then(|name| shared.volumes.get(&ObjectRef::new(name)));
+            let volume_id = rules::clone_source_handle(
+                pvc,
+                &source_pvc,
+                source_pv.as_deref(),
+                &shared.driver,
+                requested,
+            )?;
+            Type::Volume(VolumeSource { volume_id })
+        }
+    };
+    Ok(Some(proto::VolumeContentSource {
+        r#type: Some(r#type),
+    }))
+}
+
+/// A claim's VolumeAttributesClass at creation: its parameters are CreateVolume's
+/// mutable parameters (the class must be this driver's).
+async fn mutable_parameters(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+) -> Result<HashMap<String, String>, String> {
+    let Some(name) = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_attributes_class_name.clone())
+        .filter(|n| !n.is_empty())
+    else {
+        return Ok(HashMap::new());
+    };
+    let class = Api::<VolumeAttributesClass>::all(shared.client.clone())
+        .get_opt(&name)
+        .await
+        .map_err(|e| format!("reading VolumeAttributesClass {name}: {e}"))?
+        .ok_or_else(|| format!("VolumeAttributesClass {name} does not exist"))?;
+    if class.driver_name != shared.driver {
+        return Err(format!(
+            "VolumeAttributesClass {name} is for driver {}, not {}",
+            class.driver_name, shared.driver
+        ));
+    }
+    Ok(class.parameters.unwrap_or_default().into_iter().collect())
 }
 
 /// Accessibility requirements, when the driver has topology: WaitForFirstConsumer →

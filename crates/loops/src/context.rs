@@ -30,16 +30,25 @@ pub enum Loop {
     Provisioner,
     /// VolumeAttachment → ControllerPublish/Unpublish.
     Attacher,
-    /// Larger PVC request → ControllerExpandVolume.
+    /// Larger PVC request → ControllerExpandVolume; a claim's VolumeAttributesClass →
+    /// ControllerModifyVolume.
     Resizer,
+    /// VolumeSnapshotContent of this driver → CreateSnapshot/DeleteSnapshot
+    /// (external-snapshotter's csi-snapshotter sidecar).
+    Snapshotter,
+    /// VolumeSnapshot of this driver → its VolumeSnapshotContent, status, deletion
+    /// (external-snapshotter's common snapshot-controller, for this driver only).
+    SnapshotController,
 }
 
 impl Loop {
     /// Every loop, by its command-line name.
-    pub const ALL: [(&'static str, Loop); 3] = [
+    pub const ALL: [(&'static str, Loop); 5] = [
         ("provisioner", Loop::Provisioner),
         ("attacher", Loop::Attacher),
         ("resizer", Loop::Resizer),
+        ("snapshotter", Loop::Snapshotter),
+        ("snapshot-controller", Loop::SnapshotController),
     ];
 }
 
@@ -171,9 +180,11 @@ pub struct LoopExpectations {
     pub volumes: Expectations,
     pub attachments: Expectations,
     pub resizes: Expectations,
+    pub snapshots: Expectations,
+    pub contents: Expectations,
 }
 
-/// Everything a reconciler reads or calls, one context for the four loops: the API
+/// Everything a reconciler reads or calls, one context for all the loops: the API
 /// client, the CSI client, the informers' caches, the expectations of the loops' own
 /// writes, events and metrics. Unit tests build one from fixtures (`fixtures.rs`).
 pub struct Context {
@@ -188,6 +199,9 @@ pub struct Context {
     pub volumes: Store<PersistentVolume>,
     pub classes: Store<StorageClass>,
     pub attachments: Store<VolumeAttachment>,
+    /// The snapshot objects' caches; `None` where the API server serves no
+    /// `snapshot.storage.k8s.io/v1` (the snapshot loops then have nothing to do).
+    pub snapshot_stores: Option<crate::snapshots::SnapshotStores>,
     pub events: Events,
     pub metrics: LoopMetrics,
 }

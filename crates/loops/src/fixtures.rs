@@ -603,6 +603,9 @@ pub struct Caches {
     pub volumes: Vec<PersistentVolume>,
     pub classes: Vec<StorageClass>,
     pub attachments: Vec<VolumeAttachment>,
+    pub snapshots: Vec<crate::snapshots::types::VolumeSnapshot>,
+    pub contents: Vec<crate::snapshots::types::VolumeSnapshotContent>,
+    pub snapshot_classes: Vec<crate::snapshots::types::VolumeSnapshotClass>,
 }
 
 /// A context over `driver` (served on a unix socket in a temporary directory) and a
@@ -617,6 +620,12 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
     }
     for attachment in &caches.attachments {
         api.seed(attachment);
+    }
+    for snapshot in &caches.snapshots {
+        api.seed(snapshot);
+    }
+    for content in &caches.contents {
+        api.seed(content);
     }
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket = socket_dir.path().join("csi.sock");
@@ -655,6 +664,11 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
         volumes: store(&caches.volumes),
         classes: store(&caches.classes),
         attachments: store(&caches.attachments),
+        snapshot_stores: Some(crate::snapshots::SnapshotStores {
+            snapshots: store(&caches.snapshots),
+            contents: store(&caches.contents),
+            classes: store(&caches.snapshot_classes),
+        }),
         metrics,
     });
     Fixture {

@@ -10,8 +10,10 @@
 //! - [`csi_client`]: the CSI client of the loops (call bound, timeouts, final vs
 //!   in-progress) and its unix-socket channel.
 //! - [`informer`], [`queue`]: shared watches + caches, and per-key work queues.
-//! - [`claims`] (provision + bind), [`volumes`] (release + delete), [`attacher`],
-//!   [`resizer`]: one reconciler each, built on the rules, never re-deciding them.
+//! - [`claims`] (provision, restore, clone), [`volumes`] (release + delete),
+//!   [`attacher`], [`resizer`] (expand, VolumeAttributesClass), [`snapshots`]
+//!   (VolumeSnapshotContent ↔ CSI; VolumeSnapshot ↔ content): one reconciler each,
+//!   built on the rules, never re-deciding them.
 //! - [`leader`]: Lease-based leader election around all of them.
 //! - [`context`]: the [`Context`] every reconciler reads and calls, settings, metrics,
 //!   [`Next`]; unit tests build one from `fixtures` (a fake API server behind a real
@@ -36,6 +38,7 @@ pub mod queue;
 pub mod resizer;
 pub mod rules;
 pub mod runner;
+pub mod snapshots;
 pub mod volumes;
 
 pub use context::{Context, Loop, LoopExpectations, LoopMetrics, Next, Settings};

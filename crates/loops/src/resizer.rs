@@ -11,6 +11,13 @@
 //! the resizer neither calls the driver again nor writes the claim's status. Every
 //! status write is guarded by the resourceVersion it was decided on, so a write the
 //! kubelet made meanwhile is never overwritten.
+//!
+//! VolumeAttributesClass (as external-resizer's modify controller): a bound claim whose
+//! `volumeAttributesClassName` differs from its `currentVolumeAttributesClassName` →
+//! `modifyVolumeStatus` InProgress → ControllerModifyVolume with the class's
+//! parameters → the PV's `volumeAttributesClassName` and the claim's current class;
+//! a final refusal is `Infeasible` (not retried until the claim names another class),
+//! a class not there yet `Pending`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +64,9 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
     let Some(pvc) = informer::get(&shared.claims, &key) else {
         return Ok(Next::Done);
     };
+    if let Some(next) = modify(&shared, &pvc).await? {
+        return Ok(next);
+    }
     let (pv, requested) = match resize_target(&shared, &pvc) {
         Ok(target) => target,
         Err(reason) => {
@@ -85,6 +95,165 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
         return Ok(Next::Done);
     }
     expand(&shared, &pvc, &pv, requested).await
+}
+
+/// The class a bound claim of this driver asks for and does not have yet, with its PV;
+/// `None` when there is nothing to modify (or it already failed for good).
+fn modify_target(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+) -> Option<(String, Arc<PersistentVolume>)> {
+    let spec = pvc.spec.as_ref()?;
+    let target = spec
+        .volume_attributes_class_name
+        .clone()
+        .filter(|c| !c.is_empty())?;
+    let status = pvc.status.as_ref()?;
+    if status.phase.as_deref() != Some("Bound") || pvc.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    if status.current_volume_attributes_class_name.as_deref() == Some(target.as_str()) {
+        return None;
+    }
+    if status.modify_volume_status.as_ref().is_some_and(|m| {
+        m.status == "Infeasible"
+            && m.target_volume_attributes_class_name.as_deref() == Some(target.as_str())
+    }) {
+        return None;
+    }
+    let pv = shared
+        .volumes
+        .get(&ObjectRef::new(spec.volume_name.as_deref()?))?;
+    let ours = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .is_some_and(|csi| csi.driver == shared.driver);
+    ours.then_some((target, pv))
+}
+
+/// ControllerModifyVolume for a claim's new VolumeAttributesClass; `None` when the
+/// claim asks for none (expansion may still have work).
+async fn modify(shared: &Context, pvc: &PersistentVolumeClaim) -> anyhow::Result<Option<Next>> {
+    let Some((target, pv)) = modify_target(shared, pvc) else {
+        return Ok(None);
+    };
+    let namespace = pvc.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(shared.client.clone(), &namespace);
+    let asks_for = |live: &PersistentVolumeClaim| {
+        live.spec
+            .as_ref()
+            .and_then(|s| s.volume_attributes_class_name.as_deref())
+            == Some(target.as_str())
+    };
+    let modify_status = |state: &str| {
+        json!({ "status": { "modifyVolumeStatus": {
+            "targetVolumeAttributesClassName": target, "status": state } } })
+    };
+    let class =
+        Api::<k8s_openapi::api::storage::v1::VolumeAttributesClass>::all(shared.client.clone())
+            .get_opt(&target)
+            .await
+            .context("reading the VolumeAttributesClass")?;
+    let Some(class) = class else {
+        patch_claim_status(shared, &claims, pvc, modify_status("Pending"), asks_for).await?;
+        // Classes are not watched: look again in a while.
+        return Ok(Some(Next::After(std::time::Duration::from_secs(30))));
+    };
+    let refuse = |message: String| {
+        shared
+            .events
+            .warning(pvc.object_ref(&()), "VolumeModifyFailed", message);
+        patch_claim_status(shared, &claims, pvc, modify_status("Infeasible"), asks_for)
+    };
+    if class.driver_name != shared.driver {
+        refuse(format!(
+            "VolumeAttributesClass {target} is for driver {}, not {}",
+            class.driver_name, shared.driver
+        ))
+        .await?;
+        return Ok(Some(Next::Done));
+    }
+    if !shared.csi.caps.modify {
+        refuse(format!(
+            "driver {} cannot modify volumes (no MODIFY_VOLUME capability)",
+            shared.driver
+        ))
+        .await?;
+        return Ok(Some(Next::Done));
+    }
+    let Some(pvc) =
+        patch_claim_status(shared, &claims, pvc, modify_status("InProgress"), asks_for).await?
+    else {
+        return Ok(Some(Next::Done));
+    };
+    let pvc = &pvc;
+    let started = Instant::now();
+    let handle = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.volume_handle.clone())
+        .unwrap_or_default();
+    let request = proto::ControllerModifyVolumeRequest {
+        volume_id: handle,
+        secrets: Default::default(),
+        mutable_parameters: class
+            .parameters
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    };
+    match shared.csi.modify(request).await {
+        Ok(()) => {
+            Api::<PersistentVolume>::all(shared.client.clone())
+                .patch(
+                    &pv.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({ "spec": { "volumeAttributesClassName": target } })),
+                )
+                .await
+                .context("writing the PV's VolumeAttributesClass")?;
+            patch_claim_status(
+                shared,
+                &claims,
+                pvc,
+                json!({ "status": { "currentVolumeAttributesClassName": target, "modifyVolumeStatus": null } }),
+                asks_for,
+            )
+            .await?;
+            shared.metrics.succeeded("modify", started);
+            shared.events.normal(
+                pvc.object_ref(&()),
+                "VolumeModifySuccessful",
+                format!(
+                    "Volume {} now has VolumeAttributesClass {target}",
+                    pv.name_any()
+                ),
+            );
+            Ok(Some(Next::Done))
+        }
+        Err(e) if e.is_final() => {
+            shared.metrics.failed("modify", &format!("{:?}", e.code()));
+            refuse(format!(
+                "modify volume {} failed: {}",
+                pv.name_any(),
+                e.message()
+            ))
+            .await?;
+            Ok(Some(Next::Done))
+        }
+        Err(e) => {
+            shared.metrics.failed("modify", &format!("{:?}", e.code()));
+            shared.events.warning(
+                pvc.object_ref(&()),
+                "VolumeModifyFailed",
+                format!("modify volume {} failed: {}", pv.name_any(), e.message()),
+            );
+            Err(anyhow::Error::new(e).context("ControllerModifyVolume"))
+        }
+    }
 }
 
 /// The claim's PV and the size the controller must expand it to, or why there is

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
-    SecretReference, VolumeNodeAffinity,
+    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeSpec, SecretReference, TypedLocalObjectReference, VolumeNodeAffinity,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -126,6 +126,27 @@ pub fn should_provision(
              by hand and drop storageClassName"
         ));
     }
+    if let Some(source) = spec.and_then(data_source)
+        && source_kind(&source).is_none()
+    {
+        return Decision::Skip(format!(
+            "claim's data source is a {} ({}): left to its volume populator",
+            source.kind,
+            source.api_group.as_deref().unwrap_or("core")
+        ));
+    }
+    if spec
+        .and_then(|s| s.data_source_ref.as_ref())
+        .is_some_and(|r| {
+            r.namespace
+                .as_deref()
+                .is_some_and(|ns| Some(ns) != pvc.metadata.namespace.as_deref())
+        })
+    {
+        return Decision::Reject(
+            "claim's dataSourceRef names another namespace: cross-namespace restores and clones are not supported; use a source in the claim's namespace".to_owned(),
+        );
+    }
     if class.volume_binding_mode.as_deref() == Some(BINDING_WAIT_FOR_FIRST_CONSUMER)
         && annotation(&pvc.metadata, ANN_SELECTED_NODE).is_none_or(str::is_empty)
     {
@@ -134,6 +155,101 @@ pub fn should_provision(
         ));
     }
     Decision::Provision
+}
+
+/// A claim's data source: `dataSourceRef` (the one the API server keeps in step with
+/// `dataSource`, and the only one that can name other kinds), else `dataSource`.
+pub fn data_source(spec: &PersistentVolumeClaimSpec) -> Option<TypedLocalObjectReference> {
+    spec.data_source_ref
+        .as_ref()
+        .map(|r| TypedLocalObjectReference {
+            api_group: r.api_group.clone().filter(|g| !g.is_empty()),
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        })
+        .or_else(|| {
+            spec.data_source.clone().map(|mut s| {
+                s.api_group = s.api_group.filter(|g| !g.is_empty());
+                s
+            })
+        })
+}
+
+/// What a claim is made from, when the provisioner does it itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `snapshot.storage.k8s.io` VolumeSnapshot: a restore.
+    Snapshot,
+    /// A PersistentVolumeClaim: a clone.
+    Claim,
+}
+
+/// The kinds the provisioner restores or clones from; `None` for a populator's kind.
+pub fn source_kind(source: &TypedLocalObjectReference) -> Option<SourceKind> {
+    match (source.api_group.as_deref(), source.kind.as_str()) {
+        (Some("snapshot.storage.k8s.io"), "VolumeSnapshot") => Some(SourceKind::Snapshot),
+        (None, "PersistentVolumeClaim") => Some(SourceKind::Claim),
+        _ => None,
+    }
+}
+
+/// A claim may be cloned from `source` (same namespace, checked by the caller): same
+/// StorageClass and volume mode, bound to a PV of this driver, and not larger than the
+/// new claim asks for. Returns the source PV's CSI volume handle.
+pub fn clone_source_handle(
+    pvc: &PersistentVolumeClaim,
+    source: &PersistentVolumeClaim,
+    source_pv: Option<&PersistentVolume>,
+    driver_name: &str,
+    requested: i64,
+) -> Result<String, String> {
+    let source_name = display_name(&source.metadata);
+    if claim_class(source) != claim_class(pvc) {
+        return Err(format!(
+            "the source claim {source_name} has StorageClass {:?}, not {:?}: a clone must use its source's class",
+            claim_class(source).unwrap_or_default(),
+            claim_class(pvc).unwrap_or_default()
+        ));
+    }
+    let mode = |c: &PersistentVolumeClaim| {
+        c.spec
+            .as_ref()
+            .and_then(|s| s.volume_mode.clone())
+            .unwrap_or_else(|| "Filesystem".to_owned())
+    };
+    if mode(source) != mode(pvc) {
+        return Err(format!(
+            "the source claim {source_name} is volumeMode {}, the new claim {}",
+            mode(source),
+            mode(pvc)
+        ));
+    }
+    let Some(pv) = source_pv else {
+        return Err(format!("the source claim {source_name} is not bound yet"));
+    };
+    let csi = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .filter(|csi| csi.driver == driver_name)
+        .ok_or_else(|| {
+            format!("the source claim {source_name} is not a volume of {driver_name}")
+        })?;
+    let source_size = source
+        .status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get(STORAGE))
+        .map(|q| parse_quantity(&q.0))
+        .transpose()?
+        .unwrap_or(0);
+    if source_size > requested {
+        return Err(format!(
+            "the new claim asks for {} bytes, less than its source {source_name} holds ({source_size} bytes)",
+            requested
+        ));
+    }
+    Ok(csi.volume_handle.clone())
 }
 
 /// The PV name and CSI volume name for a claim: `pvc-<UID>` (external-provisioner's
@@ -485,6 +601,10 @@ pub fn build_pv(
             ),
             storage_class_name: claim_class(pvc).map(str::to_owned),
             volume_mode: spec.volume_mode.clone(),
+            volume_attributes_class_name: spec
+                .volume_attributes_class_name
+                .clone()
+                .filter(|c| !c.is_empty()),
             ..PersistentVolumeSpec::default()
         }),
         status: None,

@@ -17,6 +17,8 @@ use crate::csi_client::Csi;
 use crate::events::Events;
 use crate::informer::{Expectations, Handler};
 use crate::queue::Queue;
+use crate::snapshots::types::{VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
+use crate::snapshots::{self, SnapshotStores, controller as snapshot_controller};
 use crate::{attacher, claims, informer, leader, resizer, rules, volumes};
 
 /// A running set of loops; `stop` ends them.
@@ -39,6 +41,8 @@ impl Loops {
         let volumes_q = Queue::new(settings.backoff);
         let attach_q = Queue::new(settings.backoff);
         let resize_q = Queue::new(settings.backoff);
+        let snapshots_q = Queue::new(settings.backoff);
+        let contents_q = Queue::new(settings.backoff);
 
         let expect = LoopExpectations::default();
         let mut claim_handlers: Vec<Handler<PersistentVolumeClaim>> = Vec::new();
@@ -103,6 +107,65 @@ impl Loops {
             })
         };
 
+        // Snapshots: informers only where the API server serves the CRDs.
+        let snapshot_api = snapshots_served(&client).await;
+        let snapshot_stores_cell: Arc<std::sync::OnceLock<SnapshotStores>> = Arc::default();
+        let mut snapshot_handlers: Vec<Handler<VolumeSnapshot>> = Vec::new();
+        let mut content_handlers: Vec<Handler<VolumeSnapshotContent>> = Vec::new();
+        if snapshot_api {
+            if runs(Loop::SnapshotController) {
+                snapshot_handlers.push(observe_and_queue(&expect.snapshots, &snapshots_q));
+                // A content's change is its VolumeSnapshot's news.
+                let q = snapshots_q.clone();
+                content_handlers.push(Arc::new(move |content: &VolumeSnapshotContent, _| {
+                    let reference = &content.spec.volume_snapshot_ref;
+                    if let (Some(ns), Some(name)) = (&reference.namespace, &reference.name) {
+                        q.add_forced(&format!("{ns}/{name}"));
+                    }
+                }));
+                // A claim's change: VolumeSnapshots of it (waiting for its binding) and
+                // the one it restores from (a deletion waiting for the restore).
+                let stores = Arc::clone(&snapshot_stores_cell);
+                let q = snapshots_q.clone();
+                claim_handlers.push(Arc::new(move |pvc: &PersistentVolumeClaim, _| {
+                    let Some(stores) = stores.get() else { return };
+                    let namespace = pvc.metadata.namespace.as_deref();
+                    let name = pvc.metadata.name.as_deref();
+                    for vs in stores.snapshots.state() {
+                        if vs.metadata.namespace.as_deref() == namespace
+                            && vs.spec.source.persistent_volume_claim_name.as_deref() == name
+                        {
+                            q.add_forced(&informer::key(vs.as_ref()));
+                        }
+                    }
+                    if let (Some(ns), Some(source)) =
+                        (namespace, pvc.spec.as_ref().and_then(rules::data_source))
+                        && rules::source_kind(&source) == Some(rules::SourceKind::Snapshot)
+                    {
+                        q.add_forced(&format!("{ns}/{}", source.name));
+                    }
+                }));
+            }
+            if runs(Loop::Snapshotter) {
+                content_handlers.push(observe_and_queue(&expect.contents, &contents_q));
+            }
+            if runs(Loop::Provisioner) {
+                // A claim restoring a snapshot waits for it to be ready.
+                let claims = Arc::clone(&claims_store);
+                let q = claims_q.clone();
+                snapshot_handlers.push(Arc::new(move |vs: &VolumeSnapshot, _| {
+                    let Some(store) = claims.get() else { return };
+                    let namespace = vs.metadata.namespace.as_deref().unwrap_or_default();
+                    let name = vs.metadata.name.as_deref().unwrap_or_default();
+                    for pvc in store.state() {
+                        if snapshot_controller::restores_from(&pvc, namespace, name) {
+                            q.add_forced(&informer::key(pvc.as_ref()));
+                        }
+                    }
+                }));
+            }
+        }
+
         // Pages of 100: a list of thousands of objects never sits in memory at once
         // as JSON and parsed copies (the largest transient allocation of the loops).
         let config = watcher::Config::default().page_size(100);
@@ -136,6 +199,40 @@ impl Loops {
         ] {
             store.map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
         }
+        let snapshot_stores = if snapshot_api {
+            let vs = informer::start(
+                Api::<VolumeSnapshot>::all(client.clone()),
+                config.clone(),
+                snapshot_handlers,
+            );
+            let contents = informer::start(
+                Api::<VolumeSnapshotContent>::all(client.clone()),
+                config.clone(),
+                content_handlers,
+            );
+            let classes = informer::start(
+                Api::<VolumeSnapshotClass>::all(client.clone()),
+                config.clone(),
+                vec![],
+            );
+            tasks.extend([vs.task, contents.task, classes.task]);
+            let stores = SnapshotStores {
+                snapshots: vs.store,
+                contents: contents.store,
+                classes: classes.store,
+            };
+            for ready in [
+                stores.snapshots.wait_until_ready().await.is_ok(),
+                stores.contents.wait_until_ready().await.is_ok(),
+                stores.classes.wait_until_ready().await.is_ok(),
+            ] {
+                anyhow::ensure!(ready, "a snapshot informer stopped before its first list");
+            }
+            let _ = snapshot_stores_cell.set(stores.clone());
+            Some(stores)
+        } else {
+            None
+        };
 
         let shared = Arc::new(Context {
             expect: expect.clone(),
@@ -149,6 +246,7 @@ impl Loops {
             volumes: volumes.store,
             classes: classes.store,
             attachments: attachments.store,
+            snapshot_stores,
             metrics,
         });
         shared.metrics.leader.set(1);
@@ -187,9 +285,40 @@ impl Loops {
                 resizer::reconcile,
             ));
         }
+        if shared.snapshot_stores.is_some() {
+            if runs(Loop::Snapshotter) {
+                tasks.extend(spawn_workers(
+                    &shared,
+                    &contents_q,
+                    (&expect.contents, content_version),
+                    workers,
+                    snapshots::content::reconcile,
+                ));
+            }
+            if runs(Loop::SnapshotController) {
+                tasks.extend(spawn_workers(
+                    &shared,
+                    &snapshots_q,
+                    (&expect.snapshots, snapshot_version),
+                    workers,
+                    snapshot_controller::reconcile,
+                ));
+            }
+        } else if runs(Loop::Snapshotter) || runs(Loop::SnapshotController) {
+            tracing::warn!(
+                "the API server serves no snapshot.storage.k8s.io/v1: the snapshot loops have nothing to watch (install the snapshot CRDs, then restart)"
+            );
+        }
         tracing::info!(driver = %shared.driver, loops = ?settings.loops, "loops running");
         Ok(Loops {
-            queues: vec![claims_q, volumes_q, attach_q, resize_q],
+            queues: vec![
+                claims_q,
+                volumes_q,
+                attach_q,
+                resize_q,
+                snapshots_q,
+                contents_q,
+            ],
             tasks,
         })
     }
@@ -229,6 +358,31 @@ fn volume_version(shared: &Context, key: &str) -> Option<String> {
 
 fn attachment_version(shared: &Context, key: &str) -> Option<String> {
     informer::get(&shared.attachments, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn snapshot_version(shared: &Context, key: &str) -> Option<String> {
+    let stores = shared.snapshot_stores.as_ref()?;
+    informer::get(&stores.snapshots, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+fn content_version(shared: &Context, key: &str) -> Option<String> {
+    let stores = shared.snapshot_stores.as_ref()?;
+    informer::get(&stores.contents, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+/// Does the API server serve `snapshot.storage.k8s.io/v1` (are the CRDs installed)?
+async fn snapshots_served(client: &kube::Client) -> bool {
+    match Api::<VolumeSnapshotClass>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => true,
+        Err(kube::Error::Api(status)) if status.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not tell whether the snapshot CRDs are installed; assuming they are not");
+            false
+        }
+    }
 }
 
 fn spawn_workers<F, Fut>(

@@ -33,6 +33,10 @@ pub struct DriverCaps {
     pub publish_unpublish: bool,
     pub expand: bool,
     pub topology: bool,
+    /// CREATE_DELETE_SNAPSHOT.
+    pub snapshots: bool,
+    /// MODIFY_VOLUME (VolumeAttributesClass).
+    pub modify: bool,
 }
 
 /// A CSI controller client shared by every loop.
@@ -155,6 +159,8 @@ impl Csi {
                 publish_unpublish: has(ControllerCap::PublishUnpublishVolume),
                 expand: has(ControllerCap::ExpandVolume),
                 topology,
+                snapshots: has(ControllerCap::CreateDeleteSnapshot),
+                modify: has(ControllerCap::ModifyVolume),
             },
             controller,
             limit: Arc::new(Semaphore::new(max_calls.max(1))),
@@ -230,6 +236,62 @@ impl Csi {
     ) -> Result<proto::ControllerExpandVolumeResponse, CallError> {
         self.call(|mut c| async move { c.controller_expand_volume(request).await })
             .await
+    }
+
+    pub async fn modify(
+        &self,
+        request: proto::ControllerModifyVolumeRequest,
+    ) -> Result<(), CallError> {
+        self.call(|mut c| async move { c.controller_modify_volume(request).await })
+            .await
+            .map(drop)
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        request: proto::CreateSnapshotRequest,
+    ) -> Result<proto::Snapshot, CallError> {
+        let response = self
+            .call(|mut c| async move { c.create_snapshot(request).await })
+            .await?;
+        response.snapshot.ok_or_else(|| {
+            CallError::Status(Status::internal(
+                "CreateSnapshot answered without a snapshot",
+            ))
+        })
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        snapshot_id: &str,
+        secrets: HashMap<String, String>,
+    ) -> Result<(), CallError> {
+        let request = proto::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.to_owned(),
+            secrets,
+        };
+        self.call(|mut c| async move { c.delete_snapshot(request).await })
+            .await
+            .map(drop)
+    }
+
+    /// The snapshot `snapshot_id` as ListSnapshots shows it; `None` when unknown.
+    pub async fn get_snapshot(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<Option<proto::Snapshot>, CallError> {
+        let request = proto::ListSnapshotsRequest {
+            snapshot_id: snapshot_id.to_owned(),
+            ..Default::default()
+        };
+        let response = self
+            .call(|mut c| async move { c.list_snapshots(request).await })
+            .await?;
+        Ok(response
+            .entries
+            .into_iter()
+            .filter_map(|e| e.snapshot)
+            .find(|s| s.snapshot_id == snapshot_id))
     }
 }
 

@@ -285,6 +285,12 @@ fn check_typed(object: &Value) -> Result<(), String> {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<rbac::RoleBinding>(object),
         ("storage.k8s.io/v1", "StorageClass") => round_trip::<storage::StorageClass>(object),
         ("storage.k8s.io/v1", "CSIDriver") => round_trip::<storage::CSIDriver>(object),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            round_trip::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(object)
+        }
+        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass") => {
+            round_trip::<stowage_loops::snapshots::types::VolumeSnapshotClass>(object)
+        }
         _ => Err(format!(
             "{api_version} {kind}: not a type this test knows; add it to check_typed"
         )),
@@ -312,7 +318,14 @@ fn every_manifest_is_its_kubernetes_type_without_unknown_fields() {
             }
             let namespaced = !matches!(
                 object["kind"].as_str(),
-                Some("ClusterRole" | "ClusterRoleBinding" | "StorageClass" | "CSIDriver")
+                Some(
+                    "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "StorageClass"
+                        | "CSIDriver"
+                        | "CustomResourceDefinition"
+                        | "VolumeSnapshotClass"
+                )
             );
             if namespaced && object["metadata"]["namespace"] != NAMESPACE {
                 failures.push(format!(
@@ -787,7 +800,10 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             deployment["spec"]["replicas"], r.values["controller"]["replicas"],
             "{case}"
         );
-        let loops: Vec<String> = strings(&r.values["controller"]["loops"]);
+        let mut loops: Vec<String> = strings(&r.values["controller"]["loops"]);
+        if r.values["snapshots"]["controller"] == true {
+            loops.push("snapshot-controller".to_owned());
+        }
         assert_eq!(flag(&args, "loops"), Some(loops.join(",")), "{case}");
         let port = flag(&args, "http-addr")
             .expect("controller --http-addr")
@@ -983,6 +999,16 @@ fn expected_grants(role: &str, secrets: bool) -> Grants {
             ("storage.k8s.io", &["volumeattachments"], &["list", "watch"]),
             ("events.k8s.io", &["events"], EVENTS),
             ("", &["events"], EVENTS),
+            (
+                "snapshot.storage.k8s.io",
+                &[
+                    "volumesnapshots",
+                    "volumesnapshotcontents",
+                    "volumesnapshotclasses",
+                ],
+                READ,
+            ),
+            ("storage.k8s.io", &["volumeattributesclasses"], &["get"]),
         ]),
         "attacher" => grants(&[
             (
@@ -1008,6 +1034,52 @@ fn expected_grants(role: &str, secrets: bool) -> Grants {
                 &["get", "list", "watch", "patch"],
             ),
             ("storage.k8s.io", &["storageclasses"], READ),
+            ("storage.k8s.io", &["volumeattributesclasses"], &["get"]),
+            ("events.k8s.io", &["events"], EVENTS),
+            ("", &["events"], EVENTS),
+        ]),
+        "snapshotter" => grants(&[
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshotcontents"],
+                &["get", "list", "watch", "patch"],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshotcontents/status"],
+                &["patch"],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshots", "volumesnapshotclasses"],
+                READ,
+            ),
+            ("events.k8s.io", &["events"], EVENTS),
+            ("", &["events"], EVENTS),
+        ]),
+        "snapshot-controller" => grants(&[
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshots"],
+                &["get", "list", "watch", "patch"],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshots/status"],
+                &["patch"],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                &["volumesnapshotcontents"],
+                &["get", "list", "watch", "create", "patch", "delete"],
+            ),
+            ("snapshot.storage.k8s.io", &["volumesnapshotclasses"], READ),
+            (
+                "",
+                &["persistentvolumeclaims"],
+                &["get", "list", "watch", "patch"],
+            ),
+            ("", &["persistentvolumes"], READ),
             ("events.k8s.io", &["events"], EVENTS),
             ("", &["events"], EVENTS),
         ]),
@@ -1048,7 +1120,10 @@ fn rbac_is_split_by_loop_with_only_the_verbs_each_uses() {
     for r in &all {
         let case = &r.case;
         let secrets = r.values["rbac"]["provisionerSecrets"] == true;
-        let loops = strings(&r.values["controller"]["loops"]);
+        let mut loops = strings(&r.values["controller"]["loops"]);
+        if r.values["snapshots"]["controller"] == true {
+            loops.push("snapshot-controller".to_owned());
+        }
         let controller_sa = r.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
             .as_str()
             .unwrap()
@@ -1303,4 +1378,145 @@ fn api_server_accepts_every_case_without_warnings() {
             "{name}: {applied} of {rendered} objects accepted"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// The snapshot CRDs the chart installs hold every field the loops read and write.
+// ---------------------------------------------------------------------------
+
+/// Every JSON path of `value` (objects' keys; arrays and maps of strings as leaves).
+fn json_paths(value: &Value, path: &str, out: &mut Vec<String>) {
+    if let Value::Object(map) = value {
+        for (key, child) in map {
+            let below = format!("{path}.{key}");
+            out.push(below.clone());
+            json_paths(child, &below, out);
+        }
+    }
+}
+
+/// Does the CRD schema `schema` admit the path `.a.b.c`?
+fn schema_admits(schema: &Value, path: &str) -> bool {
+    let mut at = schema;
+    for key in path.trim_start_matches('.').split('.') {
+        if at["x-kubernetes-preserve-unknown-fields"] == true
+            || at["type"] == "object"
+                && at["properties"].is_null()
+                && !at["additionalProperties"].is_null()
+        {
+            return true;
+        }
+        match at["properties"].get(key) {
+            Some(next) => at = next,
+            None if key == "metadata" => return true,
+            None => return false,
+        }
+    }
+    true
+}
+
+#[test]
+fn snapshot_crds_hold_every_field_the_loops_write() {
+    use stowage_loops::snapshots::types::*;
+    let Some(all) = render_all("snapshot_crds_hold_every_field_the_loops_write") else {
+        return;
+    };
+    let rendered = all
+        .iter()
+        .find(|r| r.values["snapshots"]["installCRDs"] == true)
+        .expect("a ci case installs the snapshot CRDs");
+    let crd = |plural: &str| {
+        let name = format!("{plural}.{GROUP}");
+        let crd = rendered
+            .named("CustomResourceDefinition", &name)
+            .unwrap_or_else(|| panic!("no CRD {name}"));
+        assert_eq!(crd["spec"]["versions"][0]["name"], VERSION);
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    };
+    let time =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let error = VolumeSnapshotError {
+        time: Some(time.clone()),
+        message: Some("m".into()),
+    };
+    let snapshot = VolumeSnapshot {
+        spec: VolumeSnapshotSpec {
+            source: VolumeSnapshotSource {
+                persistent_volume_claim_name: Some("c".into()),
+                volume_snapshot_content_name: Some("c".into()),
+            },
+            volume_snapshot_class_name: Some("x".into()),
+        },
+        status: Some(VolumeSnapshotStatus {
+            bound_volume_snapshot_content_name: Some("c".into()),
+            creation_time: Some(time),
+            ready_to_use: Some(true),
+            restore_size: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "1Gi".into(),
+            )),
+            error: Some(error.clone()),
+        }),
+        ..Default::default()
+    };
+    let content = VolumeSnapshotContent {
+        spec: VolumeSnapshotContentSpec {
+            volume_snapshot_ref: k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v".into()),
+                kind: Some("k".into()),
+                name: Some("n".into()),
+                namespace: Some("ns".into()),
+                uid: Some("u".into()),
+                resource_version: Some("1".into()),
+                field_path: None,
+            },
+            deletion_policy: DELETE.into(),
+            driver: "d".into(),
+            volume_snapshot_class_name: Some("x".into()),
+            source: VolumeSnapshotContentSource {
+                volume_handle: Some("v".into()),
+                snapshot_handle: Some("s".into()),
+            },
+            source_volume_mode: Some("Filesystem".into()),
+        },
+        status: Some(VolumeSnapshotContentStatus {
+            snapshot_handle: Some("s".into()),
+            creation_time: Some(1),
+            restore_size: Some(1),
+            ready_to_use: Some(true),
+            error: Some(error),
+        }),
+        ..Default::default()
+    };
+    let class = VolumeSnapshotClass {
+        driver: "d".into(),
+        parameters: Some([("k".to_owned(), "v".to_owned())].into()),
+        deletion_policy: DELETE.into(),
+        ..Default::default()
+    };
+    let mut missing = Vec::new();
+    for (plural, value) in [
+        ("volumesnapshots", serde_json::to_value(&snapshot).unwrap()),
+        (
+            "volumesnapshotcontents",
+            serde_json::to_value(&content).unwrap(),
+        ),
+        (
+            "volumesnapshotclasses",
+            serde_json::to_value(&class).unwrap(),
+        ),
+    ] {
+        let schema = crd(plural);
+        let mut paths = Vec::new();
+        json_paths(&value, "", &mut paths);
+        for path in paths {
+            if !schema_admits(&schema, &path) {
+                missing.push(format!("{plural}: {path}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fields the CRDs lack:\n{}",
+        missing.join("\n")
+    );
 }

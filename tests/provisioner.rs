@@ -1626,3 +1626,162 @@ async fn each_attach_and_detach_calls_the_driver_once() {
     );
     assert_eq!(moto.ec2().count_volumes().await, 0, "volumes left in EC2");
 }
+
+/// VolumeAttributesClass on EBS: a claim created with a class gets a volume of the
+/// class's type (CreateVolume's mutable parameters) and a PV naming the class; a claim
+/// moved to another class is modified in EC2 (ModifyVolume seen by moto) and its
+/// status says so; a class of another driver is Infeasible, with no EC2 call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_attributes_class_reaches_ec2_and_the_claims_status() {
+    const TEST: &str = "a_volume_attributes_class_reaches_ec2";
+    const ZONE: &str = "us-east-1a";
+    let Some(moto) = common::moto::Moto::start(TEST) else {
+        return;
+    };
+    let instance = moto.ec2().run_instance(ZONE).await;
+    let cluster = Cluster::start(TEST).await;
+    let stowage = start_on_ebs(&cluster, &moto, &instance, ZONE).await;
+    let class = cluster
+        .create_class("stowage-ebs", "Delete", &[("type", "gp3")], false)
+        .await;
+    let classes: Api<k8s_openapi::api::storage::v1::VolumeAttributesClass> =
+        Api::all(cluster.client.clone());
+    for (name, driver, parameters) in [
+        (
+            "fast",
+            cluster.driver.as_str(),
+            json!({"type": "io2", "iops": "3000"}),
+        ),
+        (
+            "faster",
+            cluster.driver.as_str(),
+            json!({"type": "io2", "iops": "6000"}),
+        ),
+        ("theirs", "ebs.csi.aws.com", json!({"type": "gp2"})),
+    ] {
+        let vac = serde_json::from_value(json!({
+            "metadata": {"name": cluster.name(name)},
+            "driverName": driver,
+            "parameters": parameters,
+        }))
+        .unwrap();
+        classes.create(&PostParams::default(), &vac).await.unwrap();
+    }
+    // 10 GiB: io2 needs 4 GiB at least, and at most 500 IOPS per GiB.
+    let mut pvc = claim("tuned", &class, Some("10Gi"), &["ReadWriteOnce"], &[]);
+    pvc.spec.as_mut().unwrap().volume_attributes_class_name = Some(cluster.name("fast"));
+    cluster.create_claim(&pvc).await;
+    let (claim, pv) = cluster.wait_bound("tuned").await;
+    let handle = pv
+        .spec
+        .as_ref()
+        .unwrap()
+        .csi
+        .as_ref()
+        .unwrap()
+        .volume_handle
+        .clone();
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .volume_attributes_class_name
+            .as_deref(),
+        Some(cluster.name("fast").as_str())
+    );
+    let ec2_volume = moto.ec2().volume(&handle).await.unwrap();
+    assert_eq!(
+        ec2_volume.volume_type.as_deref(),
+        Some("io2"),
+        "created with the class's type"
+    );
+    assert_eq!(
+        claim
+            .status
+            .as_ref()
+            .unwrap()
+            .current_volume_attributes_class_name
+            .as_deref(),
+        Some(cluster.name("fast").as_str())
+    );
+    settle().await;
+    assert_eq!(
+        csi_calls(&stowage, "ControllerModifyVolume").await,
+        0.0,
+        "nothing to modify after creation"
+    );
+
+    // Moved to another class: ModifyVolume, then the status.
+    cluster
+        .claims()
+        .patch(
+            "tuned",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"volumeAttributesClassName": cluster.name("faster")}})),
+        )
+        .await
+        .unwrap();
+    let claims = cluster.claims();
+    let claims = &claims;
+    let faster = cluster.name("faster");
+    let faster = &faster;
+    wait_for("the claim's current class to be `faster`", || async move {
+        let claim = claims.get("tuned").await.map_err(|e| e.to_string())?;
+        let status = claim.status.clone().unwrap_or_default();
+        if status.current_volume_attributes_class_name.as_deref() == Some(faster.as_str())
+            && status.modify_volume_status.is_none()
+        {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+    assert_eq!(csi_calls(&stowage, "ControllerModifyVolume").await, 1.0);
+    let modified = moto
+        .ec2()
+        .ok("DescribeVolumesModifications", &[("VolumeId.1", &handle)])
+        .await;
+    assert!(
+        modified.contains("6000"),
+        "EC2 saw ModifyVolume to 6000 IOPS: {modified}"
+    );
+    let pv = cluster.volumes().get(&pv.name_any()).await.unwrap();
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .volume_attributes_class_name
+            .as_deref(),
+        Some(faster.as_str())
+    );
+
+    // Another driver's class: Infeasible, no call.
+    cluster
+        .claims()
+        .patch(
+            "tuned",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"volumeAttributesClassName": cluster.name("theirs")}})),
+        )
+        .await
+        .unwrap();
+    let theirs = cluster.name("theirs");
+    let theirs = &theirs;
+    wait_for("the claim's modification to be Infeasible", || async move {
+        let claim = claims.get("tuned").await.map_err(|e| e.to_string())?;
+        let status = claim.status.clone().unwrap_or_default();
+        match status.modify_volume_status {
+            Some(m)
+                if m.status == "Infeasible"
+                    && m.target_volume_attributes_class_name.as_deref()
+                        == Some(theirs.as_str()) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(csi_calls(&stowage, "ControllerModifyVolume").await, 1.0);
+}

@@ -682,7 +682,6 @@ impl Stowage {
             .arg("local")
             .args(["--kubeconfig", cluster.kubeconfig.to_str().unwrap()])
             .args(["--endpoint", &format!("unix://{}", socket.display())])
-            .args(["--data-dir", data.to_str().unwrap()])
             .args(["--http-addr", "127.0.0.1:0"])
             .args(["--driver-name", &cluster.driver])
             .args(extra)
@@ -693,6 +692,15 @@ impl Stowage {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The embedded NFS server's directory, when NFS is served (stowage refuses the
+        // flag otherwise).
+        let backend = extra
+            .iter()
+            .position(|a| *a == "--backend")
+            .and_then(|i| extra.get(i + 1));
+        if backend.is_none_or(|b| b.split(',').any(|kind| kind == "nfs")) {
+            command.args(["--data-dir", data.to_str().unwrap()]);
+        }
         // Defaults that `extra` may override.
         for (flag, value) in [
             ("--retry-interval-start", "100ms"),

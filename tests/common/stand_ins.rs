@@ -466,6 +466,9 @@ impl Controller {
             s.access_modes = spec.access_modes.clone();
             if becoming_bound {
                 s.capacity = spec.capacity.clone();
+                // VolumeAttributesClass (GA in 1.34): the claim's current class is the
+                // PV's, from the bind on.
+                s.current_volume_attributes_class_name = spec.volume_attributes_class_name.clone();
             }
             if let Ok(written) = self
                 .claims_api(&namespace)

@@ -154,3 +154,12 @@ would keep only the last one applied, and `helm install` would not say so. */}}
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* The loops `stowage controller` runs: controller.loops, plus snapshot-controller when snapshots.controller. Comma-separated. */}}
+{{- define "stowage.loops" -}}
+{{- $loops := .Values.controller.loops -}}
+{{- if .Values.snapshots.controller -}}
+{{- $loops = append $loops "snapshot-controller" -}}
+{{- end -}}
+{{- join "," $loops -}}
+{{- end -}}

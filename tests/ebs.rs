@@ -856,6 +856,83 @@ async fn clones_are_one_copy_volumes_where_ec2_offers_it() {
     e.stop().await;
 }
 
+/// A snapshot of a staged XFS volume restored and cloned on the same node: both
+/// mount beside the original (same filesystem UUID: staged with `nouuid`, as
+/// aws-ebs-csi-driver does) and hold the bytes the original held (the test hypervisor
+/// keeps snapshot data as EBS does).
+#[tokio::test]
+async fn restores_and_clones_of_xfs_mount_beside_their_source_with_its_bytes() {
+    let Some(e) = Ebs::start("restores_and_clones_of_xfs_mount_beside_their_source", 1).await
+    else {
+        return;
+    };
+    let mut c = e.controller();
+    let xfs = [("csi.storage.k8s.io/fstype", "xfs")];
+    let source = create(&mut c, "pvc-xfs-src", &xfs).await;
+    let (src_staging, src_target) = publish_and_stage(&e, &source, "xfs").await;
+    std::fs::write(src_target.join("table"), b"rows 1-100").unwrap();
+    nix::unistd::sync();
+    let snapshot = c
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: source.volume_id.clone(),
+            name: "snap-xfs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    e.hv.sync().await;
+    std::fs::write(src_target.join("table"), b"rows 1-200").unwrap();
+    nix::unistd::sync();
+    let restored = c
+        .create_volume(proto::CreateVolumeRequest {
+            volume_content_source: Some(proto::VolumeContentSource {
+                r#type: Some(proto::volume_content_source::Type::Snapshot(
+                    proto::volume_content_source::SnapshotSource {
+                        snapshot_id: snapshot.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..ebs_request("pvc-xfs-restored", GIB, &xfs)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let clone = c
+        .create_volume(proto::CreateVolumeRequest {
+            parameters: params(&xfs),
+            ..clone_request("pvc-xfs-clone", GIB, &source.volume_id)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (r_staging, r_target) = publish_and_stage(&e, &restored, "xfs").await;
+    let (c_staging, c_target) = publish_and_stage(&e, &clone, "xfs").await;
+    assert_eq!(
+        std::fs::read(r_target.join("table")).unwrap(),
+        b"rows 1-100"
+    );
+    assert_eq!(
+        std::fs::read(c_target.join("table")).unwrap(),
+        b"rows 1-200"
+    );
+    for (volume, staging, target) in [
+        (&clone, c_staging, c_target),
+        (&restored, r_staging, r_target),
+        (&source, src_staging, src_target),
+    ] {
+        unpublish_and_unstage(&e, &volume.volume_id, &staging, &target).await;
+        delete(&mut c, &volume.volume_id).await;
+    }
+    e.stop().await;
+}
+
 #[tokio::test]
 async fn expansion_grows_the_volume_and_the_filesystem() {
     let Some(e) = Ebs::start("expansion_grows_the_volume_and_the_filesystem", 1).await else {

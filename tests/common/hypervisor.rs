@@ -10,6 +10,15 @@
 //! kept across detach and re-attach (data survives, as on EBS), grown when the volume
 //! grows, and deleted when the volume is deleted or the hypervisor dropped. Drop
 //! detaches every loop device it made. Needs root.
+//!
+//! Snapshots hold data as EBS's do: a snapshot the emulator shows is captured, at the
+//! first `sync` that sees it, as a copy of its volume's image
+//! (`<images_dir>/<snapshot id>.img`), and a volume created from a snapshot starts as
+//! a copy of that image (moto keeps no data). A clone made through a snapshot that is
+//! already gone again (stowage deletes it once the clone exists, as EBS allows) starts
+//! as a copy of its source volume's image, named by its `stowage.csi.dev/source-volume`
+//! tag. Callers flush the volume (`sync` in the pod) before snapshotting it, as one
+//! would before an EBS snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -40,6 +49,8 @@ struct State {
     devices: BTreeMap<String, PathBuf>,
     /// Volumes whose image this hypervisor created (attached or not).
     images: BTreeSet<String>,
+    /// Snapshots captured (their image copied from the volume's).
+    snapshots: BTreeSet<String>,
 }
 
 impl Hypervisor {
@@ -94,8 +105,32 @@ impl Hypervisor {
     /// volume attached (`attaching`/`attached`) to the instance, none for the others.
     pub async fn sync(&self) {
         let volumes = self.ec2.describe_volumes().await;
+        let snapshots = self.ec2.describe_snapshots().await;
         let mut state = self.state.lock().await;
-        let wanted: BTreeMap<&str, u64> = volumes
+        for (snapshot, volume) in &snapshots {
+            if state.snapshots.contains(snapshot) {
+                continue;
+            }
+            let source = self.image(volume);
+            let captured = self.image(snapshot);
+            if source.exists() {
+                copy_sparse(&source, &captured).await;
+            } else {
+                std::fs::File::create(&captured).unwrap();
+            }
+            state.snapshots.insert(snapshot.clone());
+        }
+        let gone: Vec<String> = state
+            .snapshots
+            .iter()
+            .filter(|id| !snapshots.iter().any(|(s, _)| s == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            state.snapshots.remove(&id);
+            let _ = std::fs::remove_file(self.image(&id));
+        }
+        let wanted: BTreeMap<&str, (u64, Option<&str>, Option<&str>)> = volumes
             .iter()
             .filter(|v| {
                 v.attachments.iter().any(|a| {
@@ -103,7 +138,10 @@ impl Hypervisor {
                         && matches!(a.state.as_str(), "attaching" | "attached")
                 })
             })
-            .map(|v| (v.id.as_str(), v.size_gib))
+            .map(|v| {
+                let source = v.tags.get("stowage.csi.dev/source-volume").map(String::as_str);
+                (v.id.as_str(), (v.size_gib, v.snapshot_id.as_deref(), source))
+            })
             .collect();
 
         let detached: Vec<String> = state
@@ -129,11 +167,26 @@ impl Hypervisor {
             std::fs::remove_file(self.image(&id)).unwrap();
         }
 
-        for (id, size_gib) in wanted {
+        for (id, (size_gib, from_snapshot, source_volume)) in wanted {
             let image = self.image(id);
             let bytes = size_gib * GIB;
             if state.images.insert(id.to_string()) {
-                let file = std::fs::File::create_new(&image)
+                let data = from_snapshot
+                    .filter(|s| state.snapshots.contains(*s))
+                    .map(|s| self.image(s))
+                    .or_else(|| {
+                        source_volume
+                            .filter(|v| state.images.contains(*v))
+                            .map(|v| self.image(v))
+                    });
+                if let Some(data) = data {
+                    copy_sparse(&data, &image).await;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&image)
                     .unwrap_or_else(|e| panic!("create {}: {e}", image.display()));
                 file.set_len(bytes).unwrap(); // sparse
             } else if std::fs::metadata(&image).unwrap().len() < bytes {
@@ -175,7 +228,10 @@ impl Drop for Hypervisor {
                 eprintln!("hypervisor: losetup -d {} failed", device.display());
             }
         }
-        for id in std::mem::take(&mut state.images) {
+        for id in std::mem::take(&mut state.images)
+            .into_iter()
+            .chain(std::mem::take(&mut state.snapshots))
+        {
             let _ = std::fs::remove_file(self.images_dir.join(format!("{id}.img")));
         }
     }
@@ -187,6 +243,16 @@ fn remove_link(link: &Path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => panic!("remove {}: {e}", link.display()),
     }
+}
+
+/// `cp --sparse=always from to`: holes stay holes.
+async fn copy_sparse(from: &Path, to: &Path) {
+    let status = tokio::process::Command::new("cp")
+        .args(["--sparse=always", path_str(from), path_str(to)])
+        .status()
+        .await
+        .unwrap_or_else(|e| panic!("cp {}: {e}", from.display()));
+    assert!(status.success(), "cp {} {}", from.display(), to.display());
 }
 
 fn path_str(path: &Path) -> &str {

@@ -218,6 +218,8 @@ pub struct VolumeInfo {
     pub volume_type: Option<String>,
     pub attachments: Vec<Attachment>,
     pub tags: BTreeMap<String, String>,
+    /// The snapshot the volume was created from.
+    pub snapshot_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -367,6 +369,11 @@ impl Ec2Query {
             .find(|v| v.id == volume_id)
     }
 
+    /// Every snapshot: `(snapshot id, source volume id)`.
+    pub async fn describe_snapshots(&self) -> Vec<(String, String)> {
+        parse_snapshots(&self.ok("DescribeSnapshots", &[]).await)
+    }
+
     pub async fn count_volumes(&self) -> usize {
         self.describe_volumes().await.len()
     }
@@ -409,7 +416,21 @@ pub fn parse_volumes(body: &str) -> Vec<VolumeInfo> {
                 volume_type: text("volumeType"),
                 attachments,
                 tags,
+                snapshot_id: text("snapshotId").filter(|s| !s.is_empty()),
             }
+        })
+        .collect()
+}
+
+/// `(snapshot id, source volume id)` of a DescribeSnapshots answer.
+pub fn parse_snapshots(body: &str) -> Vec<(String, String)> {
+    let Some(set) = xml::find(body, "snapshotSet") else {
+        return Vec::new();
+    };
+    xml::children(set)
+        .into_iter()
+        .filter_map(|(_, item)| {
+            Some((xml::text(item, "snapshotId")?, xml::text(item, "volumeId")?))
         })
         .collect()
 }

@@ -255,6 +255,7 @@ impl NodeService {
         tokio::fs::create_dir_all(&staging)
             .await
             .map_err(|e| internal(&format!("creating {}", staging.display()), e))?;
+        let mount_options = stage_options(&fs_type, mount_options);
         self.mounter
             .mount(
                 &device.display().to_string(),
@@ -580,6 +581,16 @@ async fn open_export_dir(
     opened
         .await
         .map_err(|e| internal(&format!("opening volume {volume_id}"), e))?
+}
+
+/// Mount options of a staged filesystem: XFS refuses a second filesystem with the UUID
+/// of one already mounted, which is what a restored snapshot or a clone of a volume on
+/// the same node is, so XFS mounts get `nouuid` (as aws-ebs-csi-driver's do).
+fn stage_options(fs_type: &str, mut options: Vec<String>) -> Vec<String> {
+    if fs_type == "xfs" && !options.iter().any(|o| o == "nouuid") {
+        options.push("nouuid".into());
+    }
+    options
 }
 
 /// Remove a target directory or (raw block) file; absent is fine.

@@ -387,6 +387,8 @@ pub struct Stack {
     pub running: Running,
     pub embedded: Option<EmbeddedServer>,
     pub settings: settings::Serve,
+    /// The node id the Node service reports (resolved: flags, host name, metadata).
+    pub node_id: Option<String>,
 }
 
 impl Stack {
@@ -407,6 +409,7 @@ pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
         Some(node) => Some(node_config(settings.role, node).await?),
         None => None,
     };
+    let node_id = node.as_ref().map(|n| n.node_id.clone());
     let (backends, embedded) = backends(&settings.backends).await?;
     let started = start(Plan {
         socket: settings.socket.clone(),
@@ -453,6 +456,7 @@ pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
         running,
         embedded,
         settings,
+        node_id,
     })
 }
 
@@ -504,14 +508,35 @@ fn announce(stack: &Stack) {
         .node
         .as_ref()
         .map(|n| n.kubelet_dir.display().to_string());
-    tracing::info!(
-        %socket,
-        role = ?settings.role,
-        export = export.as_deref().unwrap_or("none"),
-        kubelet_dir = kubelet_dir.as_deref().unwrap_or(""),
-        http_addr = %stack.running.http_addr.map(|a| a.to_string()).unwrap_or_default(),
-        "serving"
-    );
+    let http_addr = stack
+        .running
+        .http_addr
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let export = export.as_deref().unwrap_or("none");
+    let kubelet_dir_field = kubelet_dir.as_deref().unwrap_or("");
+    let node = stack.node_id.as_deref().unwrap_or("");
+    match settings.role {
+        settings::Role::Controller => {
+            tracing::info!(%socket, export, %http_addr, "controller serving");
+        }
+        settings::Role::Node => tracing::info!(
+            %socket,
+            node,
+            kubelet_dir = kubelet_dir_field,
+            %http_addr,
+            "node plugin serving"
+        ),
+        settings::Role::Local => tracing::info!(
+            %socket,
+            node,
+            export,
+            kubelet_dir = kubelet_dir_field,
+            %http_addr,
+            "local serving"
+        ),
+    }
+    let export = Some(export.to_owned()).filter(|e| e != "none");
     if settings.role == settings::Role::Local {
         let mut details: Vec<String> = export.into_iter().collect();
         details.extend(kubelet_dir.map(|d| format!("node paths under {d}")));

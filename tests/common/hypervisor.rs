@@ -139,8 +139,14 @@ impl Hypervisor {
                 })
             })
             .map(|v| {
-                let source = v.tags.get("stowage.csi.dev/source-volume").map(String::as_str);
-                (v.id.as_str(), (v.size_gib, v.snapshot_id.as_deref(), source))
+                let source = v
+                    .tags
+                    .get("stowage.csi.dev/source-volume")
+                    .map(String::as_str);
+                (
+                    v.id.as_str(),
+                    (v.size_gib, v.snapshot_id.as_deref(), source),
+                )
             })
             .collect();
 

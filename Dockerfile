@@ -7,13 +7,14 @@
 ARG RUST_VERSION=1.95
 ARG DEBIAN=trixie
 
-# Build: the workspace (the binary in src/, its crates in crates/); protos are compiled
-# by protox in crates/api/build.rs (no protoc); aws-lc-sys needs only the C compiler
+# Build: the workspace (the binary in src/, its crates in crates/); the top-level protos
+# (proto/) are compiled by protox in crates/api/build.rs (no protoc); aws-lc-sys needs only the C compiler
 # the slim Rust image has.
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
+COPY proto proto
 COPY src src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

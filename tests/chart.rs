@@ -1431,6 +1431,15 @@ fn snapshot_crds_hold_every_field_the_loops_write() {
             .named("CustomResourceDefinition", &name)
             .unwrap_or_else(|| panic!("no CRD {name}"));
         assert_eq!(crd["spec"]["versions"][0]["name"], VERSION);
+        // The API server refuses a CRD in a *.k8s.io group unless it names the
+        // approval of its API (apiextensions' protected-group rule).
+        let approval = crd["metadata"]["annotations"]["api-approved.kubernetes.io"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            approval.starts_with("https://"),
+            "{name} lacks api-approved.kubernetes.io: the API server refuses it"
+        );
         crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
     };
     let time =

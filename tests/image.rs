@@ -220,3 +220,25 @@ fn the_runtime_packages_hold_what_the_node_plugin_runs() {
         );
     }
 }
+
+/// The Dockerfile's build stage copies every top-level part of the tree the build reads:
+/// the manifests, the crates, the protos (compiled by crates/api/build.rs from proto/),
+/// the binary's sources.
+#[test]
+fn the_build_stage_copies_what_the_build_reads() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let copies: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .collect();
+    for part in ["Cargo.toml", "Cargo.lock", "crates", "proto", "src"] {
+        assert!(
+            copies
+                .iter()
+                .any(|c| c.split_whitespace().any(|w| w == part)),
+            "the build stage does not copy {part}: {copies:?}"
+        );
+        assert!(repo().join(part).exists(), "{part} is not in the tree");
+    }
+}

@@ -465,3 +465,45 @@ async fn a_sigkill_before_the_contents_status_leaks_no_snapshot_and_makes_none_t
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_blocks_a_snapshot_is_in_its_status_and_events() {
+    let cluster = Cluster::start("what_blocks_a_snapshot").await;
+    let _stowage = Stowage::start(&cluster, "stowage", &LOOPS).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    cluster
+        .create_claim(&simple_claim("data-db-0", &class))
+        .await;
+    let _ = cluster.wait_bound("data-db-0").await;
+    // No default VolumeSnapshotClass for the driver, none named.
+    create_snapshot(&cluster, "orphan", "data-db-0", None).await;
+    let api = snapshots(&cluster);
+    let api = &api;
+    let message = wait_for("the VolumeSnapshot's error", || async move {
+        let vs = api.get("orphan").await.map_err(|e| e.to_string())?;
+        vs.status
+            .and_then(|s| s.error)
+            .and_then(|e| e.message)
+            .ok_or_else(|| "no error yet".to_owned())
+    })
+    .await;
+    assert!(message.contains("default VolumeSnapshotClass"), "{message}");
+    let warning = cluster
+        .wait_warning(
+            "orphan",
+            "SnapshotCreationFailed",
+            &["default VolumeSnapshotClass"],
+        )
+        .await;
+    assert!(!warning.is_empty());
+    // Then a default class appears: the same VolumeSnapshot goes on and becomes ready.
+    // Classes are not watched: the next retry (backoff ≤ 1 s here) picks it up.
+    create_snapshot_class(&cluster, "late-default", "Delete", true).await;
+    let (vs, _) = wait_ready(&cluster, "orphan").await;
+    assert!(
+        vs.status.unwrap().error.is_none(),
+        "the error is cleared once ready"
+    );
+}

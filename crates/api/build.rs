@@ -1,13 +1,14 @@
-//! Compiles `proto/csi.proto` (CSI spec v1.12.0) and `proto/pluginregistration.proto`
-//! (kubelet's plugin registration, v1) with protox, so no `protoc` is needed.
+//! Compiles the repository's top-level `proto/csi.proto` (CSI spec v1.12.0) and
+//! `proto/pluginregistration.proto` (kubelet's plugin registration, v1) with protox, so
+//! no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/csi.proto");
-    println!("cargo:rerun-if-changed=proto/pluginregistration.proto");
-    let descriptors = protox::compile(
-        ["proto/csi.proto", "proto/pluginregistration.proto"],
-        ["proto"],
-    )?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["csi.proto", "pluginregistration.proto"].map(|f| dir.join(f));
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let descriptors = protox::compile(&files, [&dir])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -196,14 +196,19 @@ async fn provision(
             shared
                 .metrics
                 .failed("provision", &format!("{:?}", e.code()));
-            shared.events.warning(
-                pvc.object_ref(&()),
-                "ProvisioningFailed",
-                format!(
-                    "failed to provision volume with StorageClass \"{class_name}\": {}",
-                    e.message()
-                ),
+            let failed = format!(
+                "failed to provision volume with StorageClass \"{class_name}\": {}",
+                e.message()
             );
+            if let Some(node) = reschedulable(class, &pvc, e.code()) {
+                // No room on the selected node (or its zone): as external-provisioner
+                // does, hand the claim back to the scheduler instead of retrying there.
+                reschedule(shared, &pvc, finalizer, &node, &failed).await?;
+                return Ok(Next::Done);
+            }
+            shared
+                .events
+                .warning(pvc.object_ref(&()), "ProvisioningFailed", failed);
             if e.is_final() && e.code() != tonic::Code::AlreadyExists {
                 // The driver says no volume was made: nothing to protect while the
                 // claim waits for its next attempt (it may be deleted meanwhile).
@@ -242,6 +247,55 @@ async fn provision(
     remove_finalizer(shared, &pvc, finalizer).await?;
     release_clone_source(shared, &pvc).await?;
     Ok(Next::Done)
+}
+
+/// The node to forget when CreateVolume found no capacity for a WaitForFirstConsumer
+/// claim scheduled there (RESOURCE_EXHAUSTED); `None` otherwise (an Immediate claim keeps
+/// retrying, as the capacity may come back).
+fn reschedulable(
+    class: &StorageClass,
+    pvc: &PersistentVolumeClaim,
+    code: tonic::Code,
+) -> Option<String> {
+    let wait_for_consumer =
+        class.volume_binding_mode.as_deref() == Some(rules::BINDING_WAIT_FOR_FIRST_CONSUMER);
+    (code == tonic::Code::ResourceExhausted && wait_for_consumer)
+        .then(|| pvc.annotations().get(rules::ANN_SELECTED_NODE).cloned())
+        .flatten()
+        .filter(|node| !node.is_empty())
+}
+
+/// Drop the claim's `volume.kubernetes.io/selected-node` (and our finalizer: no volume
+/// was made), so the scheduler picks another node for its pod.
+async fn reschedule(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+    finalizer: &str,
+    node: &str,
+    failed: &str,
+) -> anyhow::Result<()> {
+    let patch = json!({
+        "metadata": {
+            "annotations": { rules::ANN_SELECTED_NODE: null },
+            "finalizers": finalizers_without(pvc, finalizer),
+            "resourceVersion": pvc.metadata.resource_version,
+        }
+    });
+    let written = claims(shared, pvc.namespace().as_deref().unwrap_or_default())
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .context("removing the selected node from the claim")?;
+    expect_written(shared, &written);
+    shared.events.warning(
+        pvc.object_ref(&()),
+        "ProvisioningFailed",
+        format!("{failed}; no capacity on node {node}: handed back to the scheduler to pick another node"),
+    );
+    Ok(())
 }
 
 /// The finalizer a claim being cloned keeps until its clones have their volumes
@@ -757,6 +811,7 @@ mod tests {
     use crate::fixtures::{
         Caches, DRIVER, FakeDriver, claim, class, fixture, pv_prebound_to, refused,
     };
+    use tonic::Status;
 
     const CLAIMS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
     const PVS: &str = "/api/v1/persistentvolumes";
@@ -935,6 +990,70 @@ mod tests {
                 .all(|w| w.method != http::Method::POST),
             "{:?}",
             lines(&f.api.writes())
+        );
+    }
+
+    #[tokio::test]
+    async fn no_capacity_on_the_selected_node_hands_the_claim_back_to_the_scheduler() {
+        let mut pvc = claim("default", "wffc", "u-5", "late", "1Gi");
+        pvc.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(rules::ANN_SELECTED_NODE.to_owned(), "node-full".to_owned());
+        let mut late = class("late", DRIVER, &[]);
+        late.volume_binding_mode = Some(rules::BINDING_WAIT_FOR_FIRST_CONSUMER.to_owned());
+        let full = || {
+            Err(Status::new(
+                tonic::Code::ResourceExhausted,
+                "no room in zone a",
+            ))
+        };
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![late],
+                ..Default::default()
+            },
+            FakeDriver::answering(move |_| full()),
+        )
+        .await;
+        let next = reconcile(Arc::clone(&f.context), "default/wffc".into())
+            .await
+            .expect("rescheduled, not an error to retry");
+        assert_eq!(next, Next::Done);
+        let after: PersistentVolumeClaim = f.api.object(Some("default"), "wffc").unwrap();
+        assert!(
+            !after.annotations().contains_key(rules::ANN_SELECTED_NODE),
+            "{:?}",
+            after.metadata.annotations
+        );
+        assert!(!has_finalizer(&after, &provisioning_finalizer(DRIVER)));
+        let event = f.api.event("ProvisioningFailed").await.expect("a warning");
+        assert!(
+            event["note"].as_str().unwrap().contains("node-full"),
+            "{event}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_capacity_for_an_immediate_claim_is_retried() {
+        let pvc = claim("default", "now", "u-6", "fast", "1Gi");
+        let full = || Err(Status::new(tonic::Code::ResourceExhausted, "no room"));
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![class("fast", DRIVER, &[])],
+                ..Default::default()
+            },
+            FakeDriver::answering(move |_| full()),
+        )
+        .await;
+        let result = reconcile(Arc::clone(&f.context), "default/now".into()).await;
+        assert!(result.is_err(), "retried with backoff: {result:?}");
+        let after: PersistentVolumeClaim = f.api.object(Some("default"), "now").unwrap();
+        assert!(
+            has_finalizer(&after, &provisioning_finalizer(DRIVER)),
+            "in progress: the finalizer stays"
         );
     }
 

@@ -45,7 +45,7 @@ pub const FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finalizer
 /// The volume attribute external-provisioner adds to every PV it creates.
 pub const PROVISIONER_IDENTITY_KEY: &str = "storage.kubernetes.io/csiProvisionerIdentity";
 
-const BINDING_WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";
+pub const BINDING_WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";
 const RECLAIM_DELETE: &str = "Delete";
 const RECLAIM_RETAIN: &str = "Retain";
 const RECLAIM_RECYCLE: &str = "Recycle";

@@ -380,7 +380,13 @@ async fn mirror_status(
     };
     let current = vs.status.clone().unwrap_or_default();
     if current != wanted {
-        let patch = json!({ "status": wanted });
+        let mut status = serde_json::to_value(&wanted)?;
+        if wanted.error.is_none() {
+            // An error from before (a missing class, a failed attempt) goes once the
+            // content has none: a merge patch keeps any field it does not name.
+            status["error"] = serde_json::Value::Null;
+        }
+        let patch = json!({ "status": status });
         let namespace = vs.namespace().unwrap_or_default();
         if let Some(written) =
             patch_status_guarded(&snapshots(shared, &namespace), vs, &patch, |_| true)

@@ -11,8 +11,8 @@
 //! grows, and deleted when the volume is deleted or the hypervisor dropped. Drop
 //! detaches every loop device it made. Needs root.
 //!
-//! Snapshots hold data as EBS's do: a snapshot the emulator shows is captured, at the
-//! first `sync` that sees it, as a copy of its volume's image
+//! Snapshots hold data as EBS's do: a snapshot of one of the emulator's volumes is
+//! captured, at the first `sync` that sees it, as a copy of its volume's image
 //! (`<images_dir>/<snapshot id>.img`), and a volume created from a snapshot starts as
 //! a copy of that image (moto keeps no data). A clone made through a snapshot that is
 //! already gone again (stowage deletes it once the clone exists, as EBS allows) starts
@@ -108,7 +108,9 @@ impl Hypervisor {
         let snapshots = self.ec2.describe_snapshots().await;
         let mut state = self.state.lock().await;
         for (snapshot, volume) in &snapshots {
-            if state.snapshots.contains(snapshot) {
+            // Only snapshots of volumes the emulator has: moto also lists hundreds of
+            // its AMIs' snapshots, of volumes that never existed.
+            if state.snapshots.contains(snapshot) || !volumes.iter().any(|v| &v.id == volume) {
                 continue;
             }
             let source = self.image(volume);

@@ -48,6 +48,12 @@ pub enum Command {
     NfsServer(NfsServerArgs),
     /// Measure CreateVolume/DeleteVolume over a socket against the NFS backend.
     Bench(BenchArgs),
+    /// List leftovers: backend volumes no PV refers to, PVs whose volume is gone
+    /// (dry run; --delete removes the orphans older than --older-than).
+    Gc(GcArgs),
+    /// Why is a claim, PV or VolumeAttachment stuck? Follows it through the cluster and
+    /// the controller and names the first broken link, with the fix.
+    Explain(ExplainArgs),
 }
 
 /// Flags every serving role has.
@@ -266,6 +272,11 @@ pub struct KubeArgs {
     /// Timeout of one CSI call from the loops (CreateVolume, DeleteVolume, …).
     #[arg(long, env = "CSI_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub csi_timeout: Duration,
+
+    /// /healthz fails (the process is restarted) when a loop's worker has been on one
+    /// object for longer than this: a call that hangs past every timeout.
+    #[arg(long, env = "STUCK_AFTER", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -284,6 +295,93 @@ pub struct ControllerArgs {
     pub ebs_zone: EbsZoneArgs,
     #[command(flatten)]
     pub kube: KubeArgs,
+    #[command(flatten)]
+    pub gc: GcScheduleArgs,
+    #[command(flatten)]
+    pub backend_check: BackendCheckArgs,
+}
+
+/// How the Controller service checks its backends (`/readyz`, `stowage_backend_up`).
+#[derive(Debug, Clone, Args)]
+pub struct BackendCheckArgs {
+    /// How often each backend is asked whether it answers (NFS FSSTAT of each export
+    /// in use, an EC2 call).
+    #[arg(long, env = "BACKEND_CHECK_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub backend_check_interval: Duration,
+}
+
+/// The controller's periodic gc (off by default).
+#[derive(Debug, Clone, Args)]
+pub struct GcScheduleArgs {
+    /// Run `stowage gc` every this long while leading: `stowage_orphan_volumes` and a
+    /// log line per orphan (off when unset).
+    #[arg(long, env = "GC_INTERVAL", value_parser = humantime::parse_duration)]
+    pub gc_interval: Option<Duration>,
+
+    /// With --gc-interval: also delete orphans older than this (unset: only list).
+    #[arg(long, env = "GC_DELETE_OLDER_THAN", value_parser = humantime::parse_duration, requires = "gc_interval")]
+    pub gc_delete_older_than: Option<Duration>,
+}
+
+/// How a command prints its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// `stowage gc`: reads the cluster with your kubeconfig and the backends with the
+/// controller's flags.
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    /// Kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The CSI driver name whose PVs and StorageClasses count.
+    #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    #[command(flatten)]
+    pub backends: BackendArgs,
+    #[command(flatten)]
+    pub nfs_export: NfsExportArgs,
+    #[command(flatten)]
+    pub nfs_client: NfsClientArgs,
+    #[command(flatten)]
+    pub ec2: Ec2Args,
+    /// Delete the orphans older than --older-than (without it: list only).
+    #[arg(long)]
+    pub delete: bool,
+    /// Only orphans older than this are deleted, or listed as deletable (a claim may
+    /// still be getting a younger one).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub older_than: Duration,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// `stowage explain`: read-only, with your kubeconfig.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// What to explain: `pvc/NAME`, `pv/NAME` or `volumeattachment/NAME`.
+    pub object: String,
+    /// The claim's namespace (default: the kubeconfig context's, else `default`).
+    #[arg(short = 'n', long = "namespace")]
+    pub namespace: Option<String>,
+    /// Kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The CSI driver name.
+    #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    /// The controller's HTTP address (e.g. http://127.0.0.1:8080), when the API
+    /// server's pod proxy cannot reach it (default: through the API server, to the
+    /// pod that holds the leader Lease).
+    #[arg(long, env = "STOWAGE_CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -362,6 +460,10 @@ pub struct LocalArgs {
     pub kubelet_dir: Option<PathBuf>,
     #[command(flatten)]
     pub kube: KubeArgs,
+    #[command(flatten)]
+    pub gc: GcScheduleArgs,
+    #[command(flatten)]
+    pub backend_check: BackendCheckArgs,
 }
 
 /// Default sockets per role (the node's for the default kubelet directory).
@@ -508,6 +610,12 @@ pub fn inapplicable(command: &Command) -> Vec<(&'static str, String)> {
                 refuse(ec2, not_served("EBS", "controller"));
             }
             kube_inapplicable(&a.kube, true, &mut refuse);
+            if a.kube.no_loops {
+                refuse(
+                    &["gc_interval", "gc_delete_older_than"],
+                    "the periodic gc reads the cluster through the loops' client, which --no-loops turns off".into(),
+                );
+            }
         }
         Command::Node(a) => {
             if !a.backends.serves(BackendKind::Nfs) {
@@ -539,8 +647,24 @@ pub fn inapplicable(command: &Command) -> Vec<(&'static str, String)> {
                 refuse(ebs_node, not_served("EBS", "local"));
             }
             kube_inapplicable(&a.kube, false, &mut refuse);
+            if a.kube.kubeconfig.is_none() {
+                refuse(
+                    &["gc_interval", "gc_delete_older_than"],
+                    "the periodic gc reads the cluster, which `local` reads only with --kubeconfig"
+                        .into(),
+                );
+            }
         }
-        Command::NfsServer(_) | Command::Bench(_) => {}
+        Command::Gc(a) => {
+            if !a.backends.serves(BackendKind::Nfs) {
+                refuse(nfs_export, not_served("NFS", "gc"));
+                refuse(nfs_client, not_served("NFS", "gc"));
+            }
+            if !a.backends.serves(BackendKind::Ebs) {
+                refuse(&ec2[..5], not_served("EBS", "gc"));
+            }
+        }
+        Command::NfsServer(_) | Command::Bench(_) | Command::Explain(_) => {}
     }
     out
 }
@@ -571,6 +695,7 @@ fn kube_inapplicable(
         "retry_interval_max",
         "annotation_grace",
         "csi_timeout",
+        "stuck_after",
     ];
     let runs_loops = if loops_by_default {
         !kube.no_loops
@@ -639,6 +764,8 @@ pub fn matches_name(command: &Command) -> &'static str {
         Command::Local(_) => "local",
         Command::NfsServer(_) => "nfs-server",
         Command::Bench(_) => "bench",
+        Command::Gc(_) => "gc",
+        Command::Explain(_) => "explain",
     }
 }
 

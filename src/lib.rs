@@ -15,7 +15,11 @@
 //!   `bench`), every subcommand's flags.
 //! - [`settings`]: what a serving role runs with, resolved from its flags (pure).
 //! - [`run`]: wiring only: build backends, bind sockets, spawn tasks, shut down.
-//! - [`telemetry`], [`http`]: logs; `/metrics`, `/healthz`, `/readyz`.
+//! - [`telemetry`], [`http`], [`health`]: logs; `/metrics`, `/healthz`, `/readyz`,
+//!   `/debug/attempts`, and what the health endpoints check.
+//! - [`gc`]: `stowage gc` and the controller's periodic run: orphan volumes, PVs
+//!   whose volume is gone.
+//! - [`explain`]: `stowage explain`: why a claim, PV or attachment is stuck.
 //! - [`bench`](mod@bench): `stowage bench`, NFS CreateVolume latency and pairs/s; EBS
 //!   concurrent CreateVolume with EC2 calls per volume; `bench provision`, claims to
 //!   Bound against a cluster.
@@ -23,6 +27,9 @@
 
 pub mod bench;
 pub mod config;
+pub mod explain;
+pub mod gc;
+pub mod health;
 pub mod http;
 pub mod run;
 pub mod settings;
@@ -42,6 +49,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             return run::nfs_server(args.clone(), ShutdownSignals::new()?).await;
         }
         Command::Bench(args) => return bench::run(bench::Bench::of(args)).await,
+        Command::Gc(args) => {
+            return gc::run(settings::gc(args).map_err(anyhow::Error::msg)?).await;
+        }
+        Command::Explain(args) => return explain::run(args.clone()).await,
     };
     let serve = serve.map_err(anyhow::Error::msg)?;
     run::serve(serve, ShutdownSignals::new()?).await

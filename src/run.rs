@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::NfsServerArgs;
-use crate::settings;
+use crate::{health, settings};
 use stowage_api::metrics::Metrics;
 use stowage_driver::backend::ebs::EbsBackend;
 use stowage_driver::backend::ebs::cloud::Cloud;
@@ -25,8 +25,12 @@ use stowage_driver::csi::node::{NodeConfig, NodeService};
 use stowage_driver::csi::registration::{KubeletRegistration, registration_socket};
 use stowage_driver::csi::server::{self, Services};
 use stowage_driver::node::{Mounter, SystemMounter};
+use stowage_loops::Activity;
 use stowage_nfs::client::{ClientConfig, NfsTarget};
 use stowage_nfs::server::EmbeddedServer;
+
+/// `--backend-check-interval`'s default.
+pub const DEFAULT_BACKEND_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What one serving process runs.
 pub struct Plan {
@@ -40,6 +44,8 @@ pub struct Plan {
     pub http_addr: Option<std::net::SocketAddr>,
     /// How long shutdown waits for connected clients.
     pub shutdown_grace: Duration,
+    /// How often the Controller service checks its backends.
+    pub backend_check_interval: Duration,
 }
 
 /// A serving process: stop it to shut down and remove the socket.
@@ -47,6 +53,10 @@ pub struct Running {
     pub socket: PathBuf,
     /// The process's metrics (other parts register theirs here).
     pub metrics: Arc<Metrics>,
+    /// The loops' work and failures (`/debug/attempts`); empty without loops.
+    pub activity: Activity,
+    /// The backends it serves.
+    pub backends: Backends,
     pub http_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     shutdown_grace: Duration,
@@ -150,6 +160,7 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         }),
     };
     let (stop, rx) = watch::channel(false);
+    let activity = Activity::default();
     let (http, http_addr) = match plan.http_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -158,7 +169,7 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
             let bound = listener.local_addr()?;
             let task = tokio::spawn(crate::http::serve(
                 listener,
-                Arc::clone(&metrics),
+                (Arc::clone(&metrics), activity.clone()),
                 stopped(rx.clone()),
             ));
             (Some(task), Some(bound))
@@ -166,8 +177,18 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         None => (None, None),
     };
     let grpc = spawn_csi_thread(plan.socket.clone(), services, rx).await?;
+    health::add_probe_health_check(&metrics, plan.socket.clone());
+    if plan.controller {
+        health::spawn_backend_checks(
+            &metrics,
+            (plan.backends.clone(), plan.backend_check_interval),
+            stop.subscribe(),
+        );
+    }
     Ok(Running {
         metrics,
+        activity,
+        backends: plan.backends.clone(),
         shutdown_grace: plan.shutdown_grace,
         socket: plan.socket,
         http_addr,
@@ -323,7 +344,7 @@ async fn nfs_backend(nfs: &settings::Nfs) -> anyhow::Result<(NfsBackend, Option<
 
 /// The backends a role serves, in the order given (the first is the default), and the
 /// embedded NFS server when one was started for them.
-async fn backends(
+pub async fn backends(
     list: &[settings::Backend],
 ) -> anyhow::Result<(Backends, Option<EmbeddedServer>)> {
     let mut embedded = None;
@@ -420,6 +441,7 @@ pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
         mounter: Arc::new(SystemMounter::default()),
         http_addr: settings.http_addr,
         shutdown_grace: settings.shutdown_grace,
+        backend_check_interval: settings.backend_check_interval,
     })
     .await;
     let mut running = match started {
@@ -467,7 +489,12 @@ pub async fn serve(settings: settings::Serve, signals: ShutdownSignals) -> anyho
     let loops = match &stack.settings.loops {
         Some(loops) => {
             match start_loops(loops, &stack.running, &stack.settings.driver_name).await {
-                Ok(loops) => Some(loops),
+                Ok(mut loops) => {
+                    if let Some(schedule) = stack.settings.gc.clone() {
+                        loops.schedule_gc(schedule, &stack.running, &stack.settings.driver_name);
+                    }
+                    Some(loops)
+                }
                 Err(e) => {
                     let _ = stack.stop().await;
                     return Err(e);
@@ -562,13 +589,31 @@ fn announce(stack: &Stack) {
 pub struct KubeLoops {
     stop: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// The loops' Kubernetes client (the periodic gc reads with it too).
+    pub client: kube::Client,
+    /// The periodic gc, when it runs.
+    gc: Option<JoinHandle<()>>,
 }
 
 impl KubeLoops {
     /// Stop the loops (handing back the leader Lease) and wait for them.
     pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(gc) = &self.gc {
+            gc.abort();
+        }
         let _ = self.stop.send(true);
         self.task.await.context("the loops task")?
+    }
+
+    /// Run gc every `schedule.interval` while this replica leads.
+    pub fn schedule_gc(&mut self, schedule: settings::GcSchedule, running: &Running, driver: &str) {
+        self.gc = Some(crate::gc::spawn_schedule(
+            schedule,
+            self.client.clone(),
+            (running.backends.clone(), running.activity.clone()),
+            &running.metrics,
+            driver.to_owned(),
+        ));
     }
 }
 
@@ -588,7 +633,7 @@ pub async fn start_loops(
         args.kube_api_burst,
         metrics.requests.clone(),
     )?;
-    add_api_ready_check(&running.metrics, kube.clone());
+    health::add_api_ready_check(&running.metrics, kube.clone());
     let socket = match &args.csi_address {
         Some(address) => server::socket_path(address).map_err(anyhow::Error::msg)?,
         None => running.socket.clone(),
@@ -658,34 +703,22 @@ pub async fn start_loops(
             retry_period: leader.retry_period,
         }
     });
+    health::add_loops_checks(&running.metrics, &running.activity, args.stuck_after);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(stowage_loops::run(
-        kube, csi, settings, metrics, election, stopped,
+        kube.clone(),
+        csi,
+        settings,
+        (metrics, running.activity.clone()),
+        election,
+        stopped,
     ));
-    Ok(KubeLoops { stop, task })
-}
-
-/// How long `/readyz` waits for the API server (kubelet's probe gives up after 3 s).
-const API_READY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// `/readyz` fails while the API server does not answer: asked on each probe (one GET
-/// `/version`) over the loops' own client, so a connection they cannot use shows too.
-/// Leader or not, a replica that cannot reach the API server cannot do its work.
-fn add_api_ready_check(metrics: &Metrics, kube: kube::Client) {
-    metrics.add_ready_check(move || {
-        let kube = kube.clone();
-        Box::pin(async move {
-            match tokio::time::timeout(API_READY_TIMEOUT, kube.apiserver_version()).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(error)) => Err(format!(
-                    "the Kubernetes API server does not answer: {error}"
-                )),
-                Err(_) => Err(format!(
-                    "the Kubernetes API server did not answer within {API_READY_TIMEOUT:?}"
-                )),
-            }
-        })
-    });
+    Ok(KubeLoops {
+        stop,
+        task,
+        client: kube,
+        gc: None,
+    })
 }
 
 /// Serve until a signal (or until the loops fail), then stop the loops and the server.
@@ -730,7 +763,7 @@ pub async fn nfs_server(args: NfsServerArgs, signals: ShutdownSignals) -> anyhow
             let metrics = Metrics::new("nfs-server");
             Some(tokio::spawn(crate::http::serve(
                 listener,
-                metrics,
+                (metrics, Activity::default()),
                 stopped(rx),
             )))
         }

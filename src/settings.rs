@@ -15,8 +15,9 @@ use stowage_loops::queue::Backoff;
 use stowage_nfs::client::ClientConfig;
 
 use crate::config::{
-    BackendArgs, BackendKind, CommonArgs, ControllerArgs, EbsNodeArgs, Ec2Args, KubeArgs,
-    LocalArgs, NfsClientArgs, NfsExportArgs, NodeArgs, default_endpoint, node_socket,
+    BackendArgs, BackendKind, CommonArgs, ControllerArgs, EbsNodeArgs, Ec2Args, GcArgs,
+    GcScheduleArgs, KubeArgs, LocalArgs, NfsClientArgs, NfsExportArgs, NodeArgs, Output,
+    default_endpoint, node_socket,
 };
 
 /// Which serving role.
@@ -41,6 +42,58 @@ pub struct Serve {
     pub node: Option<Node>,
     /// Run the Kubernetes loops.
     pub loops: Option<Loops>,
+    /// The controller's periodic gc (needs the loops' client).
+    pub gc: Option<GcSchedule>,
+    /// How often the Controller service checks its backends.
+    pub backend_check_interval: Duration,
+}
+
+/// `--gc-interval`, `--gc-delete-older-than`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcSchedule {
+    pub interval: Duration,
+    /// Delete orphans older than this; `None`: list only.
+    pub delete_older_than: Option<Duration>,
+}
+
+fn gc_schedule(args: &GcScheduleArgs) -> Option<GcSchedule> {
+    args.gc_interval.map(|interval| GcSchedule {
+        interval,
+        delete_older_than: args.gc_delete_older_than,
+    })
+}
+
+/// What `stowage gc` runs with.
+#[derive(Debug, Clone)]
+pub struct Gc {
+    pub kubeconfig: Option<PathBuf>,
+    pub driver_name: String,
+    pub backends: Vec<Backend>,
+    pub delete: bool,
+    pub older_than: Duration,
+    pub output: Output,
+}
+
+/// `stowage gc`'s settings: the backends as the controller builds them.
+pub fn gc(args: &GcArgs) -> Result<Gc, String> {
+    Ok(Gc {
+        kubeconfig: args.kubeconfig.clone(),
+        driver_name: args.driver_name.clone(),
+        backends: backends(
+            &args.backends,
+            || Nfs {
+                default_export: remote_export(&args.nfs_export),
+                client: Some(nfs_client(&args.nfs_client)),
+            },
+            || Ebs {
+                ec2: Some(ec2(&args.ec2)),
+                zone: None,
+            },
+        )?,
+        delete: args.delete,
+        older_than: args.older_than,
+        output: args.output,
+    })
 }
 
 impl Serve {
@@ -123,6 +176,8 @@ pub struct Loops {
     pub backoff: Backoff,
     pub annotation_grace: Duration,
     pub csi_timeout: Duration,
+    /// A worker on one object longer than this fails liveness.
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +283,7 @@ fn loops(args: &KubeArgs, runs: bool) -> Option<Loops> {
         },
         annotation_grace: args.annotation_grace,
         csi_timeout: args.csi_timeout,
+        stuck_after: args.stuck_after,
     })
 }
 
@@ -255,6 +311,8 @@ pub fn controller(args: &ControllerArgs) -> Result<Serve, String> {
         )?,
         node: None,
         loops: loops(&args.kube, !args.kube.no_loops),
+        gc: gc_schedule(&args.gc),
+        backend_check_interval: args.backend_check.backend_check_interval,
     })
 }
 
@@ -291,6 +349,9 @@ pub fn node(args: &NodeArgs) -> Result<Serve, String> {
             ebs: ebs.then(|| ebs_node(&args.ebs_node, &args.ebs_zone.zone)),
         }),
         loops: None,
+        gc: None,
+        // The node serves no Controller service: nothing is checked.
+        backend_check_interval: Duration::ZERO,
     })
 }
 
@@ -332,5 +393,7 @@ pub fn local(args: &LocalArgs) -> Result<Serve, String> {
             ebs: ebs.then(|| ebs_node(&args.ebs_node, &args.ebs_zone.zone)),
         }),
         loops: loops(&args.kube, args.kube.kubeconfig.is_some()),
+        gc: gc_schedule(&args.gc),
+        backend_check_interval: args.backend_check.backend_check_interval,
     })
 }

@@ -108,7 +108,7 @@ async fn http_serves_healthz_and_csi_metrics() {
 
     let (status, body) = http_get(&addr, "/healthz");
     assert!(status.contains("200"), "{status}");
-    assert_eq!(body, "ok");
+    assert_eq!(body, "ok\n");
 
     let mut identity = IdentityClient::new(channel::connect(&socket).await.unwrap());
     identity.probe(proto::ProbeRequest {}).await.unwrap();
@@ -116,7 +116,8 @@ async fn http_serves_healthz_and_csi_metrics() {
     let (status, body) = http_get(&addr, "/metrics");
     assert!(status.contains("200"), "{status}");
     assert!(
-        body.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Identity/Probe",grpc_status_code="OK"} 1"#),
+        // Two: /healthz asked the CSI server (liveness), then the client above.
+        body.contains(r#"csi_sidecar_operations_seconds_count{driver_name="stowage.csi.dev",method_name="/csi.v1.Identity/Probe",grpc_status_code="OK"} 2"#),
         "{body}"
     );
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();

@@ -85,6 +85,7 @@ impl Ebs {
             mounter: Arc::new(SystemMounter::default()),
             http_addr: None,
             shutdown_grace: Duration::from_secs(2),
+            backend_check_interval: stowage::run::DEFAULT_BACKEND_CHECK_INTERVAL,
         })
         .await
         .unwrap();

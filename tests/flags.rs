@@ -62,6 +62,14 @@ fn sample(id: &str) -> Option<&'static [&'static str]> {
         "retry_interval_max" => &["--retry-interval-max", "3m"],
         "annotation_grace" => &["--annotation-grace", "1s"],
         "csi_timeout" => &["--csi-timeout", "3s"],
+        "stuck_after" => &["--stuck-after", "3m"],
+        "backend_check_interval" => &["--backend-check-interval", "3s"],
+        "gc_interval" => &["--gc-interval", "5m"],
+        "gc_delete_older_than" => &["--gc-interval", "5m", "--gc-delete-older-than", "2h"],
+        "delete" => &["--delete"],
+        "older_than" => &["--older-than", "3h"],
+        "output" => &["--output", "json"],
+        "controller_url" => &["--controller-url", "http://127.0.0.1:1"],
         "count" => &["--count", "5"],
         "warmup" => &["--warmup", "5"],
         "volumes" => &["--volumes", "5"],
@@ -92,6 +100,8 @@ fn configurations(path: &[&str]) -> Vec<Vec<&'static str>> {
         ],
         ["bench"] => vec![vec![], vec!["--ebs-endpoint", "http://127.0.0.1:2"]],
         ["bench", "provision"] => vec![vec!["--kubeconfig", "/k"]],
+        ["gc"] => vec![vec![], vec!["--backend", "nfs,ebs", "--delete"]],
+        ["explain"] => vec![vec!["pvc/data-db-0"]],
         _ => vec![vec![]],
     }
 }
@@ -111,6 +121,9 @@ fn outcome(words: &[String]) -> Result<String, clap::Error> {
         Command::Local(args) => format!("{:?}", stowage::settings::local(args)),
         Command::NfsServer(args) => format!("{args:?}"),
         Command::Bench(args) => format!("{:?}", stowage::bench::Bench::of(args)),
+        Command::Gc(args) => format!("{:?}", stowage::settings::gc(args)),
+        // Every flag of explain is read by it as given.
+        Command::Explain(args) => format!("{args:?}"),
     };
     Ok(format!("{:?} {settings}", cli.log_format))
 }

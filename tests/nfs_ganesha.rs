@@ -112,6 +112,7 @@ impl Fixture {
             mounter,
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),
+            backend_check_interval: stowage::run::DEFAULT_BACKEND_CHECK_INTERVAL,
         })
         .await
         .unwrap();

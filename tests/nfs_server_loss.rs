@@ -55,6 +55,7 @@ async fn killed_server_fails_fast_without_spinning_and_recovers() {
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),
+        backend_check_interval: stowage::run::DEFAULT_BACKEND_CHECK_INTERVAL,
     })
     .await
     .unwrap();

@@ -52,6 +52,7 @@ impl Fixture {
             mounter: Arc::new(SystemMounter::default()),
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),
+            backend_check_interval: stowage::run::DEFAULT_BACKEND_CHECK_INTERVAL,
         })
         .await
         .unwrap();

@@ -121,6 +121,7 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),
+        backend_check_interval: crate::run::DEFAULT_BACKEND_CHECK_INTERVAL,
     })
     .await?;
     let socket = running.socket.clone();
@@ -453,6 +454,7 @@ async fn ebs(endpoint: &str, volumes: usize) -> anyhow::Result<()> {
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),
+        backend_check_interval: crate::run::DEFAULT_BACKEND_CHECK_INTERVAL,
     })
     .await?;
     let client = ControllerClient::new(channel::connect(&running.socket).await?);

@@ -692,13 +692,15 @@ impl Stowage {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // The embedded NFS server's directory, when NFS is served (stowage refuses the
-        // flag otherwise).
+        // The embedded NFS server's directory, when NFS is served by it (stowage
+        // refuses the flag otherwise: another backend, or an export of one's own).
         let backend = extra
             .iter()
             .position(|a| *a == "--backend")
             .and_then(|i| extra.get(i + 1));
-        if backend.is_none_or(|b| b.split(',').any(|kind| kind == "nfs")) {
+        if backend.is_none_or(|b| b.split(',').any(|kind| kind == "nfs"))
+            && !extra.contains(&"--nfs-server")
+        {
             command.args(["--data-dir", data.to_str().unwrap()]);
         }
         // Defaults that `extra` may override.

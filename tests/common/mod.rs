@@ -192,6 +192,7 @@ pub struct Ganesha {
     pub root: PathBuf,
     pub stop: PathBuf,
     pub start: PathBuf,
+    pub pid_file: PathBuf,
 }
 
 impl Ganesha {
@@ -209,6 +210,7 @@ impl Ganesha {
                 root: var("STOWAGE_TEST_NFS_ROOT").unwrap().into(),
                 stop: var("STOWAGE_TEST_GANESHA_STOP").unwrap().into(),
                 start: var("STOWAGE_TEST_GANESHA_START").unwrap().into(),
+                pid_file: var("STOWAGE_TEST_GANESHA_PID_FILE").unwrap().into(),
             }),
             None if var("STOWAGE_REQUIRE_GANESHA").as_deref() == Some("1") => {
                 panic!(
@@ -222,6 +224,22 @@ impl Ganesha {
                 None
             }
         }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT the server: stopped, it still takes connections
+    /// (the kernel does) and answers no call — a hung server, not a dead one.
+    pub fn pause(&self, paused: bool) {
+        let pid: i32 = std::fs::read_to_string(&self.pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let signal = if paused {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
     }
 
     pub fn run(script: &Path) {

@@ -77,7 +77,11 @@ pub struct Metrics {
     operations: HistogramFamily,
     ready_checks: Mutex<Vec<Check>>,
     health_checks: Mutex<Vec<Check>>,
+    ready_notes: Mutex<Vec<Note>>,
 }
+
+/// A line `/readyz` shows whether ready or not (e.g. "leader: yes").
+pub type Note = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 fn operation_histogram() -> Histogram {
     // 1 ms … ~65 s
@@ -99,6 +103,7 @@ impl Metrics {
             operations,
             ready_checks: Mutex::default(),
             health_checks: Mutex::default(),
+            ready_notes: Mutex::default(),
         })
     }
 
@@ -124,6 +129,25 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::new(check));
+    }
+
+    /// Add a line `/readyz` shows after its verdict, ready or not: what this replica
+    /// is (leader or standby, each backend's last check).
+    pub fn add_ready_note(&self, note: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.ready_notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(note));
+    }
+
+    /// The lines of every note that has something to say.
+    pub fn ready_notes(&self) -> Vec<String> {
+        let notes = self
+            .ready_notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        notes.iter().filter_map(|note| note()).collect()
     }
 
     /// Ready when every check passes (no check: ready while serving); else the reasons.

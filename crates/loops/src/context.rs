@@ -204,6 +204,8 @@ pub struct Context {
     pub snapshot_stores: Option<crate::snapshots::SnapshotStores>,
     pub events: Events,
     pub metrics: LoopMetrics,
+    /// What the workers are on and what last failed (`/debug/attempts`, liveness).
+    pub activity: crate::activity::Activity,
 }
 
 /// What a reconcile wants next for its key.

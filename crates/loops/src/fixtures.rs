@@ -670,6 +670,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
             classes: store(&caches.snapshot_classes),
         }),
         metrics,
+        activity: crate::activity::Activity::default(),
     });
     Fixture {
         context,

@@ -19,11 +19,14 @@
 //!   [`Next`]; unit tests build one from `fixtures` (a fake API server behind a real
 //!   client, a fake CSI driver on a real socket) and call the reconcilers directly.
 //! - [`runner`]: informers, queues and workers, under leader election ([`run`]).
+//! - [`activity`]: what each worker is on and each object's last failure (served at
+//!   `/debug/attempts`; a worker stuck past a bound fails liveness).
 //!
 //! The loops never touch backends directly: everything goes through CSI, so they can
 //! drive any CSI driver given by `--csi-address`. This crate depends on `stowage-api`
 //! (protobufs, key names, domain types) and never on `stowage-driver` or aws-sdk-ec2.
 
+pub mod activity;
 pub mod attacher;
 pub mod claims;
 pub mod context;
@@ -41,6 +44,7 @@ pub mod runner;
 pub mod snapshots;
 pub mod volumes;
 
+pub use activity::Activity;
 pub use context::{Context, Loop, LoopExpectations, LoopMetrics, Next, Settings};
 pub use events::Events;
 pub use runner::{Loops, run};

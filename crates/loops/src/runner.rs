@@ -12,6 +12,7 @@ use kube::{Api, ResourceExt as _};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::activity::Activity;
 use crate::context::*;
 use crate::csi_client::Csi;
 use crate::events::Events;
@@ -33,7 +34,7 @@ impl Loops {
         client: kube::Client,
         csi: Csi,
         settings: Settings,
-        metrics: LoopMetrics,
+        (metrics, activity): (LoopMetrics, Activity),
     ) -> anyhow::Result<Loops> {
         let driver = csi.caps.driver_name.clone();
         let runs = |l: Loop| settings.loops.contains(&l);
@@ -248,19 +249,21 @@ impl Loops {
             attachments: attachments.store,
             snapshot_stores,
             metrics,
+            activity,
         });
         shared.metrics.leader.set(1);
+        shared.activity.set_leading(true);
         let workers = settings.workers.max(1);
         if runs(Loop::Provisioner) {
             tasks.extend(spawn_workers(
-                &shared,
+                (&shared, "provisioner"),
                 &claims_q,
                 (&expect.claims, claim_version),
                 workers,
                 claims::reconcile,
             ));
             tasks.extend(spawn_workers(
-                &shared,
+                (&shared, "provisioner"),
                 &volumes_q,
                 (&expect.volumes, volume_version),
                 workers,
@@ -269,7 +272,7 @@ impl Loops {
         }
         if runs(Loop::Attacher) {
             tasks.extend(spawn_workers(
-                &shared,
+                (&shared, "attacher"),
                 &attach_q,
                 (&expect.attachments, attachment_version),
                 workers,
@@ -278,7 +281,7 @@ impl Loops {
         }
         if runs(Loop::Resizer) {
             tasks.extend(spawn_workers(
-                &shared,
+                (&shared, "resizer"),
                 &resize_q,
                 (&expect.resizes, claim_version),
                 workers,
@@ -288,7 +291,7 @@ impl Loops {
         if shared.snapshot_stores.is_some() {
             if runs(Loop::Snapshotter) {
                 tasks.extend(spawn_workers(
-                    &shared,
+                    (&shared, "snapshotter"),
                     &contents_q,
                     (&expect.contents, content_version),
                     workers,
@@ -297,7 +300,7 @@ impl Loops {
             }
             if runs(Loop::SnapshotController) {
                 tasks.extend(spawn_workers(
-                    &shared,
+                    (&shared, "snapshot-controller"),
                     &snapshots_q,
                     (&expect.snapshots, snapshot_version),
                     workers,
@@ -386,7 +389,7 @@ async fn snapshots_served(client: &kube::Client) -> bool {
 }
 
 fn spawn_workers<F, Fut>(
-    shared: &Arc<Context>,
+    (shared, name): (&Arc<Context>, &'static str),
     queue: &Queue,
     (expectations, cached): (&Expectations, CachedVersion),
     count: usize,
@@ -420,19 +423,28 @@ where
                         queue.done(&key);
                         continue;
                     }
-                    match reconcile(Arc::clone(&shared), key.clone()).await {
-                        Ok(Next::Done) => queue.settle(&key),
-                        Ok(Next::After(delay)) => {
-                            queue.forget(&key);
-                            queue.add_after(&key, delay);
-                        }
-                        Ok(Next::Again) => {
-                            queue.forget(&key);
-                            queue.add_forced(&key);
+                    let working = shared.activity.begin(name, &key);
+                    let result = reconcile(Arc::clone(&shared), key.clone()).await;
+                    drop(working);
+                    match result {
+                        Ok(next) => {
+                            shared.activity.succeeded(name, &key);
+                            match next {
+                                Next::Done => queue.settle(&key),
+                                Next::After(delay) => {
+                                    queue.forget(&key);
+                                    queue.add_after(&key, delay);
+                                }
+                                Next::Again => {
+                                    queue.forget(&key);
+                                    queue.add_forced(&key);
+                                }
+                            }
                         }
                         Err(e) => {
                             let delay = queue.add_rate_limited(&key);
-                            tracing::info!(%key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                            shared.activity.failed(name, &key, &e, delay);
+                            tracing::info!(loop_name = name, %key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
                         }
                     }
                     queue.done(&key);
@@ -448,15 +460,20 @@ pub async fn run(
     client: kube::Client,
     csi: Csi,
     settings: Settings,
-    metrics: LoopMetrics,
+    (metrics, activity): (LoopMetrics, Activity),
     election: Option<leader::Election>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let stopped = |metrics: &LoopMetrics| {
+        metrics.leader.set(0);
+        activity.set_leading(false);
+    };
     let Some(election) = election else {
-        let loops = Loops::start(client, csi, settings, metrics.clone()).await?;
+        let loops =
+            Loops::start(client, csi, settings, (metrics.clone(), activity.clone())).await?;
         let _ = stop.wait_for(|s| *s).await;
         loops.stop();
-        metrics.leader.set(0);
+        stopped(&metrics);
         return Ok(());
     };
     let mut lease = leader::Lease::new(client.clone(), election);
@@ -469,7 +486,7 @@ pub async fn run(
             client.clone(),
             csi.clone(),
             settings.clone(),
-            metrics.clone(),
+            (metrics.clone(), activity.clone()),
         )
         .await;
         let loops = match loops {
@@ -487,7 +504,7 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => true,
         };
         loops.stop();
-        metrics.leader.set(0);
+        stopped(&metrics);
         if stopping {
             lease.release().await;
             return Ok(());

@@ -73,6 +73,36 @@ pub enum NodeSource {
     },
 }
 
+/// A volume a backend holds, as `stowage gc` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The CSI volume id (an archived directory: its path on the export).
+    pub id: String,
+    /// The CSI name it was created with: a dynamic volume's PV name (`pvc-<uid>`).
+    pub name: String,
+    pub capacity_bytes: u64,
+    /// When it was made, where the storage says.
+    pub created: Option<std::time::SystemTime>,
+    /// Where it lives: the export (`server:/share`) or the zone.
+    pub place: String,
+}
+
+/// What a backend holds: its volumes, and what it keeps of deleted ones (NFS
+/// `onDelete: archive` directories), listed apart and never collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub volumes: Vec<Held>,
+    pub archived: Vec<Held>,
+}
+
+/// Where to look, from the cluster: the parameters of every StorageClass of this
+/// driver and the handle of every PV (NFS: the exports they name; EBS needs neither).
+#[derive(Debug, Clone, Default)]
+pub struct InventoryHints {
+    pub class_parameters: Vec<BTreeMap<String, String>>,
+    pub volume_ids: Vec<String>,
+}
+
 /// One kind of storage. Implementations must be idempotent by volume name and must
 /// not rely on the storage server for that.
 #[async_trait]
@@ -115,6 +145,10 @@ pub trait Backend: Send + Sync {
     /// Every volume this backend can see, in a stable order.
     async fn list_volumes(&self) -> Result<Vec<Volume>, BackendError>;
 
+    /// Every volume this backend holds where `hints` point (and its default place),
+    /// with age and size, for garbage collection.
+    async fn inventory(&self, hints: &InventoryHints) -> Result<Inventory, BackendError>;
+
     /// Bytes available for new volumes created with these parameters.
     async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64, BackendError>;
 
@@ -141,6 +175,10 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), BackendError> {
         Ok(())
     }
+
+    /// Does the storage answer? One cheap call per place it lives (NFS: FSSTAT of each
+    /// export in use; EBS: one EC2 call). `Ok` says what answered, `Err` what did not.
+    async fn check(&self) -> Result<String, String>;
 
     /// Cloud API calls made so far, by action (for metrics); empty when not counted.
     fn api_calls(&self) -> BTreeMap<String, u64> {
@@ -232,6 +270,57 @@ pub trait Backend: Send + Sync {
         context: &BTreeMap<String, String>,
         capability: &Capability,
     ) -> Result<NodeSource, BackendError>;
+}
+
+/// Would a StorageClass with these parameters make a volume of `capacity_bytes`? The
+/// parameter rules CreateVolume applies, without I/O (`stowage explain`): the backend
+/// is the one `backend` names, else the one whose keys the parameters use most. `Ok`
+/// names the backend; `Err` is CreateVolume's message.
+pub fn check_class_parameters(
+    parameters: &BTreeMap<String, String>,
+    capacity_bytes: u64,
+) -> Result<&'static str, String> {
+    use stowage_api::keys::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
+    let mut rest = parameters.clone();
+    let wanted = rest.remove(BACKEND_PARAMETER);
+    let uses = |keys: &[&str]| {
+        rest.keys()
+            .filter(|k| keys.iter().any(|known| known.eq_ignore_ascii_case(k)))
+            .count()
+    };
+    let kind = match wanted.as_deref() {
+        Some("nfs") => "nfs",
+        Some("ebs") => "ebs",
+        Some(other) => {
+            return Err(format!(
+                "parameter `{BACKEND_PARAMETER}` is {other:?}: stowage's backends are nfs and ebs"
+            ));
+        }
+        None if uses(&ebs::params::KEYS) > uses(nfs::params::KEYS) => "ebs",
+        None => "nfs",
+    };
+    // What the provisioner adds to every CreateVolume (subDir templates read them).
+    for (key, value) in [
+        (PVC_NAME, "claim"),
+        (PVC_NAMESPACE, "namespace"),
+        (PV_NAME, "pvc-check"),
+    ] {
+        rest.entry(key.to_owned())
+            .or_insert_with(|| value.to_owned());
+    }
+    let checked = match kind {
+        "nfs" => nfs::params::placement("pvc-check", &rest, true).map(|_| ()),
+        _ => ebs::params::spec(
+            CapacityRange {
+                required: capacity_bytes,
+                limit: None,
+            },
+            &rest,
+            None,
+        )
+        .map(|_| ()),
+    };
+    checked.map(|()| kind).map_err(|e| e.to_string())
 }
 
 /// The StorageClass parameter that picks a backend when more than one is configured.

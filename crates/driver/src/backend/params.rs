@@ -85,15 +85,36 @@ pub fn parse<T: DeserializeOwned>(
         .collect();
     serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        ParameterError::Invalid(
-            if path == "." || inner.to_string().starts_with("unknown field") {
-                format!("invalid StorageClass parameters: {inner}")
-            } else {
-                format!("invalid StorageClass parameter `{path}`: {inner}")
-            },
-        )
+        let inner = e.into_inner().to_string();
+        ParameterError::Invalid(if let Some(unknown) = unknown_field(&inner) {
+            let hint = did_you_mean(unknown, known)
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            format!("invalid StorageClass parameters: unknown parameter `{unknown}`{hint}; {inner}")
+        } else if path == "." {
+            format!("invalid StorageClass parameters: {inner}")
+        } else {
+            format!("invalid StorageClass parameter `{path}`: {inner}")
+        })
     })
+}
+
+/// The key serde's "unknown field `x`, expected …" names.
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// The known key closest to `unknown` (case-insensitive edit distance of at most a
+/// third of its length, and at most 3), if one is.
+pub fn did_you_mean<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    let wanted = unknown.to_ascii_lowercase();
+    known
+        .iter()
+        .filter(|k| !k.starts_with(RESERVED_PREFIX))
+        .map(|k| (strsim::levenshtein(&wanted, &k.to_ascii_lowercase()), *k))
+        .filter(|(distance, _)| *distance <= 3 && *distance * 3 <= unknown.len().max(3))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, k)| k)
 }
 
 /// serde helper: a number written as a string ("1000").
@@ -348,7 +369,15 @@ mod tests {
                 .to_string()
         };
         let e = err(&[("sever", "s")]);
-        assert!(e.contains("`sever`") && e.contains("`server`"), "{e}");
+        assert!(
+            e.contains("unknown parameter `sever` (did you mean `server`?)"),
+            "{e}"
+        );
+        let e = err(&[("mountPermisions", "0750")]);
+        assert!(e.contains("(did you mean `mountPermissions`?)"), "{e}");
+        // Nothing close: no guess, the known keys are listed.
+        let e = err(&[("color", "blue")]);
+        assert!(!e.contains("did you mean") && e.contains("`uid`"), "{e}");
         assert!(err(&[("mountPermissions", "rwx")]).contains("octal"));
         assert!(err(&[("uid", "-1")]).contains("uid"));
     }

@@ -23,6 +23,8 @@ pub struct Attr {
     pub gid: u32,
     pub size: u64,
     pub fileid: u64,
+    /// Last modification, as the server's clock says.
+    pub mtime: std::time::SystemTime,
 }
 
 impl Attr {
@@ -47,6 +49,8 @@ impl From<&fattr3> for Attr {
             gid: a.gid,
             size: a.size,
             fileid: a.fileid,
+            mtime: std::time::UNIX_EPOCH
+                + std::time::Duration::new(u64::from(a.mtime.seconds), a.mtime.nseconds),
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct CloudVolume {
     /// (instance id, device, state)
     pub attachments: Vec<(String, String, String)>,
     pub tags: BTreeMap<String, String>,
+    /// CreateTime.
+    pub created: Option<std::time::SystemTime>,
 }
 
 /// EC2 tags as a map (tags without a key are dropped).
@@ -127,6 +129,9 @@ impl CloudVolume {
                 })
                 .collect(),
             tags,
+            created: v
+                .create_time()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         }
     }
 
@@ -381,6 +386,22 @@ impl Cloud {
         self.calls.snapshot()
     }
 
+    /// The region's availability zones (DescribeAvailabilityZones): the cheapest call
+    /// that proves EC2 answers with these credentials.
+    pub async fn zones(&self) -> Result<Vec<String>, BackendError> {
+        let out = self
+            .client
+            .describe_availability_zones()
+            .send()
+            .await
+            .map_err(|e| map_sdk("DescribeAvailabilityZones", e))?;
+        Ok(out
+            .availability_zones()
+            .iter()
+            .filter_map(|z| z.zone_name().map(str::to_owned))
+            .collect())
+    }
+
     /// Every volume of this cluster (paginated DescribeVolumes on the cluster tag).
     pub async fn cluster_volumes(&self) -> Result<Vec<CloudVolume>, BackendError> {
         let mut volumes = Vec::new();
@@ -528,6 +549,9 @@ impl Cloud {
             kms_key_id: out.kms_key_id().map(str::to_owned),
             attachments: vec![],
             tags: tag_map(out.tags()),
+            created: out
+                .create_time()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         })
     }
 

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 
 use self::cloud::{Cloud, CloudVolume, Want};
 use self::params::{EbsSpec, FsOptions};
-use super::{Backend, BackendError, NodeSource};
+use super::{Backend, BackendError, Held, Inventory, InventoryHints, NodeSource};
 use stowage_api::volume::{
     AccessType, Bytes, Capability, CapacityRange, ContentSource, CreateRequest, GIB, Segments,
     Snapshot, Volume,
@@ -313,6 +313,14 @@ fn capability_fs_type(capabilities: &[Capability]) -> Option<&str> {
 impl Backend for EbsBackend {
     fn kind(&self) -> &'static str {
         "ebs"
+    }
+
+    async fn check(&self) -> Result<String, String> {
+        self.cloud
+            .zones()
+            .await
+            .map(|zones| format!("EC2 answered ({} zones)", zones.len()))
+            .map_err(|e| format!("EC2 does not answer: {e}"))
     }
 
     fn owns(&self, volume_id: &str) -> bool {
@@ -660,6 +668,26 @@ impl Backend for EbsBackend {
             .collect();
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(volumes)
+    }
+
+    async fn inventory(&self, _hints: &InventoryHints) -> Result<Inventory, BackendError> {
+        let volumes = self
+            .cloud
+            .cluster_volumes()
+            .await?
+            .into_iter()
+            .map(|v| Held {
+                name: v.name.clone().unwrap_or_default(),
+                capacity_bytes: v.size_gib.saturating_mul(GIB),
+                created: v.created,
+                place: v.zone.clone(),
+                id: v.id,
+            })
+            .collect();
+        Ok(Inventory {
+            volumes,
+            archived: vec![],
+        })
     }
 
     async fn capacity(&self, _parameters: &BTreeMap<String, String>) -> Result<u64, BackendError> {

@@ -393,7 +393,7 @@ pub struct EbsSpec {
 
 /// The canonical spelling of every non-reserved, non-tag key. Keys are matched against
 /// these case-insensitively; [`Raw`] must name the same keys.
-const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 12] = [
     "type",
     "iops",
     "iopsPerGB",

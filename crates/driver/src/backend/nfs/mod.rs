@@ -43,11 +43,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use self::copies::{Copies, Waited};
-use self::params::{OnDelete, Placement, SNAPSHOTS_DIR, WORK_DIR};
+use self::params::{OnDelete, Placement, RECORDS_DIR, SNAPSHOTS_DIR, WORK_DIR};
 use self::records::{Export, Record, RecordedSource};
 use self::snapshots::{DATA, RECORD, SnapshotId, SnapshotRecord};
 use self::volume_id::NfsVolumeId;
-use super::{Backend, BackendError, NodeSource};
+use super::{Backend, BackendError, Held, Inventory, InventoryHints, NodeSource};
 use stowage_api::keys::RESERVED_PREFIX;
 use stowage_api::volume::{
     AccessType, Bytes, Capability, CapacityRange, ContentSource, CreateRequest, Snapshot, Volume,
@@ -408,6 +408,29 @@ impl Backend for NfsBackend {
         "nfs"
     }
 
+    async fn check(&self) -> Result<String, String> {
+        let exports = self.exports_in_use();
+        if exports.is_empty() {
+            return Ok("no export in use yet".to_owned());
+        }
+        let mut answers = Vec::new();
+        for export in &exports {
+            let target = export.client.target().to_string();
+            answers.push(match export.client.fsstat().await {
+                Ok(_) => Ok(target),
+                Err(e) => Err(format!("{target}: FSSTAT failed: {e}")),
+            });
+        }
+        let (up, down): (Vec<_>, Vec<_>) = answers.into_iter().partition(Result::is_ok);
+        let down: Vec<String> = down.into_iter().filter_map(Result::err).collect();
+        if down.is_empty() {
+            let up: Vec<String> = up.into_iter().filter_map(Result::ok).collect();
+            Ok(format!("FSSTAT answered by {}", up.join(", ")))
+        } else {
+            Err(down.join("; "))
+        }
+    }
+
     fn owns(&self, volume_id: &str) -> bool {
         NfsVolumeId::is_nfs(volume_id)
     }
@@ -558,6 +581,70 @@ impl Backend for NfsBackend {
         }
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(volumes)
+    }
+
+    async fn inventory(&self, hints: &InventoryHints) -> Result<Inventory, BackendError> {
+        // The exports named by the classes and the volumes, and the default one.
+        let mut places: std::collections::BTreeSet<(String, String)> =
+            std::collections::BTreeSet::new();
+        if self.has_default() {
+            places.insert((String::new(), String::new()));
+        }
+        for parameters in &hints.class_parameters {
+            if let Ok(place) = params::export(parameters, self.has_default()) {
+                places.insert(place);
+            }
+        }
+        for id in &hints.volume_ids {
+            if let Ok(id) = NfsVolumeId::parse(id) {
+                places.insert((id.server, id.share));
+            }
+        }
+        let mut inventory = Inventory::default();
+        for (server, share) in places {
+            let export = self.export(&server, &share).await?;
+            let place = export.client.target().to_string();
+            for (name, record) in export.all().await? {
+                let id = NfsVolumeId::new(&name, &record.placement);
+                let created = export
+                    .client
+                    .stat(&[RECORDS_DIR, &name])
+                    .await
+                    .map_err(map_error)?
+                    .map(|attr| attr.mtime);
+                inventory.volumes.push(Held {
+                    id: id.encode(),
+                    name,
+                    capacity_bytes: record.capacity_bytes,
+                    created,
+                    place: place.clone(),
+                });
+            }
+            // `onDelete: archive` leaves `archived-<dir>` beside the volume's directory;
+            // those at the export's top level are listed (deeper ones are not walked).
+            for entry in export
+                .client
+                .read_dir(&[])
+                .await
+                .map_err(map_error)?
+                .unwrap_or_default()
+            {
+                if !entry.starts_with("archived-") {
+                    continue;
+                }
+                let attr = export.client.stat(&[&entry]).await.map_err(map_error)?;
+                inventory.archived.push(Held {
+                    id: format!("{place}/{entry}"),
+                    name: entry,
+                    capacity_bytes: 0,
+                    created: attr.map(|a| a.mtime),
+                    place: place.clone(),
+                });
+            }
+        }
+        inventory.volumes.sort_by(|a, b| a.id.cmp(&b.id));
+        inventory.archived.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(inventory)
     }
 
     async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64, BackendError> {

@@ -73,7 +73,7 @@ pub fn check_volume_dir(sub_dir: &[String]) -> Result<(), String> {
 }
 
 /// The NFS StorageClass keys, spelled as csi-driver-nfs spells them (any case works).
-const KEYS: &[&str] = &[
+pub const KEYS: &[&str] = &[
     "server",
     "share",
     "subDir",

@@ -545,6 +545,9 @@ pub struct ProvisionArgs {
     pub keep: bool,
 }
 
+/// The name that makes the binary a kubectl plugin (`kubectl stowage explain …`).
+pub const KUBECTL_PLUGIN: &str = "kubectl-stowage";
+
 /// Parse a command line: clap's own checks, then [`refuse_inapplicable`]. What
 /// `main`, the chart's tests and the flag tests all use.
 pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
@@ -553,7 +556,15 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::{CommandFactory, FromArgMatches};
+    let args: Vec<T> = args.into_iter().collect();
     let mut command = Cli::command();
+    // Installed as `kubectl-stowage`, it is the kubectl plugin `kubectl stowage …`.
+    let program = args
+        .first()
+        .map(|a| std::path::PathBuf::from(a.clone().into()));
+    if program.is_some_and(|p| p.file_name().is_some_and(|n| n == KUBECTL_PLUGIN)) {
+        command = command.bin_name("kubectl stowage");
+    }
     let matches = command.try_get_matches_from_mut(args)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
     let (name, sub) = matches.subcommand().expect("a subcommand is required");

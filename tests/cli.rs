@@ -397,3 +397,20 @@ fn bench_prints_every_series() {
         .unwrap_or_else(|| panic!("no ratio in:\n{stdout}"));
     assert!(ratio.parse::<f64>().unwrap() > 0.0, "{ratio}");
 }
+
+/// Named `kubectl-stowage` (a symlink on the PATH), the binary is the kubectl plugin:
+/// `kubectl stowage explain …` runs it with the words after `kubectl stowage`, and its
+/// usage says so.
+#[test]
+fn as_kubectl_stowage_it_is_the_kubectl_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("kubectl-stowage");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_stowage"), &plugin).unwrap();
+    let out = std::process::Command::new(&plugin)
+        .args(["explain", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: kubectl stowage explain"), "{help}");
+}

@@ -284,11 +284,10 @@ async fn attempts(
             let request = http::Request::get(path)
                 .body(Vec::new())
                 .map_err(|e| e.to_string())?;
-            client.request_text(request).await.map_err(|e| {
-                format!(
-                    "asking the controller through the API server: {e} (or give --controller-url)"
-                )
-            })?
+            tokio::time::timeout(CONTROLLER_TIMEOUT, client.request_text(request))
+                .await
+                .map_err(|_| format!("the controller did not answer through the API server within {CONTROLLER_TIMEOUT:?} (give --controller-url)"))?
+                .map_err(|e| format!("asking the controller through the API server: {e} (or give --controller-url)"))?
         }
         (None, None) => return Err("no controller leads".to_owned()),
     };
@@ -299,6 +298,9 @@ async fn attempts(
     Ok(report)
 }
 
+/// How long explain waits for the controller's answer.
+const CONTROLLER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// GET `<url>/debug/attempts` over plain HTTP.
 async fn direct(url: &str) -> Result<String, String> {
     use http_body_util::BodyExt as _;
@@ -307,9 +309,9 @@ async fn direct(url: &str) -> Result<String, String> {
         .map_err(|e| format!("--controller-url {url}: {e}"))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+    let response = tokio::time::timeout(CONTROLLER_TIMEOUT, client.get(uri))
         .await
-        .map_err(|_| format!("{url} did not answer within 5s"))?
+        .map_err(|_| format!("{url} did not answer within {CONTROLLER_TIMEOUT:?}"))?
         .map_err(|e| format!("{url}: {e}"))?;
     let status = response.status();
     let body = response

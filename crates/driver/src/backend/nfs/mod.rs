@@ -601,9 +601,17 @@ impl Backend for NfsBackend {
             }
         }
         let mut inventory = Inventory::default();
+        // One export named two ways (the default, and a class naming the same server
+        // and share) is listed once, under the name classes use (sorted first).
+        let mut seen = std::collections::BTreeSet::new();
+        let mut places: Vec<(String, String)> = places.into_iter().collect();
+        places.sort_by_key(|(server, _)| server.is_empty());
         for (server, share) in places {
             let export = self.export(&server, &share).await?;
             let place = export.client.target().to_string();
+            if !seen.insert(place.clone()) {
+                continue;
+            }
             for (name, record) in export.all().await? {
                 let id = NfsVolumeId::new(&name, &record.placement);
                 let created = export

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use stowage_api::keys::DEFAULT_DRIVER_NAME;
+use stowage_api::keys::{DEFAULT_DRIVER_NAME, DEFAULT_NFS_DRIVER_NAME};
 use stowage_driver::csi::node::DEFAULT_KUBELET_DIR;
 use stowage_loops::Loop;
 
@@ -66,6 +66,13 @@ pub struct CommonArgs {
     /// CSI driver name: the StorageClass `provisioner`.
     #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
+
+    /// A second driver name, for NFS only: its volumes never wait for a
+    /// VolumeAttachment (its CSIDriver says `attachRequired: false`) while the main
+    /// name's EBS volumes are attached. The node plugin registers both with kubelet;
+    /// the loops provision, resize and snapshot for both. Empty: only --driver-name.
+    #[arg(long, env = "NFS_DRIVER_NAME", default_value = DEFAULT_NFS_DRIVER_NAME)]
+    pub nfs_driver_name: String,
 
     /// Address for /metrics and /healthz (e.g. 0.0.0.0:9808); off when unset.
     #[arg(long, env = "HTTP_ADDR")]
@@ -340,6 +347,9 @@ pub struct GcArgs {
     /// The CSI driver name whose PVs and StorageClasses count.
     #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
+    /// The NFS-only driver name whose PVs and StorageClasses count too (empty: none).
+    #[arg(long, env = "NFS_DRIVER_NAME", default_value = DEFAULT_NFS_DRIVER_NAME)]
+    pub nfs_driver_name: String,
     #[command(flatten)]
     pub backends: BackendArgs,
     #[command(flatten)]
@@ -374,6 +384,9 @@ pub struct ExplainArgs {
     /// The CSI driver name.
     #[arg(long, env = "DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
+    /// The NFS-only driver name (empty: none).
+    #[arg(long, env = "NFS_DRIVER_NAME", default_value = DEFAULT_NFS_DRIVER_NAME)]
+    pub nfs_driver_name: String,
     /// The controller's HTTP address (e.g. http://127.0.0.1:8080), when the API
     /// server's pod proxy cannot reach it (default: through the API server, to the
     /// pod that holds the leader Lease).

@@ -20,6 +20,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Api;
 use kube::api::ListParams;
 use serde::Serialize;
+use stowage_api::keys::DriverNames;
 use stowage_driver::backend::{Backend, Backends, Held, InventoryHints};
 use stowage_loops::rules;
 use stowage_loops::snapshots::types::VolumeSnapshotContent;
@@ -40,7 +41,7 @@ pub struct Refs {
 impl Refs {
     /// Who refers to what, from the cluster's objects.
     pub fn of(
-        driver: &str,
+        drivers: &DriverNames,
         pvs: &[PersistentVolume],
         claims: &[PersistentVolumeClaim],
         contents: &[VolumeSnapshotContent],
@@ -49,7 +50,7 @@ impl Refs {
         for pv in pvs {
             let name = pv.metadata.name.clone().unwrap_or_default();
             if let Some(csi) = pv.spec.as_ref().and_then(|s| s.csi.as_ref())
-                && csi.driver == driver
+                && drivers.contains(&csi.driver)
             {
                 refs.pv_handles
                     .insert(csi.volume_handle.clone(), name.clone());
@@ -221,16 +222,16 @@ async fn read_cluster(client: &kube::Client) -> anyhow::Result<Cluster> {
 pub async fn collect(
     client: &kube::Client,
     backends: &Backends,
-    driver: &str,
+    drivers: &DriverNames,
     older_than: Duration,
 ) -> anyhow::Result<Report> {
     let cluster = read_cluster(client).await?;
-    let refs = Refs::of(driver, &cluster.pvs, &cluster.claims, &cluster.contents);
+    let refs = Refs::of(drivers, &cluster.pvs, &cluster.claims, &cluster.contents);
     let hints = InventoryHints {
         class_parameters: cluster
             .classes
             .iter()
-            .filter(|c| c.provisioner == driver)
+            .filter(|c| drivers.contains(&c.provisioner))
             .map(|c| {
                 c.parameters
                     .clone()
@@ -299,11 +300,11 @@ pub async fn collect(
 pub async fn delete(
     client: &kube::Client,
     backends: &Backends,
-    driver: &str,
+    drivers: &DriverNames,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let cluster = read_cluster(client).await?;
-    let refs = Refs::of(driver, &cluster.pvs, &cluster.claims, &cluster.contents);
+    let refs = Refs::of(drivers, &cluster.pvs, &cluster.claims, &cluster.contents);
     for orphan in &report.orphans {
         let held = Held {
             id: orphan.volume.clone(),
@@ -345,7 +346,7 @@ pub fn spawn_schedule(
     client: kube::Client,
     (backends, activity): (Backends, stowage_loops::Activity),
     metrics: &stowage_api::metrics::Metrics,
-    driver: String,
+    drivers: DriverNames,
 ) -> tokio::task::JoinHandle<()> {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
@@ -364,7 +365,7 @@ pub fn spawn_schedule(
             let older_than = schedule
                 .delete_older_than
                 .unwrap_or(Duration::from_secs(3600));
-            let mut report = match collect(&client, &backends, &driver, older_than).await {
+            let mut report = match collect(&client, &backends, &drivers, older_than).await {
                 Ok(report) => report,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "gc could not list the volumes");
@@ -389,7 +390,7 @@ pub fn spawn_schedule(
             }
             if schedule.delete_older_than.is_some()
                 && !report.orphans.is_empty()
-                && let Err(e) = delete(&client, &backends, &driver, &mut report).await
+                && let Err(e) = delete(&client, &backends, &drivers, &mut report).await
             {
                 tracing::warn!(error = format!("{e:#}"), "gc could not delete the orphans");
             }
@@ -409,15 +410,9 @@ pub async fn run(settings: crate::settings::Gc) -> anyhow::Result<()> {
         embedded.is_none(),
         "gc reads an NFS export of the cluster's: give --nfs-server/--nfs-share"
     );
-    let mut report = collect(
-        &client,
-        &backends,
-        &settings.driver_name,
-        settings.older_than,
-    )
-    .await?;
+    let mut report = collect(&client, &backends, &settings.drivers, settings.older_than).await?;
     if settings.delete && !report.orphans.is_empty() {
-        delete(&client, &backends, &settings.driver_name, &mut report).await?;
+        delete(&client, &backends, &settings.drivers, &mut report).await?;
     }
     match settings.output {
         crate::config::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -543,6 +538,11 @@ mod tests {
     use stowage_loops::snapshots::types::{VolumeSnapshotContentSource, VolumeSnapshotContentSpec};
 
     const DRIVER: &str = "stowage.csi.dev";
+    const NFS_DRIVER: &str = "nfs.stowage.csi.dev";
+
+    fn names() -> DriverNames {
+        DriverNames::new(DRIVER, NFS_DRIVER)
+    }
     const HOUR: Duration = Duration::from_secs(3600);
 
     fn held(id: &str, name: &str, age: Option<Duration>, now: SystemTime) -> Held {
@@ -642,7 +642,7 @@ mod tests {
             held("nfs#by-claim", "pvc-u-4", old, now),
         ];
         let refs = Refs::of(
-            DRIVER,
+            &names(),
             &[
                 pv("static-pv", DRIVER, "nfs#by-handle"),
                 // A PV of another driver with this name still names the volume.
@@ -675,14 +675,23 @@ mod tests {
     #[test]
     fn another_drivers_pv_handle_protects_nothing() {
         let now = SystemTime::now();
-        let volumes = [held("vol-0abc", "pvc-x", Some(2 * HOUR), now)];
+        let volumes = [
+            held("vol-0abc", "pvc-x", Some(2 * HOUR), now),
+            held("nfs#under-the-nfs-name", "pvc-y", Some(2 * HOUR), now),
+        ];
         let refs = Refs::of(
-            DRIVER,
-            &[pv("theirs", "ebs.csi.aws.com", "vol-0abc")],
+            &names(),
+            &[
+                pv("theirs", "ebs.csi.aws.com", "vol-0abc"),
+                pv("pvc-y", NFS_DRIVER, "nfs#under-the-nfs-name"),
+            ],
             &[],
             &[],
         );
-        assert_eq!(sorted(&volumes, &refs, now).orphans.len(), 1);
+        let report = sorted(&volumes, &refs, now);
+        assert_eq!(report.orphans.len(), 1, "{report:?}");
+        assert_eq!(report.orphans[0].volume, "vol-0abc");
+        assert_eq!(report.in_use, 1, "the NFS name's PV protects its volume");
     }
 
     #[test]

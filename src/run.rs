@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::NfsServerArgs;
 use crate::{health, settings};
+use stowage_api::keys::DriverNames;
 use stowage_api::metrics::Metrics;
 use stowage_driver::backend::ebs::EbsBackend;
 use stowage_driver::backend::ebs::cloud::Cloud;
@@ -22,7 +23,7 @@ use stowage_driver::csi::PluginInfo;
 use stowage_driver::csi::controller::ControllerService;
 use stowage_driver::csi::identity::IdentityService;
 use stowage_driver::csi::node::{NodeConfig, NodeService};
-use stowage_driver::csi::registration::{KubeletRegistration, registration_socket};
+use stowage_driver::csi::registration::KubeletRegistration;
 use stowage_driver::csi::server::{self, Services};
 use stowage_driver::node::{Mounter, SystemMounter};
 use stowage_loops::Activity;
@@ -40,12 +41,25 @@ pub struct Plan {
     pub controller: bool,
     /// Serve the Node service as this node.
     pub node: Option<NodeConfig>,
+    /// With `node`: the NFS-only driver name's own socket (see [`NfsNodeSocket`]).
+    pub nfs_node: Option<NfsNodeSocket>,
     pub mounter: Arc<dyn Mounter>,
     pub http_addr: Option<std::net::SocketAddr>,
     /// How long shutdown waits for connected clients.
     pub shutdown_grace: Duration,
     /// How often the Controller service checks its backends.
     pub backend_check_interval: Duration,
+}
+
+/// The node plugin's second CSI socket, for `--nfs-driver-name`: kubelet asks each
+/// registered name's socket for NodeGetInfo, and the NFS name must report no volume
+/// limit (EBS's attach limit is the main name's). It serves Identity (the NFS name) and
+/// Node with the NFS backend only, so an EBS volume provisioned under the NFS name
+/// (which nothing would attach) is refused there by name.
+#[derive(Debug, Clone)]
+pub struct NfsNodeSocket {
+    pub driver_name: String,
+    pub socket: PathBuf,
 }
 
 /// A serving process: stop it to shut down and remove the socket.
@@ -61,11 +75,16 @@ pub struct Running {
     stop: watch::Sender<bool>,
     shutdown_grace: Duration,
     /// Resolves with the CSI server's result when its thread ends.
-    grpc: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
+    grpc: CsiServerDone,
     http: Option<JoinHandle<std::io::Result<()>>>,
-    /// kubelet's plugin registration: its socket and the task serving it.
-    registration: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    /// The NFS-only name's CSI socket and its server thread's result.
+    nfs_node: Option<(PathBuf, CsiServerDone)>,
+    /// kubelet's plugin registrations (one per driver name): socket and serving task.
+    registrations: Vec<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
 }
+
+/// Resolves with a CSI server's result when its thread ends.
+type CsiServerDone = tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>;
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -80,7 +99,7 @@ async fn spawn_csi_thread(
     socket: PathBuf,
     services: Services,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>> {
+) -> anyhow::Result<CsiServerDone> {
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -176,8 +195,45 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         }
         None => (None, None),
     };
-    let grpc = spawn_csi_thread(plan.socket.clone(), services, rx).await?;
+    let grpc = spawn_csi_thread(plan.socket.clone(), services, rx.clone()).await?;
     health::add_probe_health_check(&metrics, plan.socket.clone());
+    let nfs_node = match (&plan.nfs_node, &plan.node) {
+        (Some(nfs), Some(node)) => {
+            let backends = Backends::new(
+                plan.backends
+                    .iter()
+                    .filter(|b| b.kind() == "nfs")
+                    .map(Arc::clone)
+                    .collect(),
+            );
+            let services = Services {
+                identity: IdentityService::new(
+                    PluginInfo {
+                        name: nfs.driver_name.clone(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                    },
+                    false,
+                    false,
+                    backends.any_expand(),
+                    Arc::clone(&metrics),
+                ),
+                controller: None,
+                node: Some(NodeService::new(
+                    NodeConfig {
+                        max_volumes: 0,
+                        ..node.clone()
+                    },
+                    backends,
+                    Arc::clone(&plan.mounter),
+                    Arc::clone(&metrics),
+                )),
+            };
+            let done = spawn_csi_thread(nfs.socket.clone(), services, rx).await?;
+            health::add_probe_health_check(&metrics, nfs.socket.clone());
+            Some((nfs.socket.clone(), done))
+        }
+        _ => None,
+    };
     if plan.controller {
         health::spawn_backend_checks(
             &metrics,
@@ -194,8 +250,9 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
         http_addr,
         stop,
         grpc,
+        nfs_node,
         http,
-        registration: None,
+        registrations: Vec::new(),
     })
 }
 
@@ -212,7 +269,7 @@ impl Running {
             registration,
             stopped(self.stop.subscribe()),
         ));
-        self.registration = Some((path, task));
+        self.registrations.push((path, task));
         Ok(())
     }
 
@@ -220,7 +277,7 @@ impl Running {
     /// socket first: kubelet then deregisters the plugin before its socket goes).
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        if let Some((path, task)) = self.registration {
+        for (path, task) in self.registrations {
             remove_socket(&path)?;
             match tokio::time::timeout(self.shutdown_grace, task).await {
                 Ok(joined) => joined?.context("registration server")?,
@@ -231,12 +288,19 @@ impl Running {
         }
         // Graceful shutdown waits for clients to hang up; one that never does must
         // not keep the process from exiting (the thread is left to die with it).
-        match tokio::time::timeout(self.shutdown_grace, self.grpc).await {
-            Ok(done) => done
-                .map_err(|_| anyhow::anyhow!("the CSI server thread ended without a result"))?
-                .context("CSI server")?,
-            Err(_) => {
-                tracing::warn!(grace = ?self.shutdown_grace, "CSI clients still connected after the grace period; stopping anyway")
+        let mut servers = vec![(self.socket.clone(), self.grpc)];
+        servers.extend(self.nfs_node);
+        for (socket, grpc) in servers {
+            match tokio::time::timeout(self.shutdown_grace, grpc).await {
+                Ok(done) => done
+                    .map_err(|_| anyhow::anyhow!("the CSI server thread ended without a result"))?
+                    .with_context(|| format!("CSI server on {}", socket.display()))?,
+                Err(_) => {
+                    tracing::warn!(grace = ?self.shutdown_grace, socket = %socket.display(), "CSI clients still connected after the grace period; stopping anyway")
+                }
+            }
+            if socket != self.socket {
+                remove_socket(&socket)?;
             }
         }
         if let Some(http) = self.http {
@@ -432,12 +496,27 @@ pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
     };
     let node_id = node.as_ref().map(|n| n.node_id.clone());
     let (backends, embedded) = backends(&settings.backends).await?;
+    // The node plugin serves the NFS-only name on its own socket under the kubelet
+    // directory (`local` mode has no kubelet to register with: one socket).
+    let nfs_node = match (&settings.node, &settings.drivers.nfs) {
+        (Some(node), Some(name))
+            if settings.role == settings::Role::Node
+                && backends.iter().any(|b| b.kind() == "nfs") =>
+        {
+            Some(NfsNodeSocket {
+                driver_name: name.clone(),
+                socket: crate::config::node_socket(&node.kubelet_dir, name),
+            })
+        }
+        _ => None,
+    };
     let started = start(Plan {
         socket: settings.socket.clone(),
-        driver_name: settings.driver_name.clone(),
+        driver_name: settings.drivers.main.clone(),
         backends,
         controller: settings.controller(),
         node,
+        nfs_node: nfs_node.clone(),
         mounter: Arc::new(SystemMounter::default()),
         http_addr: settings.http_addr,
         shutdown_grace: settings.shutdown_grace,
@@ -460,18 +539,17 @@ pub async fn start_stack(settings: settings::Serve) -> anyhow::Result<Stack> {
     }) = &settings.node
     {
         let endpoint = path.clone().unwrap_or_else(|| running.socket.clone());
-        let registration = KubeletRegistration::new(
-            &settings.driver_name,
-            &endpoint,
-            registration_socket(kubelet_dir, &settings.driver_name),
-            &running.metrics,
-        );
-        if let Err(e) = running.serve_registration(registration) {
-            running.stop().await?;
-            if let Some(embedded) = embedded {
-                embedded.shutdown().await;
+        let mut names = vec![(settings.drivers.main.clone(), endpoint)];
+        names.extend(nfs_node.map(|nfs| (nfs.driver_name, nfs.socket)));
+        let registrations = KubeletRegistration::for_drivers(&names, kubelet_dir, &running.metrics);
+        for registration in registrations {
+            if let Err(e) = running.serve_registration(registration) {
+                running.stop().await?;
+                if let Some(embedded) = embedded {
+                    embedded.shutdown().await;
+                }
+                return Err(e);
             }
-            return Err(e);
         }
     }
     Ok(Stack {
@@ -487,20 +565,18 @@ pub async fn serve(settings: settings::Serve, signals: ShutdownSignals) -> anyho
     let stack = start_stack(settings).await?;
     announce(&stack);
     let loops = match &stack.settings.loops {
-        Some(loops) => {
-            match start_loops(loops, &stack.running, &stack.settings.driver_name).await {
-                Ok(mut loops) => {
-                    if let Some(schedule) = stack.settings.gc.clone() {
-                        loops.schedule_gc(schedule, &stack.running, &stack.settings.driver_name);
-                    }
-                    Some(loops)
+        Some(loops) => match start_loops(loops, &stack.running, &stack.settings.drivers).await {
+            Ok(mut loops) => {
+                if let Some(schedule) = stack.settings.gc.clone() {
+                    loops.schedule_gc(schedule, &stack.running, &stack.settings.drivers);
                 }
-                Err(e) => {
-                    let _ = stack.stop().await;
-                    return Err(e);
-                }
+                Some(loops)
             }
-        }
+            Err(e) => {
+                let _ = stack.stop().await;
+                return Err(e);
+            }
+        },
         None => None,
     };
     let Stack {
@@ -606,13 +682,18 @@ impl KubeLoops {
     }
 
     /// Run gc every `schedule.interval` while this replica leads.
-    pub fn schedule_gc(&mut self, schedule: settings::GcSchedule, running: &Running, driver: &str) {
+    pub fn schedule_gc(
+        &mut self,
+        schedule: settings::GcSchedule,
+        running: &Running,
+        drivers: &DriverNames,
+    ) {
         self.gc = Some(crate::gc::spawn_schedule(
             schedule,
             self.client.clone(),
             (running.backends.clone(), running.activity.clone()),
             &running.metrics,
-            driver.to_owned(),
+            drivers.clone(),
         ));
     }
 }
@@ -622,7 +703,7 @@ impl KubeLoops {
 pub async fn start_loops(
     args: &settings::Loops,
     running: &Running,
-    driver_name: &str,
+    drivers: &DriverNames,
 ) -> anyhow::Result<KubeLoops> {
     use stowage_loops::{LoopMetrics, Settings, csi_client::Csi, kube_client, leader};
     let config = kube_client::config(args.kubeconfig.as_deref()).await?;
@@ -650,7 +731,7 @@ pub async fn start_loops(
         "the CSI driver at {} cannot create volumes (no CREATE_DELETE_VOLUME capability)",
         socket.display()
     );
-    if csi.caps.driver_name != driver_name {
+    if csi.caps.driver_name != drivers.main {
         tracing::info!(driver = %csi.caps.driver_name, "the loops act for the driver at --csi-address");
     }
     let started = std::time::SystemTime::now()
@@ -661,6 +742,7 @@ pub async fn start_loops(
         backoff: args.backoff,
         workers: args.max_csi_calls,
         annotation_grace: args.annotation_grace,
+        nfs_driver_name: drivers.nfs.clone(),
         identity: stowage_loops::rules::provisioner_identity(
             &csi.caps.driver_name,
             i64::try_from(started.as_millis()).unwrap_or(i64::MAX),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use stowage_api::keys::DriverNames;
 use stowage_driver::backend::ebs::cloud::Ec2Settings;
 use stowage_driver::backend::ebs::metadata::KnownMetadata;
 use stowage_loops::Loop;
@@ -33,7 +34,8 @@ pub enum Role {
 pub struct Serve {
     pub role: Role,
     pub socket: PathBuf,
-    pub driver_name: String,
+    /// `--driver-name` (GetPluginInfo's) and `--nfs-driver-name`.
+    pub drivers: DriverNames,
     pub http_addr: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     /// In the order given: the first is the default.
@@ -67,7 +69,7 @@ fn gc_schedule(args: &GcScheduleArgs) -> Option<GcSchedule> {
 #[derive(Debug, Clone)]
 pub struct Gc {
     pub kubeconfig: Option<PathBuf>,
-    pub driver_name: String,
+    pub drivers: DriverNames,
     pub backends: Vec<Backend>,
     pub delete: bool,
     pub older_than: Duration,
@@ -78,7 +80,7 @@ pub struct Gc {
 pub fn gc(args: &GcArgs) -> Result<Gc, String> {
     Ok(Gc {
         kubeconfig: args.kubeconfig.clone(),
-        driver_name: args.driver_name.clone(),
+        drivers: DriverNames::new(args.driver_name.clone(), &args.nfs_driver_name),
         backends: backends(
             &args.backends,
             || Nfs {
@@ -190,6 +192,10 @@ pub struct Leader {
     pub retry_period: Duration,
 }
 
+fn drivers(common: &CommonArgs) -> DriverNames {
+    DriverNames::new(common.driver_name.clone(), &common.nfs_driver_name)
+}
+
 fn socket(common: &CommonArgs, role: &str) -> Result<PathBuf, String> {
     let endpoint = common
         .endpoint
@@ -295,7 +301,7 @@ pub fn controller(args: &ControllerArgs) -> Result<Serve, String> {
     Ok(Serve {
         role: Role::Controller,
         socket: socket(&args.common, "controller")?,
-        driver_name: args.common.driver_name.clone(),
+        drivers: drivers(&args.common),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,
         backends: backends(
@@ -326,7 +332,7 @@ pub fn node(args: &NodeArgs) -> Result<Serve, String> {
     Ok(Serve {
         role: Role::Node,
         socket,
-        driver_name: args.common.driver_name.clone(),
+        drivers: drivers(&args.common),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,
         backends: backends(
@@ -372,7 +378,7 @@ pub fn local(args: &LocalArgs) -> Result<Serve, String> {
     Ok(Serve {
         role: Role::Local,
         socket,
-        driver_name: args.common.driver_name.clone(),
+        drivers: drivers(&args.common),
         http_addr: args.common.http_addr,
         shutdown_grace: args.common.shutdown_grace,
         backends: backends(

@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use stowage::config::{Cli, default_endpoint};
-use stowage_api::keys::DEFAULT_DRIVER_NAME;
+use stowage_api::keys::{DEFAULT_DRIVER_NAME, DEFAULT_NFS_DRIVER_NAME};
 
 const NAMESPACE: &str = "kube-system";
 const RELEASE: &str = "stowage";
@@ -403,7 +403,7 @@ fn container<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
 /// The containers running the stowage binary (by name); every other container must be
 /// a sidecar this test knows.
 const STOWAGE_CONTAINERS: &[&str] = &["stowage", "nfs-server"];
-const SIDECARS: &[&str] = &["node-driver-registrar"];
+const SIDECARS: &[&str] = &["node-driver-registrar", "node-driver-registrar-nfs"];
 /// Environment the templates set that is not a flag's env fallback: the tracing filter,
 /// NODE_NAME, used as `--node-id=$(NODE_NAME)`, and the API server's address, read by
 /// the in-cluster config (kube's `Config::incluster_env`) in place of kubelet's values.
@@ -583,25 +583,54 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
         // CSIDriver: the name and the spec the code is built for. Attach is required
         // exactly when a backend attaches volumes (EBS): without one the controller has
         // no PUBLISH_UNPUBLISH_VOLUME, and kubelet must not wait for VolumeAttachments.
-        let csi_driver = r.one("CSIDriver");
-        assert_eq!(csi_driver["metadata"]["name"], driver, "{case}");
-        let attaches = r.values["backends"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("ebs"));
-        assert_eq!(
-            csi_driver["spec"],
-            json!({
-                "attachRequired": attaches,
-                "podInfoOnMount": false,
-                "fsGroupPolicy": "File",
-                "volumeLifecycleModes": ["Persistent"],
-            }),
-            "{case}: CSIDriver spec"
-        );
-        for class in r.of_kind("StorageClass") {
+        // NFS volumes have a name of their own that never attaches (nfsDriverName).
+        let backends = r.values["backends"].as_array().unwrap();
+        let attaches = backends.contains(&json!("ebs"));
+        let nfs_name = r.values["nfsDriverName"]
+            .as_str()
+            .filter(|n| !n.is_empty() && *n != driver && backends.contains(&json!("nfs")));
+        if r.case == "default values" {
             assert_eq!(
-                class["provisioner"], driver,
+                nfs_name,
+                Some(DEFAULT_NFS_DRIVER_NAME),
+                "values.yaml nfsDriverName"
+            );
+        }
+        let drivers: Vec<&Value> = r.of_kind("CSIDriver").collect();
+        let expected: Vec<(&str, bool)> = std::iter::once((driver, attaches))
+            .chain(nfs_name.map(|n| (n, false)))
+            .collect();
+        assert_eq!(
+            drivers.len(),
+            expected.len(),
+            "{case}: one CSIDriver per name"
+        );
+        for (name, attach_required) in expected {
+            let csi_driver = r.named("CSIDriver", name).expect("the name's CSIDriver");
+            assert_eq!(
+                csi_driver["spec"],
+                json!({
+                    "attachRequired": attach_required,
+                    "podInfoOnMount": false,
+                    "fsGroupPolicy": "File",
+                    "volumeLifecycleModes": ["Persistent"],
+                }),
+                "{case}: CSIDriver {name} spec"
+            );
+        }
+        // An NFS class (`backend: nfs`, or none while nfs is the first backend) is the
+        // NFS name's; every other class the main name's.
+        for class in r.of_kind("StorageClass") {
+            let backend = class["parameters"]["backend"]
+                .as_str()
+                .or(backends[0].as_str())
+                .unwrap();
+            let wanted = match nfs_name {
+                Some(nfs) if backend == "nfs" => nfs,
+                _ => driver,
+            };
+            assert_eq!(
+                class["provisioner"], wanted,
                 "{case}: {}",
                 class["metadata"]["name"]
             );
@@ -618,6 +647,11 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             flag(&args, "driver-name").as_deref(),
             Some(driver),
             "{case}"
+        );
+        assert_eq!(
+            flag(&args, "nfs-driver-name").as_deref(),
+            Some(nfs_name.unwrap_or_default()),
+            "{case}: the NFS name, or none"
         );
         let endpoint = flag(&args, "endpoint").expect("node --endpoint");
         let socket = format!("{kubelet_dir}/plugins/{driver}/csi.sock");
@@ -719,6 +753,29 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
                 Some(format!("{kubelet_dir}/{REGISTRATION_DIR}").as_str()),
                 "{case}: registration dir"
             );
+            // The NFS name's socket, where the plugin serves it, by a registrar of its own.
+            let nfs_registrar = container(pod, "node-driver-registrar-nfs");
+            match nfs_name {
+                Some(nfs) => {
+                    let nfs_registrar = nfs_registrar.expect("the NFS name's registrar");
+                    let nfs_args = strings(&nfs_registrar["args"]);
+                    let nfs_socket = stowage::config::node_socket(&node_args.kubelet_dir, nfs);
+                    assert_eq!(
+                        flag(&nfs_args, "kubelet-registration-path").as_deref(),
+                        nfs_socket.to_str(),
+                        "{case}"
+                    );
+                    let csi_address = flag(&nfs_args, "csi-address").expect("--csi-address");
+                    let (csi_dir, _) = csi_address.rsplit_once('/').unwrap();
+                    let plugin_mount = mount(nfs_registrar, csi_dir).expect("its plugin dir");
+                    assert_eq!(
+                        volume_host_path(pod, plugin_mount["name"].as_str().unwrap()),
+                        nfs_socket.parent().and_then(Path::to_str),
+                        "{case}: the NFS name's plugin dir"
+                    );
+                }
+                None => assert!(nfs_registrar.is_none(), "{case}: no NFS name to register"),
+            }
         } else {
             assert!(
                 registrar.is_none(),

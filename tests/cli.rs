@@ -1,6 +1,7 @@
 //! The real `stowage` binary: `stowage local` prints its socket, serves, and on
 //! SIGINT/SIGTERM exits 0 and removes the socket; bad flags fail with a message;
-//! `/readyz` follows the Kubernetes API server; text logs carry no colour codes
+//! `/readyz` follows the Kubernetes API server; a stop is not held by loops that wait
+//! for a silent API server; text logs carry no colour codes
 //! unless stderr is a terminal; `stowage nfs-server` logs connections only at debug;
 //! `stowage bench` runs end to end.
 
@@ -199,6 +200,66 @@ async fn readyz_follows_the_kubernetes_api_server() {
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// SIGTERM while the loops still wait for their informers' first lists (an API server
+/// that takes connections and never answers) stops the process: a start that cannot
+/// finish never holds a shutdown.
+#[test]
+fn a_stop_is_not_held_by_loops_waiting_for_a_silent_api_server() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let config = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": "silent", "cluster": {"server": url}}],
+        "users": [{"name": "silent", "user": {"token": "t"}}],
+        "contexts": [{"name": "silent", "context": {"cluster": "silent", "user": "silent"}}],
+        "current-context": "silent",
+    });
+    std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap()).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args([
+            "local",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--shutdown-grace", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).unwrap();
+    // Keep reading: the rest of the banner must not meet a closed pipe.
+    std::thread::spawn(move || for _ in stdout.lines() {});
+    assert!(socket.exists(), "serving: {banner}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 20 s after SIGTERM: the loops' start held the shutdown");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!socket.exists(), "socket removed");
 }
 
 /// A failing start logs an ERROR line through tracing (plus the plain message).

@@ -82,6 +82,7 @@ impl Ebs {
             backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
             controller: true,
             node: Some(node),
+            nfs_node: None,
             mounter: Arc::new(SystemMounter::default()),
             http_addr: None,
             shutdown_grace: Duration::from_secs(2),

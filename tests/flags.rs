@@ -21,6 +21,7 @@ fn sample(id: &str) -> Option<&'static [&'static str]> {
         "log_format" => &["--log-format", "json"],
         "endpoint" => &["--endpoint", "unix:///tmp/flags-test/other.sock"],
         "driver_name" => &["--driver-name", "other.csi.example"],
+        "nfs_driver_name" => &["--nfs-driver-name", "nfs.other.csi.example"],
         "http_addr" => &["--http-addr", "127.0.0.1:9999"],
         "shutdown_grace" => &["--shutdown-grace", "3s"],
         "backends" => &["--backend", "ebs"],

@@ -109,6 +109,7 @@ impl Fixture {
                 kubelet_dir: dir.path().to_path_buf(),
                 ..stowage_driver::csi::node::NodeConfig::new("node-1")
             }),
+            nfs_node: None,
             mounter,
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),

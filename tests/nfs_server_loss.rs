@@ -52,6 +52,7 @@ async fn killed_server_fails_fast_without_spinning_and_recovers() {
         backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
         controller: true,
         node: None,
+        nfs_node: None,
         mounter: Arc::new(SystemMounter::default()),
         http_addr: None,
         shutdown_grace: Duration::from_secs(5),

@@ -49,6 +49,7 @@ impl Fixture {
             backends: Backends::new(vec![Arc::new(backend) as Arc<dyn Backend>]),
             controller: true,
             node: None,
+            nfs_node: None,
             mounter: Arc::new(SystemMounter::default()),
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),

@@ -2,7 +2,9 @@
 //! watcher on the registration socket (GetInfo, then the CSI socket it names, then
 //! NotifyRegistrationStatus) against the real binary, and checks that kubelet's verdict
 //! and the socket's presence drive `/healthz` and the state metric, that shutdown
-//! removes both sockets, and that `--kubelet-registration=false` serves none.
+//! removes both sockets, and that `--kubelet-registration=false` serves none; and that
+//! the NFS-only name (`--nfs-driver-name`) registers on a socket of its own whose
+//! NodeGetInfo reports no volume limit.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ mod process;
 use process::Process;
 
 const DRIVER: &str = "registration.stowage.test";
+const NFS_DRIVER: &str = "nfs.registration.stowage.test";
 
 /// `stowage node` on a kubelet directory of its own; returns the process and the
 /// address of its `/healthz` and `/metrics`, read from its "serving" log line.
@@ -29,6 +32,12 @@ fn node(kubelet_dir: &Path, extra: &[&str]) -> (Process, String) {
         Command::new(env!("CARGO_BIN_EXE_stowage"))
             .args(["--log-format", "json", "node", "--node-id", "node-a"])
             .args(["--driver-name", DRIVER])
+            .args(
+                (!extra.contains(&"--nfs-driver-name"))
+                    .then_some(["--nfs-driver-name", NFS_DRIVER])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--kubelet-dir", kubelet_dir.to_str().unwrap()])
             .args(["--http-addr", "127.0.0.1:0", "--shutdown-grace", "1s"])
             .args(extra)
@@ -58,23 +67,28 @@ fn node(kubelet_dir: &Path, extra: &[&str]) -> (Process, String) {
 mod http;
 use http::http_get;
 
-/// The state the metric says is current.
-fn registration_state(addr: &str) -> String {
+/// The state the metric says is current for `driver`.
+fn registration_state(addr: &str, driver: &str) -> String {
     let (_, body) = http_get(addr, "/metrics");
+    let prefix = format!("stowage_kubelet_registration_state{{driver=\"{driver}\",state=\"");
     let current: Vec<&str> = body
         .lines()
-        .filter(|l| l.starts_with("stowage_kubelet_registration_state{") && l.ends_with(" 1"))
+        .filter(|l| l.starts_with(&prefix) && l.ends_with(" 1"))
         .collect();
-    assert_eq!(current.len(), 1, "one current state: {body}");
-    current[0]
+    assert_eq!(current.len(), 1, "one current state for {driver}: {body}");
+    current[0][prefix.len()..]
         .split('"')
-        .nth(1)
+        .next()
         .expect("state label")
         .to_owned()
 }
 
 fn registration_socket(kubelet_dir: &Path) -> PathBuf {
     kubelet_dir.join(format!("plugins_registry/{DRIVER}-reg.sock"))
+}
+
+fn nfs_registration_socket(kubelet_dir: &Path) -> PathBuf {
+    kubelet_dir.join(format!("plugins_registry/{NFS_DRIVER}-reg.sock"))
 }
 
 #[tokio::test]
@@ -113,7 +127,7 @@ async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
 
     // No verdict yet: alive, waiting.
     assert!(http_get(&addr, "/healthz").0.contains("200"));
-    assert_eq!(registration_state(&addr), "waiting");
+    assert_eq!(registration_state(&addr, DRIVER), "waiting");
 
     // Refused: /healthz fails with kubelet's reason, so the container restarts.
     registration
@@ -126,7 +140,7 @@ async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
     let (status, body) = http_get(&addr, "/healthz");
     assert!(status.contains("500"), "{status}");
     assert!(body.contains("incompatible versions"), "{body}");
-    assert_eq!(registration_state(&addr), "failed");
+    assert_eq!(registration_state(&addr, DRIVER), "failed");
 
     // Registered: alive again.
     registration
@@ -137,7 +151,7 @@ async fn kubelet_registers_the_plugin_and_its_verdict_drives_healthz() {
         .await
         .unwrap();
     assert!(http_get(&addr, "/healthz").0.contains("200"));
-    assert_eq!(registration_state(&addr), "registered");
+    assert_eq!(registration_state(&addr, DRIVER), "registered");
 
     // The socket deleted under the plugin (kubelet's directory wiped): kubelet can no
     // longer find it, so /healthz fails and says why.
@@ -180,11 +194,91 @@ async fn no_registration_socket_when_the_registrar_registers() {
             .exists()
     );
     assert!(!registration_socket(&kubelet_dir).exists());
+    assert!(!nfs_registration_socket(&kubelet_dir).exists());
     assert!(http_get(&addr, "/healthz").0.contains("200"));
     let (_, metrics) = http_get(&addr, "/metrics");
     assert!(
         !metrics.contains("stowage_kubelet_registration_state"),
         "{metrics}"
     );
+    child.stop();
+}
+
+#[tokio::test]
+async fn the_nfs_name_registers_on_its_own_socket_without_a_volume_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet_dir = dir.path().join("kubelet");
+    let (child, addr) = node(&kubelet_dir, &[]);
+    let nfs_socket = kubelet_dir.join(format!("plugins/{NFS_DRIVER}/csi.sock"));
+
+    let mut registration = RegistrationClient::new(
+        channel::connect(&nfs_registration_socket(&kubelet_dir))
+            .await
+            .unwrap(),
+    );
+    let info = registration
+        .get_info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, NFS_DRIVER);
+    assert_eq!(Path::new(&info.endpoint), nfs_socket, "a socket of its own");
+    let endpoint = channel::connect(&nfs_socket).await.unwrap();
+    let plugin = IdentityClient::new(endpoint.clone())
+        .get_plugin_info(proto::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plugin.name, NFS_DRIVER);
+    let node_info = NodeClient::new(endpoint.clone())
+        .node_get_info(proto::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_info.node_id, "node-a");
+    assert_eq!(node_info.max_volumes_per_node, 0, "no attach limit for NFS");
+
+    // Each name's verdict is its own.
+    registration
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(registration_state(&addr, NFS_DRIVER), "registered");
+    assert_eq!(registration_state(&addr, DRIVER), "waiting");
+    registration
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: false,
+            error: "driver name already registered".into(),
+        })
+        .await
+        .unwrap();
+    let (status, body) = http_get(&addr, "/healthz");
+    assert!(status.contains("500"), "{status}");
+    assert!(
+        body.contains(NFS_DRIVER),
+        "the refused name is named: {body}"
+    );
+    drop(registration);
+
+    child.stop();
+    assert!(
+        !nfs_socket.exists(),
+        "the NFS name's CSI socket removed on shutdown"
+    );
+    assert!(!nfs_registration_socket(&kubelet_dir).exists());
+}
+
+#[tokio::test]
+async fn an_empty_nfs_driver_name_serves_one_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet_dir = dir.path().join("kubelet");
+    let (child, addr) = node(&kubelet_dir, &["--nfs-driver-name", ""]);
+    assert!(registration_socket(&kubelet_dir).exists());
+    assert!(!nfs_registration_socket(&kubelet_dir).exists());
+    assert!(!kubelet_dir.join(format!("plugins/{NFS_DRIVER}")).exists());
+    assert_eq!(registration_state(&addr, DRIVER), "waiting");
     child.stop();
 }

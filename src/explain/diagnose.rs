@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use serde::Serialize;
+use stowage_api::keys::DriverNames;
 use stowage_loops::activity::Report as Attempts;
 use stowage_loops::rules;
 
@@ -63,7 +64,7 @@ pub enum Leader {
 /// Everything `explain` read, for one target.
 #[derive(Debug, Clone)]
 pub struct Facts {
-    pub driver: String,
+    pub driver: DriverNames,
     pub target: Target,
     pub claim: Option<PersistentVolumeClaim>,
     /// The claim's class, if it names one that exists.
@@ -80,6 +81,33 @@ pub struct Facts {
     pub attempts: Result<Attempts, String>,
     /// The objects' Warning events, oldest first.
     pub warnings: Vec<String>,
+}
+
+impl Facts {
+    /// stowage's driver names, quoted: `` `a` `` or `` `a` or `b` ``.
+    fn ours(&self) -> String {
+        self.driver
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    }
+
+    /// The driver name a node must have registered for this target: its PV's, else
+    /// its class's (when one of stowage's), else the main name.
+    pub fn node_driver(&self) -> &str {
+        let pv_driver = self
+            .volume
+            .as_ref()
+            .and_then(|pv| pv.spec.as_ref())
+            .and_then(|s| s.csi.as_ref())
+            .map(|csi| csi.driver.as_str());
+        let class_driver = self.class.as_ref().map(|c| c.provisioner.as_str());
+        pv_driver
+            .or(class_driver)
+            .filter(|name| self.driver.contains(name))
+            .unwrap_or(&self.driver.main)
+    }
 }
 
 /// How one link of the chain stands.
@@ -307,7 +335,7 @@ fn node(chain: &mut Chain, facts: &Facts, node: &str) {
         Some(Some(true)) => chain.ok("node", format!("{node} (node plugin registered)")),
         Some(Some(false)) | Some(None) => chain.broken(
             "node",
-            format!("{node}: no {} in its CSINode", facts.driver),
+            format!("{node}: no {} in its CSINode", facts.node_driver()),
             finding(
                 format!("node `{node}` has no stowage CSINode entry (node plugin not running there)"),
                 format!("check the node DaemonSet's pod on {node} (`kubectl get pods -A -o wide --field-selector spec.nodeName={node}`): tolerations, nodeSelector, its registration log line"),
@@ -373,27 +401,32 @@ fn claim(facts: &Facts, namespace: &str, name: &str) -> Explanation {
             format!("{class}: not found"),
             finding(
                 format!("StorageClass `{class}` does not exist"),
-                format!("create StorageClass `{class}` with provisioner {}, or name an existing one", facts.driver),
+                format!("create StorageClass `{class}` with provisioner {}, or name an existing one", facts.driver.main),
             ),
         ),
         (Some(class), None) => chain.state("class", format!("{class}: gone (claim already bound)"), State::Ok),
         (Some(_), Some(sc)) => {
             let sc_name = sc.metadata.name.clone().unwrap_or_default();
             chain.ok("class", sc_name.clone());
-            if sc.provisioner != facts.driver {
+            if !facts.driver.contains(&sc.provisioner) {
                 chain.broken(
                     "provisioner",
                     sc.provisioner.clone(),
                     finding(
-                        format!("StorageClass `{sc_name}` names provisioner `{}`, not `{}`", sc.provisioner, facts.driver),
-                        format!("use a StorageClass with `provisioner: {}` (a class's provisioner cannot be changed: create another)", facts.driver),
+                        format!("StorageClass `{sc_name}` names provisioner `{}`, not {}", sc.provisioner, facts.ours()),
+                        format!("use a StorageClass with `provisioner: {}` (a class's provisioner cannot be changed: create another)", facts.driver.main),
                     ),
                 );
             } else {
                 chain.ok("provisioner", sc.provisioner.clone());
                 if bound_volume.is_none() {
-                    let parameters: BTreeMap<String, String> =
+                    let mut parameters: BTreeMap<String, String> =
                         sc.parameters.clone().unwrap_or_default().into_iter().collect();
+                    let routed = rules::backend_for_provisioner(
+                        &mut parameters,
+                        &sc.provisioner,
+                        &facts.driver,
+                    );
                     let bytes = pvc
                         .spec
                         .as_ref()
@@ -403,7 +436,9 @@ fn claim(facts: &Facts, namespace: &str, name: &str) -> Explanation {
                         .and_then(|q| rules::parse_quantity(&q.0).ok())
                         .and_then(|b| u64::try_from(b).ok())
                         .unwrap_or(1 << 30);
-                    match stowage_driver::backend::check_class_parameters(&parameters, bytes) {
+                    match routed.and_then(|()| {
+                        stowage_driver::backend::check_class_parameters(&parameters, bytes)
+                    }) {
                         Ok(kind) => chain.ok("parameters", format!("{kind}: valid")),
                         Err(message) => chain.broken(
                             "parameters",
@@ -595,7 +630,7 @@ fn volume(facts: &Facts, name: &str) -> Explanation {
         .unwrap_or_default();
     let spec = pv.spec.clone().unwrap_or_default();
     match &spec.csi {
-        Some(csi) if csi.driver == facts.driver => {
+        Some(csi) if facts.driver.contains(&csi.driver) => {
             chain.ok("PV", format!("{phase}, handle {}", csi.volume_handle));
         }
         Some(csi) => chain.broken(
@@ -603,8 +638,9 @@ fn volume(facts: &Facts, name: &str) -> Explanation {
             csi.driver.clone(),
             finding(
                 format!(
-                    "PV {name} belongs to driver `{}`, not `{}`",
-                    csi.driver, facts.driver
+                    "PV {name} belongs to driver `{}`, not {}",
+                    csi.driver,
+                    facts.ours()
                 ),
                 "ask that driver's tools",
             ),
@@ -671,14 +707,15 @@ fn attachment(facts: &Facts, name: &str) -> Explanation {
     } else {
         "Detached"
     };
-    if va.spec.attacher != facts.driver {
+    if !facts.driver.contains(&va.spec.attacher) {
         chain.broken(
             "attacher",
             va.spec.attacher.clone(),
             finding(
                 format!(
-                    "VolumeAttachment {name} belongs to `{}`, not `{}`",
-                    va.spec.attacher, facts.driver
+                    "VolumeAttachment {name} belongs to `{}`, not {}",
+                    va.spec.attacher,
+                    facts.ours()
                 ),
                 "ask that driver's tools",
             ),
@@ -806,7 +843,7 @@ mod tests {
 
     fn facts(pvc: PersistentVolumeClaim, sc: Option<StorageClass>) -> Facts {
         Facts {
-            driver: DRIVER.into(),
+            driver: DriverNames::new(DRIVER, "nfs.stowage.csi.dev"),
             target: Target::Claim {
                 namespace: "db".into(),
                 name: "data-db-0".into(),
@@ -862,7 +899,21 @@ mod tests {
         let f = facts(claim("fast"), Some(class("fast", "ebs.csi.aws.com", &[])));
         assert_eq!(
             problem(&f),
-            "StorageClass `fast` names provisioner `ebs.csi.aws.com`, not `stowage.csi.dev`"
+            "StorageClass `fast` names provisioner `ebs.csi.aws.com`, not `stowage.csi.dev` or `nfs.stowage.csi.dev`"
+        );
+    }
+
+    #[test]
+    fn a_class_of_the_nfs_name_asking_for_ebs_is_named() {
+        let f = facts(
+            claim("fast"),
+            Some(class("fast", "nfs.stowage.csi.dev", &[("backend", "ebs")])),
+        );
+        let found = problem(&f);
+        assert!(
+            found.contains("serves NFS volumes only")
+                && found.contains("use provisioner stowage.csi.dev for ebs volumes"),
+            "{found}"
         );
     }
 

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim,
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::Api;
 use kube::api::ListParams;
+use stowage_api::keys::DriverNames;
 use stowage_loops::activity::Report as Attempts;
 use stowage_loops::rules;
 
@@ -59,9 +60,9 @@ async fn gather(
     args: &ExplainArgs,
     target: Target,
 ) -> anyhow::Result<Facts> {
-    let driver = args.driver_name.clone();
+    let drivers = DriverNames::new(args.driver_name.clone(), &args.nfs_driver_name);
     let mut facts = Facts {
-        driver: driver.clone(),
+        driver: drivers.clone(),
         target: target.clone(),
         claim: None,
         class: None,
@@ -138,13 +139,14 @@ async fn gather(
     nodes.sort();
     nodes.dedup();
     let csinodes = Api::<CSINode>::all(client.clone());
+    let driver = facts.node_driver().to_owned();
     for node in nodes {
         let has = get_opt(&csinodes, &node)
             .await?
             .map(|csinode| csinode.spec.drivers.iter().any(|d| d.name == driver));
         facts.csinodes.insert(node, has);
     }
-    let (leader, pod) = leader(client, &driver).await;
+    let (leader, pod) = leader(client, &drivers.main).await;
     facts.leader = leader;
     facts.attempts = attempts(client, args, pod, &keys).await;
     Ok(facts)

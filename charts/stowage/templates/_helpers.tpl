@@ -111,9 +111,36 @@ would keep only the last one applied, and `helm install` would not say so. */}}
 {{ include "stowage.nfsServerName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
 {{- end -}}
 
+{{/* The NFS volumes' driver name: nfsDriverName when the install serves NFS, else empty. */}}
+{{- define "stowage.nfsDriverName" -}}
+{{- if and .Values.nfsDriverName (has "nfs" .Values.backends) (ne .Values.nfsDriverName .Values.driverName) -}}
+{{ .Values.nfsDriverName }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A StorageClass's provisioner, from (list $ class): the NFS name for an NFS class
+(`backend: nfs`, or no `backend` while nfs is the first backend), else driverName. A
+class that exists already keeps its provisioner: it cannot be changed in place.
+*/}}
+{{- define "stowage.classProvisioner" -}}
+{{- $root := index . 0 -}}
+{{- $class := index . 1 -}}
+{{- $nfsName := include "stowage.nfsDriverName" $root -}}
+{{- $backend := (get ($class.parameters | default dict) "backend") | default (first $root.Values.backends) -}}
+{{- $wanted := ternary $nfsName $root.Values.driverName (and (ne $nfsName "") (eq $backend "nfs")) -}}
+{{- $existing := lookup "storage.k8s.io/v1" "StorageClass" "" $class.name -}}
+{{- if $existing -}}
+{{ $existing.provisioner }}
+{{- else -}}
+{{ $wanted }}
+{{- end -}}
+{{- end -}}
+
 {{/* Flags every stowage CSI role shares: driver, backends, the NFS default export. */}}
 {{- define "stowage.storageArgs" -}}
 - --driver-name={{ .Values.driverName }}
+- --nfs-driver-name={{ include "stowage.nfsDriverName" . }}
 - --log-format={{ .Values.logFormat }}
 - --backend={{ join "," .Values.backends }}
 {{- if or .Values.nfs.server .Values.nfs.share }}

@@ -40,10 +40,10 @@ pub async fn reconcile(shared: Arc<Context>, name: String) -> anyhow::Result<Nex
     let Some(va) = shared.attachments.get(&ObjectRef::new(&name)) else {
         return Ok(Next::Done);
     };
-    if va.spec.attacher != shared.driver {
+    if !shared.driver.contains(&va.spec.attacher) {
         return Ok(Next::Done);
     }
-    let finalizer = finalizer(&shared.driver);
+    let finalizer = finalizer(&va.spec.attacher);
     let has_finalizer = va.finalizers().iter().any(|f| f == &finalizer);
     if va.metadata.deletion_timestamp.is_some() {
         if has_finalizer {
@@ -189,7 +189,7 @@ async fn write_status(
     patch: Value,
 ) -> anyhow::Result<Option<VolumeAttachment>> {
     let deleting = va.metadata.deletion_timestamp.is_some();
-    let finalizer = finalizer(&shared.driver);
+    let finalizer = finalizer(&va.spec.attacher);
     let written = crate::context::patch_status_guarded(&api(shared), va, &patch, |live| {
         live.metadata.deletion_timestamp.is_some() == deleting
             && (!deleting || live.finalizers().contains(&finalizer))
@@ -243,12 +243,15 @@ async fn volume_and_node(
         .await
         .map_err(|e| format!("reading CSINode {node}: {e}"))?;
     let node_id = csi_node
-        .and_then(|n| n.spec.drivers.into_iter().find(|d| d.name == shared.driver))
+        .and_then(|n| {
+            let attacher = &va.spec.attacher;
+            n.spec.drivers.into_iter().find(|d| &d.name == attacher)
+        })
         .map(|d| d.node_id)
         .ok_or_else(|| {
             format!(
                 "node {node} has no CSINode entry for driver {}: is the node plugin running there?",
-                shared.driver
+                va.spec.attacher
             )
         })?;
     Ok((csi.volume_handle.clone(), node_id))

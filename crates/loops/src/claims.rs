@@ -67,7 +67,7 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
     let Some(pvc) = informer::get(&shared.claims, &key) else {
         return Ok(Next::Done);
     };
-    let finalizer = provisioning_finalizer(&shared.driver);
+    let finalizer = provisioning_finalizer(&shared.driver.main);
     if pvc
         .spec
         .as_ref()
@@ -180,7 +180,7 @@ async fn provision(
         .capacity_range
         .as_ref()
         .map_or(0, |r| r.required_bytes);
-    let pvc = add_finalizer(shared, pvc, finalizer).await?;
+    let pvc = add_finalizer(shared, pvc, finalizer, &class.provisioner).await?;
     protect_clone_source(shared, &pvc).await?;
     shared.events.normal(
         pvc.object_ref(&()),
@@ -227,15 +227,8 @@ async fn provision(
         deleted.context("deleting the too-small volume")?;
         anyhow::bail!(message);
     }
-    let pv = rules::build_pv(
-        &pvc,
-        class,
-        &shared.driver,
-        &shared.settings.identity,
-        &volume,
-        requested,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let pv = rules::build_pv(&pvc, class, &shared.settings.identity, &volume, requested)
+        .map_err(anyhow::Error::msg)?;
     create_pv(shared, &pv, &pvc).await?;
     shared.metrics.succeeded("provision", started);
     shared.events.normal(
@@ -433,6 +426,7 @@ async fn add_finalizer(
     shared: &Context,
     pvc: &PersistentVolumeClaim,
     finalizer: &str,
+    provisioner: &str,
 ) -> anyhow::Result<PersistentVolumeClaim> {
     if has_finalizer(pvc, finalizer) {
         return Ok(pvc.clone());
@@ -446,8 +440,8 @@ async fn add_finalizer(
             "finalizers": finalizers,
             "resourceVersion": pvc.metadata.resource_version,
             "annotations": {
-                rules::ANN_STORAGE_PROVISIONER: shared.driver,
-                rules::ANN_BETA_STORAGE_PROVISIONER: shared.driver,
+                rules::ANN_STORAGE_PROVISIONER: provisioner,
+                rules::ANN_BETA_STORAGE_PROVISIONER: provisioner,
             },
         }
     });
@@ -588,7 +582,8 @@ async fn create_request(
 ) -> Result<proto::CreateVolumeRequest, String> {
     let empty = BTreeMap::new();
     let class_parameters = class.parameters.as_ref().unwrap_or(&empty);
-    let parameters = rules::create_parameters(class_parameters, pvc, name)?;
+    let mut parameters = rules::create_parameters(class_parameters, pvc, name)?;
+    rules::backend_for_provisioner(&mut parameters, &class.provisioner, &shared.driver)?;
     let required = rules::capacity_request(pvc)?;
     let modes = rules::access_modes(pvc)?;
     let fs_type = rules::fs_type(class_parameters);
@@ -660,7 +655,7 @@ fn content_source(
                 .contents
                 .get(&ObjectRef::new(&content_name))
                 .ok_or_else(|| format!("VolumeSnapshotContent {content_name} does not exist"))?;
-            if content.spec.driver != shared.driver {
+            if !shared.driver.contains(&content.spec.driver) {
                 return Err(format!(
                     "VolumeSnapshot {key} is a snapshot of driver {}, not {}",
                     content.spec.driver, shared.driver
@@ -726,7 +721,7 @@ async fn mutable_parameters(
         .await
         .map_err(|e| format!("reading VolumeAttributesClass {name}: {e}"))?
         .ok_or_else(|| format!("VolumeAttributesClass {name} does not exist"))?;
-    if class.driver_name != shared.driver {
+    if !shared.driver.contains(&class.driver_name) {
         return Err(format!(
             "VolumeAttributesClass {name} is for driver {}, not {}",
             class.driver_name, shared.driver
@@ -751,7 +746,7 @@ async fn requirements(
         .get(rules::ANN_SELECTED_NODE)
         .filter(|n| !n.is_empty());
     let segments: Vec<Segments> = match selected {
-        Some(node) => vec![node_segments(shared, node).await?],
+        Some(node) => vec![node_segments(shared, node, &class.provisioner).await?],
         None => rules::allowed_topologies(class),
     };
     let topologies: Vec<proto::Topology> = segments
@@ -770,17 +765,27 @@ async fn requirements(
     }))
 }
 
-async fn node_segments(shared: &Context, node: &str) -> Result<Segments, String> {
+/// The selected node's segments for the topology keys the class's driver name
+/// registered in its CSINode (the main name's where a node plugin registered only that).
+async fn node_segments(
+    shared: &Context,
+    node: &str,
+    provisioner: &str,
+) -> Result<Segments, String> {
     let csi_node = Api::<CSINode>::all(shared.client.clone())
         .get_opt(node)
         .await
         .map_err(|e| format!("reading CSINode {node}: {e}"))?;
     let keys = csi_node
-        .and_then(|n| n.spec.drivers.into_iter().find(|d| d.name == shared.driver))
+        .and_then(|n| {
+            let drivers = n.spec.drivers;
+            let named = |name: &str| drivers.iter().position(|d| d.name == name);
+            let at = named(provisioner).or_else(|| named(&shared.driver.main))?;
+            drivers.into_iter().nth(at)
+        })
         .ok_or_else(|| {
             format!(
-                "node {node} has no CSINode entry for driver {}: is the node plugin running there?",
-                shared.driver
+                "node {node} has no CSINode entry for driver {provisioner}: is the node plugin running there?"
             )
         })?
         .topology_keys
@@ -809,7 +814,7 @@ async fn node_segments(shared: &Context, node: &str) -> Result<Segments, String>
 mod tests {
     use super::*;
     use crate::fixtures::{
-        Caches, DRIVER, FakeDriver, claim, class, fixture, pv_prebound_to, refused,
+        Caches, DRIVER, FakeDriver, NFS_DRIVER, claim, class, fixture, pv_prebound_to, refused,
     };
     use tonic::Status;
 
@@ -879,6 +884,72 @@ mod tests {
         let after: PersistentVolumeClaim = f.api.object(Some("default"), "data-db-0").unwrap();
         assert!(!has_finalizer(&after, &finalizer), "{:?}", after.metadata);
         assert!(f.api.event("ProvisioningSucceeded").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_the_nfs_name_gets_an_nfs_volume_and_a_pv_under_that_name() {
+        let pvc = claim("default", "shared", "u-5", "nfs-fast", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![class("nfs-fast", NFS_DRIVER, &[])],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        reconcile(Arc::clone(&f.context), "default/shared".into())
+            .await
+            .expect("provisioned");
+        let creates = f.driver.creates();
+        assert_eq!(creates.len(), 1);
+        assert_eq!(
+            creates[0].parameters["backend"], "nfs",
+            "the name picks the backend"
+        );
+        let writes = f.api.writes();
+        // The finalizer is the main name's (one finalizer per claim, whatever the
+        // name); the PV and the annotations name the class's provisioner.
+        assert_eq!(
+            writes[0].body["metadata"]["finalizers"],
+            json!([provisioning_finalizer(DRIVER)])
+        );
+        assert_eq!(
+            writes[0].body["metadata"]["annotations"][rules::ANN_STORAGE_PROVISIONER],
+            NFS_DRIVER
+        );
+        let pv = &writes[1].body;
+        assert_eq!(pv["spec"]["csi"]["driver"], NFS_DRIVER);
+        assert_eq!(
+            pv["metadata"]["annotations"][rules::ANN_PROVISIONED_BY],
+            NFS_DRIVER
+        );
+    }
+
+    #[tokio::test]
+    async fn a_class_of_the_nfs_name_asking_for_another_backend_is_refused_before_any_call() {
+        let pvc = claim("default", "wrong", "u-6", "nfs-ebs", "1Gi");
+        let f = fixture(
+            Caches {
+                claims: vec![pvc],
+                classes: vec![class("nfs-ebs", NFS_DRIVER, &[("backend", "ebs")])],
+                ..Default::default()
+            },
+            FakeDriver::default(),
+        )
+        .await;
+        let error = reconcile(Arc::clone(&f.context), "default/wrong".into())
+            .await
+            .expect_err("refused");
+        assert!(
+            format!("{error:#}").contains(&format!("use provisioner {DRIVER} for ebs volumes")),
+            "{error:#}"
+        );
+        assert!(f.driver.creates().is_empty(), "no CreateVolume");
+        assert!(f.api.writes().is_empty(), "{:?}", lines(&f.api.writes()));
+        let event = f.api.event("ProvisioningFailed").await.expect("an event");
+        let message = event["note"].as_str().unwrap_or_default();
+        assert!(message.contains("serves NFS volumes only"), "{event}");
     }
 
     #[tokio::test]

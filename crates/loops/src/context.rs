@@ -21,6 +21,7 @@ use crate::csi_client::Csi;
 use crate::events::Events;
 use crate::informer::Expectations;
 use crate::queue::Backoff;
+use stowage_api::keys::DriverNames;
 use stowage_api::metrics::Metrics;
 
 /// The Kubernetes loops a controller runs (`--loops`).
@@ -82,6 +83,9 @@ pub struct Settings {
     /// How long a new claim waits for the PV controller's
     /// `volume.kubernetes.io/storage-provisioner` annotation before stowage writes it.
     pub annotation_grace: Duration,
+    /// The NFS-only driver name served beside the CSI driver's own (`--nfs-driver-name`;
+    /// see [`DriverNames`]).
+    pub nfs_driver_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,7 +197,8 @@ pub struct Context {
     pub first_seen: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     pub client: kube::Client,
     pub csi: Csi,
-    pub driver: String,
+    /// The driver names whose objects are the loops' (the CSI driver's own first).
+    pub driver: DriverNames,
     pub settings: Settings,
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,

@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
+use stowage_api::keys::DriverNames;
 use stowage_api::metrics::Metrics;
 use stowage_api::proto::csi as proto;
 use stowage_api::proto::csi::controller_server::{Controller, ControllerServer};
@@ -39,6 +40,9 @@ use crate::{Context, Loop, LoopExpectations, LoopMetrics, Settings};
 
 /// The driver every fixture belongs to.
 pub const DRIVER: &str = "fake.csi.dev";
+
+/// The fixtures' NFS-only driver name (`Settings::nfs_driver_name`).
+pub const NFS_DRIVER: &str = "nfs.fake.csi.dev";
 
 /// A claim `namespace/name` with uid `uid`, ReadWriteOnce, asking for `storage` of
 /// class `class`, already annotated by the PV controller for [`DRIVER`].
@@ -649,7 +653,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
         events: Events::start(client.clone(), DRIVER, metrics.events_dropped.clone()),
         client,
         csi,
-        driver: DRIVER.into(),
+        driver: DriverNames::new(DRIVER, NFS_DRIVER),
         settings: Settings {
             loops: vec![Loop::Provisioner, Loop::Attacher, Loop::Resizer],
             backoff: Backoff {
@@ -659,6 +663,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
             workers: 1,
             identity: "fixture-identity".into(),
             annotation_grace: Duration::ZERO,
+            nfs_driver_name: Some(NFS_DRIVER.into()),
         },
         claims: store(&caches.claims),
         volumes: store(&caches.volumes),

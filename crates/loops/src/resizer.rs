@@ -128,7 +128,7 @@ fn modify_target(
         .spec
         .as_ref()
         .and_then(|s| s.csi.as_ref())
-        .is_some_and(|csi| csi.driver == shared.driver);
+        .is_some_and(|csi| shared.driver.contains(&csi.driver));
     ours.then_some((target, pv))
 }
 
@@ -166,7 +166,7 @@ async fn modify(shared: &Context, pvc: &PersistentVolumeClaim) -> anyhow::Result
             .warning(pvc.object_ref(&()), "VolumeModifyFailed", message);
         patch_claim_status(shared, &claims, pvc, modify_status("Infeasible"), asks_for)
     };
-    if class.driver_name != shared.driver {
+    if !shared.driver.contains(&class.driver_name) {
         refuse(format!(
             "VolumeAttributesClass {target} is for driver {}, not {}",
             class.driver_name, shared.driver
@@ -283,7 +283,7 @@ fn resize_target(
         .as_ref()
         .and_then(|s| s.csi.as_ref())
         .ok_or("not a CSI volume")?;
-    if csi.driver != shared.driver {
+    if !shared.driver.contains(&csi.driver) {
         return Err("another driver's volume");
     }
     Ok((pv, requested))

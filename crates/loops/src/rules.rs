@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 
 use stowage_api::convert::{KUBERNETES_ACCESS_MODES, access_mode_from_kubernetes};
 use stowage_api::keys::{
-    FSTYPE_KEY, KNOWN_RESERVED_KEYS, PV_NAME, PVC_NAME, PVC_NAMESPACE, RESERVED_PREFIX,
+    BACKEND_PARAMETER, DriverNames, FSTYPE_KEY, KNOWN_RESERVED_KEYS, PV_NAME, PVC_NAME,
+    PVC_NAMESPACE, RESERVED_PREFIX,
 };
 use stowage_api::volume::{AccessMode, Volume};
 
@@ -90,7 +91,7 @@ pub fn claim_class(pvc: &PersistentVolumeClaim) -> Option<&str> {
 pub fn should_provision(
     pvc: &PersistentVolumeClaim,
     storage_class: Option<&StorageClass>,
-    driver_name: &str,
+    drivers: &DriverNames,
 ) -> Decision {
     let spec = pvc.spec.as_ref();
     if let Some(volume) = spec.and_then(|s| s.volume_name.as_deref())
@@ -105,7 +106,7 @@ pub fn should_provision(
         .or_else(|| annotation(&pvc.metadata, ANN_BETA_STORAGE_PROVISIONER));
     let Some(class) = storage_class else {
         return match (claim_class(pvc), annotated) {
-            (Some(name), Some(p)) if p == driver_name => {
+            (Some(name), Some(p)) if drivers.contains(p) => {
                 Decision::Wait(format!("StorageClass {name} not found"))
             }
             (None, _) => Decision::Skip("claim names no StorageClass".to_owned()),
@@ -113,7 +114,7 @@ pub fn should_provision(
         };
     };
     let class_name = class.metadata.name.as_deref().unwrap_or_default();
-    if class.provisioner != driver_name {
+    if !drivers.contains(&class.provisioner) {
         return Decision::Skip(format!(
             "StorageClass {class_name} is provisioned by {}",
             class.provisioner
@@ -200,7 +201,7 @@ pub fn clone_source_handle(
     pvc: &PersistentVolumeClaim,
     source: &PersistentVolumeClaim,
     source_pv: Option<&PersistentVolume>,
-    driver_name: &str,
+    drivers: &DriverNames,
     requested: i64,
 ) -> Result<String, String> {
     let source_name = display_name(&source.metadata);
@@ -231,10 +232,8 @@ pub fn clone_source_handle(
         .spec
         .as_ref()
         .and_then(|s| s.csi.as_ref())
-        .filter(|csi| csi.driver == driver_name)
-        .ok_or_else(|| {
-            format!("the source claim {source_name} is not a volume of {driver_name}")
-        })?;
+        .filter(|csi| drivers.contains(&csi.driver))
+        .ok_or_else(|| format!("the source claim {source_name} is not a volume of {drivers}"))?;
     let source_size = source
         .status
         .as_ref()
@@ -260,6 +259,31 @@ pub fn pv_name(pvc: &PersistentVolumeClaim) -> Result<String, String> {
         _ => Err(format!(
             "claim {} has no metadata.uid",
             display_name(&pvc.metadata)
+        )),
+    }
+}
+
+/// A StorageClass under the NFS-only driver name gets the NFS backend: its volumes are
+/// never attached (that name's CSIDriver says `attachRequired: false`), so a class there
+/// naming another backend is refused rather than given volumes no pod could use.
+pub fn backend_for_provisioner(
+    parameters: &mut BTreeMap<String, String>,
+    provisioner: &str,
+    drivers: &DriverNames,
+) -> Result<(), String> {
+    if !drivers.is_nfs(provisioner) {
+        return Ok(());
+    }
+    match parameters.get(BACKEND_PARAMETER).map(String::as_str) {
+        None => {
+            parameters.insert(BACKEND_PARAMETER.to_owned(), "nfs".to_owned());
+            Ok(())
+        }
+        Some("nfs") => Ok(()),
+        Some(other) => Err(format!(
+            "the class's provisioner {provisioner} serves NFS volumes only (they are never attached), \
+             but parameter `{BACKEND_PARAMETER}` is {other:?}: use provisioner {} for {other} volumes",
+            drivers.main
         )),
     }
 }
@@ -516,7 +540,6 @@ pub fn provisioned_capacity(volume: &Volume, requested_bytes: i64) -> Result<i64
 pub fn build_pv(
     pvc: &PersistentVolumeClaim,
     storage_class: &StorageClass,
-    driver_name: &str,
     identity: &str,
     volume: &Volume,
     requested_bytes: i64,
@@ -580,7 +603,7 @@ pub fn build_pv(
             )])),
             claim_ref: Some(claim_ref(pvc)),
             csi: Some(CSIPersistentVolumeSource {
-                driver: driver_name.to_owned(),
+                driver: storage_class.provisioner.clone(),
                 volume_handle: volume.id.clone(),
                 fs_type,
                 volume_attributes: Some(attributes),
@@ -691,14 +714,14 @@ pub fn is_prebound_to(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> boo
 /// Does stowage own this PV? Its `provisioned-by` annotation names the driver, or,
 /// without the annotation (a static PV), its `spec.csi.driver` does
 /// (sig-storage-lib `isProvisionerForVolume`).
-pub fn is_ours(pv: &PersistentVolume, driver_name: &str) -> bool {
+pub fn is_ours(pv: &PersistentVolume, drivers: &DriverNames) -> bool {
     match annotation(&pv.metadata, ANN_PROVISIONED_BY) {
-        Some(provisioner) => provisioner == driver_name,
+        Some(provisioner) => drivers.contains(provisioner),
         None => pv
             .spec
             .as_ref()
             .and_then(|s| s.csi.as_ref())
-            .is_some_and(|csi| csi.driver == driver_name),
+            .is_some_and(|csi| drivers.contains(&csi.driver)),
     }
 }
 
@@ -718,8 +741,8 @@ fn reclaim_policy(pv: &PersistentVolume) -> Option<&str> {
 /// Should the backing volume be deleted (DeleteVolume, then drop the finalizer)?
 /// sig-storage-lib `shouldDelete` with `addFinalizer`: ours, phase Released, reclaim
 /// policy Delete, and not already finished (a PV being deleted without our finalizer).
-pub fn should_delete(pv: &PersistentVolume, driver_name: &str) -> bool {
-    is_ours(pv, driver_name)
+pub fn should_delete(pv: &PersistentVolume, drivers: &DriverNames) -> bool {
+    is_ours(pv, drivers)
         && (has_finalizer(pv) || pv.metadata.deletion_timestamp.is_none())
         && pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(PHASE_RELEASED)
         && reclaim_policy(pv) == Some(RECLAIM_DELETE)
@@ -728,8 +751,8 @@ pub fn should_delete(pv: &PersistentVolume, driver_name: &str) -> bool {
 /// Should only our finalizer be removed, keeping the storage? Ours, carries the
 /// finalizer, and the reclaim policy is Retain or Recycle (sig-storage-lib
 /// `handleProtectionFinalizer`).
-pub fn finalizer_only(pv: &PersistentVolume, driver_name: &str) -> bool {
-    is_ours(pv, driver_name)
+pub fn finalizer_only(pv: &PersistentVolume, drivers: &DriverNames) -> bool {
+    is_ours(pv, drivers)
         && has_finalizer(pv)
         && matches!(reclaim_policy(pv), Some(RECLAIM_RETAIN | RECLAIM_RECYCLE))
 }
@@ -737,8 +760,8 @@ pub fn finalizer_only(pv: &PersistentVolume, driver_name: &str) -> bool {
 /// Should our finalizer be added? Ours, Delete policy, Bound, not being deleted and
 /// without it (sig-storage-lib `handleProtectionFinalizer`; covers PVs made before the
 /// finalizer existed).
-pub fn needs_finalizer(pv: &PersistentVolume, driver_name: &str) -> bool {
-    is_ours(pv, driver_name)
+pub fn needs_finalizer(pv: &PersistentVolume, drivers: &DriverNames) -> bool {
+    is_ours(pv, drivers)
         && !has_finalizer(pv)
         && pv.metadata.deletion_timestamp.is_none()
         && reclaim_policy(pv) == Some(RECLAIM_DELETE)
@@ -955,6 +978,34 @@ mod tests {
 
     const DRIVER: &str = "stowage.csi.dev";
 
+    fn names() -> DriverNames {
+        DriverNames::new(DRIVER, "nfs.stowage.csi.dev")
+    }
+
+    #[test]
+    fn a_class_under_the_nfs_name_gets_the_nfs_backend_and_no_other() {
+        let mut parameters = BTreeMap::from([("server".to_owned(), "nfs.example".to_owned())]);
+        backend_for_provisioner(&mut parameters, "nfs.stowage.csi.dev", &names()).unwrap();
+        assert_eq!(
+            parameters.get(BACKEND_PARAMETER).map(String::as_str),
+            Some("nfs")
+        );
+        backend_for_provisioner(&mut parameters, "nfs.stowage.csi.dev", &names()).unwrap();
+
+        let mut ebs = BTreeMap::from([(BACKEND_PARAMETER.to_owned(), "ebs".to_owned())]);
+        let error = backend_for_provisioner(&mut ebs, "nfs.stowage.csi.dev", &names()).unwrap_err();
+        assert!(
+            error.contains("use provisioner stowage.csi.dev for ebs"),
+            "{error}"
+        );
+        assert_eq!(ebs.get(BACKEND_PARAMETER).map(String::as_str), Some("ebs"));
+
+        // The main name routes as the class says (or to the first backend).
+        let mut main = BTreeMap::new();
+        backend_for_provisioner(&mut main, DRIVER, &names()).unwrap();
+        assert!(main.is_empty());
+    }
+
     fn pvc(name: &str) -> PersistentVolumeClaim {
         PersistentVolumeClaim {
             metadata: ObjectMeta {
@@ -1075,7 +1126,7 @@ mod tests {
     fn provisions_an_unbound_claim_of_our_class() {
         let class = class("fast", DRIVER);
         assert_eq!(
-            should_provision(&pvc("data"), Some(&class), DRIVER),
+            should_provision(&pvc("data"), Some(&class), &names()),
             Decision::Provision
         );
     }
@@ -1084,19 +1135,19 @@ mod tests {
     fn skips_bound_deleted_and_foreign_claims() {
         let ours = class("fast", DRIVER);
         let bound = pvc("data").with(|s| s.volume_name = Some("pv-x".to_owned()));
-        assert!(is_skip(&should_provision(&bound, Some(&ours), DRIVER)));
+        assert!(is_skip(&should_provision(&bound, Some(&ours), &names())));
         let gone = deleting(pvc("data"), |p| &mut p.metadata);
-        assert!(is_skip(&should_provision(&gone, Some(&ours), DRIVER)));
+        assert!(is_skip(&should_provision(&gone, Some(&ours), &names())));
         let foreign = class("fast", "ebs.csi.aws.com");
         let annotated = pvc("data").annotated(ANN_STORAGE_PROVISIONER, DRIVER);
         assert!(is_skip(&should_provision(
             &annotated,
             Some(&foreign),
-            DRIVER
+            &names()
         )));
         let no_class = pvc("data").with(|s| s.storage_class_name = Some(String::new()));
-        assert!(is_skip(&should_provision(&no_class, None, DRIVER)));
-        assert!(is_skip(&should_provision(&pvc("data"), None, DRIVER)));
+        assert!(is_skip(&should_provision(&no_class, None, &names())));
+        assert!(is_skip(&should_provision(&pvc("data"), None, &names())));
     }
 
     #[test]
@@ -1104,7 +1155,7 @@ mod tests {
         for key in [ANN_STORAGE_PROVISIONER, ANN_BETA_STORAGE_PROVISIONER] {
             let claim = pvc("data").annotated(key, DRIVER);
             assert!(matches!(
-                should_provision(&claim, None, DRIVER),
+                should_provision(&claim, None, &names()),
                 Decision::Wait(reason) if reason.contains("fast")
             ));
         }
@@ -1113,7 +1164,7 @@ mod tests {
     #[test]
     fn rejects_a_selector() {
         let claim = pvc("data").with(|s| s.selector = Some(LabelSelector::default()));
-        let decision = should_provision(&claim, Some(&class("fast", DRIVER)), DRIVER);
+        let decision = should_provision(&claim, Some(&class("fast", DRIVER)), &names());
         assert!(matches!(decision, Decision::Reject(m) if m.contains("selector")));
     }
 
@@ -1122,17 +1173,17 @@ mod tests {
         let mut class = class("fast", DRIVER);
         class.volume_binding_mode = Some("WaitForFirstConsumer".to_owned());
         assert!(matches!(
-            should_provision(&pvc("data"), Some(&class), DRIVER),
+            should_provision(&pvc("data"), Some(&class), &names()),
             Decision::Wait(_)
         ));
         let empty = pvc("data").annotated(ANN_SELECTED_NODE, "");
         assert!(matches!(
-            should_provision(&empty, Some(&class), DRIVER),
+            should_provision(&empty, Some(&class), &names()),
             Decision::Wait(_)
         ));
         let scheduled = pvc("data").annotated(ANN_SELECTED_NODE, "node-1");
         assert_eq!(
-            should_provision(&scheduled, Some(&class), DRIVER),
+            should_provision(&scheduled, Some(&class), &names()),
             Decision::Provision
         );
     }
@@ -1279,7 +1330,7 @@ mod tests {
         let mut sc = class("fast", DRIVER);
         sc.parameters = Some(BTreeMap::from([(FSTYPE_KEY.to_owned(), "xfs".to_owned())]));
         sc.mount_options = Some(vec!["noatime".to_owned()]);
-        let pv = build_pv(&pvc("data"), &sc, DRIVER, "1-2-stowage", &volume(), 1 << 30).unwrap();
+        let pv = build_pv(&pvc("data"), &sc, "1-2-stowage", &volume(), 1 << 30).unwrap();
 
         assert_eq!(pv.metadata.name.as_deref(), Some("pvc-0b3c-uid"));
         assert_eq!(pv.metadata.finalizers, Some(vec![FINALIZER.to_owned()]));
@@ -1340,7 +1391,7 @@ mod tests {
             capacity_bytes: 0,
             ..volume()
         };
-        let spec = build_pv(&claim, &sc, DRIVER, "id", &unknown, 1000)
+        let spec = build_pv(&claim, &sc, "id", &unknown, 1000)
             .unwrap()
             .spec
             .unwrap();
@@ -1385,26 +1436,29 @@ mod tests {
 
     #[test]
     fn deletes_only_released_delete_policy_volumes_of_ours() {
-        assert!(should_delete(&pv("Released", "Delete"), DRIVER));
-        assert!(!should_delete(&pv("Bound", "Delete"), DRIVER));
-        assert!(!should_delete(&pv("Released", "Retain"), DRIVER));
-        assert!(!should_delete(&pv("Released", "Delete"), "other.csi"));
+        assert!(should_delete(&pv("Released", "Delete"), &names()));
+        assert!(!should_delete(&pv("Bound", "Delete"), &names()));
+        assert!(!should_delete(&pv("Released", "Retain"), &names()));
+        assert!(!should_delete(
+            &pv("Released", "Delete"),
+            &DriverNames::single("other.csi")
+        ));
         // being deleted with our finalizer: still ours to clean up
         let finishing = deleting(pv("Released", "Delete"), |p| &mut p.metadata);
-        assert!(should_delete(&finishing, DRIVER));
+        assert!(should_delete(&finishing, &names()));
         // being deleted without the finalizer: already done
         let mut done = finishing.clone();
         done.metadata.finalizers = None;
-        assert!(!should_delete(&done, DRIVER));
+        assert!(!should_delete(&done, &names()));
         // static PV: no annotation, the CSI driver decides
         let mut static_pv = pv("Released", "Delete");
         static_pv.metadata.annotations = None;
-        assert!(!should_delete(&static_pv, DRIVER));
+        assert!(!should_delete(&static_pv, &names()));
         static_pv.spec.as_mut().unwrap().csi = Some(CSIPersistentVolumeSource {
             driver: DRIVER.to_owned(),
             ..CSIPersistentVolumeSource::default()
         });
-        assert!(should_delete(&static_pv, DRIVER));
+        assert!(should_delete(&static_pv, &names()));
     }
 
     #[test]
@@ -1461,21 +1515,24 @@ mod tests {
 
     #[test]
     fn retain_only_drops_the_finalizer() {
-        assert!(finalizer_only(&pv("Released", "Retain"), DRIVER));
-        assert!(finalizer_only(&pv("Bound", "Recycle"), DRIVER));
-        assert!(!finalizer_only(&pv("Released", "Delete"), DRIVER));
+        assert!(finalizer_only(&pv("Released", "Retain"), &names()));
+        assert!(finalizer_only(&pv("Bound", "Recycle"), &names()));
+        assert!(!finalizer_only(&pv("Released", "Delete"), &names()));
         let mut bare = pv("Released", "Retain");
         bare.metadata.finalizers = None;
-        assert!(!finalizer_only(&bare, DRIVER));
-        assert!(!finalizer_only(&pv("Released", "Retain"), "other.csi"));
+        assert!(!finalizer_only(&bare, &names()));
+        assert!(!finalizer_only(
+            &pv("Released", "Retain"),
+            &DriverNames::single("other.csi")
+        ));
     }
 
     #[test]
     fn finalizer_is_added_to_bound_delete_volumes_and_patched_in_place() {
         let mut bare = pv("Bound", "Delete");
         bare.metadata.finalizers = Some(vec!["kubernetes.io/pv-protection".to_owned()]);
-        assert!(needs_finalizer(&bare, DRIVER));
-        assert!(!needs_finalizer(&pv("Bound", "Delete"), DRIVER));
+        assert!(needs_finalizer(&bare, &names()));
+        assert!(!needs_finalizer(&pv("Bound", "Delete"), &names()));
         assert_eq!(
             finalizer_patch(&bare, true),
             Some(json!({ "metadata": {

@@ -21,6 +21,7 @@ use crate::queue::Queue;
 use crate::snapshots::types::{VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
 use crate::snapshots::{self, SnapshotStores, controller as snapshot_controller};
 use crate::{attacher, claims, informer, leader, resizer, rules, volumes};
+use stowage_api::keys::DriverNames;
 
 /// A running set of loops; `stop` ends them.
 pub struct Loops {
@@ -36,7 +37,10 @@ impl Loops {
         settings: Settings,
         (metrics, activity): (LoopMetrics, Activity),
     ) -> anyhow::Result<Loops> {
-        let driver = csi.caps.driver_name.clone();
+        let driver = DriverNames::new(
+            csi.caps.driver_name.clone(),
+            settings.nfs_driver_name.as_deref().unwrap_or_default(),
+        );
         let runs = |l: Loop| settings.loops.contains(&l);
         let claims_q = Queue::new(settings.backoff);
         let volumes_q = Queue::new(settings.backoff);
@@ -238,7 +242,7 @@ impl Loops {
         let shared = Arc::new(Context {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
-            events: Events::start(client.clone(), &driver, metrics.events_dropped.clone()),
+            events: Events::start(client.clone(), &driver.main, metrics.events_dropped.clone()),
             client,
             csi,
             driver,
@@ -468,9 +472,14 @@ pub async fn run(
         metrics.leader.set(0);
         activity.set_leading(false);
     };
+    // A start waits for the informers' first lists, which never come while the API
+    // server is away: a stop must not wait for it.
     let Some(election) = election else {
-        let loops =
-            Loops::start(client, csi, settings, (metrics.clone(), activity.clone())).await?;
+        let started = Loops::start(client, csi, settings, (metrics.clone(), activity.clone()));
+        let loops = tokio::select! {
+            loops = started => loops?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
         let _ = stop.wait_for(|s| *s).await;
         loops.stop();
         stopped(&metrics);
@@ -482,13 +491,21 @@ pub async fn run(
             acquired = lease.acquire() => acquired?,
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        let loops = Loops::start(
+        let started = Loops::start(
             client.clone(),
             csi.clone(),
             settings.clone(),
             (metrics.clone(), activity.clone()),
-        )
-        .await;
+        );
+        let loops = tokio::select! {
+            loops = started => Some(loops),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(loops) = loops else {
+            lease.release().await;
+            stopped(&metrics);
+            return Ok(());
+        };
         let loops = match loops {
             Ok(loops) => loops,
             Err(e) => {

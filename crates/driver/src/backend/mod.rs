@@ -324,7 +324,7 @@ pub fn check_class_parameters(
 }
 
 /// The StorageClass parameter that picks a backend when more than one is configured.
-pub const BACKEND_PARAMETER: &str = "backend";
+pub use stowage_api::keys::BACKEND_PARAMETER;
 
 /// A backend picked for a request, with the parameters left for it.
 pub type Routed = (Arc<dyn Backend>, BTreeMap<String, String>);

@@ -2,7 +2,8 @@
 //! itself so no node-driver-registrar sidecar is needed: a socket in
 //! `<kubelet-dir>/plugins_registry/<driver>-reg.sock` answers GetInfo (a CSI plugin,
 //! its name, the CSI socket's host path, version 1.0.0) and takes kubelet's verdict.
-//! The verdict is logged, exported as `stowage_kubelet_registration_state{state}` and
+//! One socket per driver name (the NFS-only name has its own, see `--nfs-driver-name`).
+//! Each verdict is logged, exported as `stowage_kubelet_registration_state{driver,state}` and
 //! checked by `/healthz`, which also fails once the socket file is gone (kubelet's
 //! directory wiped): both need a restart to register again. The socket is removed on
 //! shutdown, before the CSI socket, so kubelet deregisters the driver first.
@@ -54,6 +55,7 @@ impl Verdict {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
+    driver: String,
     state: String,
 }
 
@@ -67,32 +69,47 @@ pub struct KubeletRegistration {
 }
 
 impl KubeletRegistration {
-    /// `endpoint`: the CSI socket as a path on kubelet's host. Registers the state
-    /// metric and the `/healthz` check with `metrics`.
-    pub fn new(driver_name: &str, endpoint: &Path, socket: PathBuf, metrics: &Metrics) -> Self {
-        let registration = Self {
-            info: proto::PluginInfo {
-                r#type: CSI_PLUGIN_TYPE.to_owned(),
-                name: driver_name.to_owned(),
-                endpoint: endpoint.display().to_string(),
-                supported_versions: SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect(),
-            },
-            socket,
-            verdict: Arc::new(Mutex::new(Verdict::Waiting)),
-            states: Family::default(),
-        };
-        registration.set(Verdict::Waiting);
+    /// One registration per `(driver name, endpoint)`, each on its socket in
+    /// `kubelet_dir`'s plugins_registry; `endpoint`: that name's CSI socket as a path on
+    /// kubelet's host. Registers the state metric (once) and a `/healthz` check per
+    /// name with `metrics`.
+    pub fn for_drivers(
+        names: &[(String, PathBuf)],
+        kubelet_dir: &Path,
+        metrics: &Metrics,
+    ) -> Vec<Self> {
+        let states = Family::<StateLabels, Gauge>::default();
         metrics.register(
             "stowage_kubelet_registration_state",
-            "kubelet plugin registration: 1 for the current state (waiting, registered, failed)",
-            registration.states.clone(),
+            "kubelet plugin registration per driver name: 1 for the current state (waiting, registered, failed)",
+            states.clone(),
         );
-        let check = registration.clone();
-        metrics.add_health_check(move || {
-            let result = check.health();
-            Box::pin(async move { result })
-        });
-        registration
+        names
+            .iter()
+            .map(|(driver_name, endpoint)| {
+                let registration = Self {
+                    info: proto::PluginInfo {
+                        r#type: CSI_PLUGIN_TYPE.to_owned(),
+                        name: driver_name.clone(),
+                        endpoint: endpoint.display().to_string(),
+                        supported_versions: SUPPORTED_VERSIONS
+                            .iter()
+                            .map(|v| (*v).to_owned())
+                            .collect(),
+                    },
+                    socket: registration_socket(kubelet_dir, driver_name),
+                    verdict: Arc::new(Mutex::new(Verdict::Waiting)),
+                    states: states.clone(),
+                };
+                registration.set(Verdict::Waiting);
+                let check = registration.clone();
+                metrics.add_health_check(move || {
+                    let result = check.health();
+                    Box::pin(async move { result })
+                });
+                registration
+            })
+            .collect()
     }
 
     /// The registration socket's path.
@@ -111,6 +128,7 @@ impl KubeletRegistration {
         for state in ["waiting", "registered", "failed"] {
             self.states
                 .get_or_create(&StateLabels {
+                    driver: self.info.name.clone(),
                     state: state.to_owned(),
                 })
                 .set(i64::from(state == verdict.label()));
@@ -122,7 +140,10 @@ impl KubeletRegistration {
     fn health(&self) -> Result<(), String> {
         use std::os::unix::fs::FileTypeExt;
         if let Verdict::Failed(error) = self.verdict() {
-            return Err(format!("kubelet refused the plugin registration: {error}"));
+            return Err(format!(
+                "kubelet refused the plugin registration of {}: {error}",
+                self.info.name
+            ));
         }
         match std::fs::symlink_metadata(&self.socket) {
             Ok(meta) if meta.file_type().is_socket() => Ok(()),

@@ -71,7 +71,7 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
     let Some(content) = informer::get(&stores.contents, &key) else {
         return Ok(Next::Done);
     };
-    if content.spec.driver != shared.driver {
+    if !shared.driver.contains(&content.spec.driver) {
         return Ok(Next::Done);
     }
     let class = content

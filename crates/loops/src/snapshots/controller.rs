@@ -107,7 +107,7 @@ fn is_ours(shared: &Context, stores: &SnapshotStores, vs: &VolumeSnapshot) -> bo
     if let Some(content) =
         bound_content_name(vs).and_then(|n| stores.contents.get(&ObjectRef::new(&n)))
     {
-        return content.spec.driver == shared.driver;
+        return shared.driver.contains(&content.spec.driver);
     }
     if vs.spec.source.volume_snapshot_content_name.is_some() {
         // Pre-provisioned, its content not cached yet: unknown until it is.
@@ -115,14 +115,14 @@ fn is_ours(shared: &Context, stores: &SnapshotStores, vs: &VolumeSnapshot) -> bo
     }
     match &vs.spec.source.persistent_volume_claim_name {
         Some(claim) => match source_volume(shared, vs, claim) {
-            Ok((_, driver, _, _)) => driver == shared.driver,
+            Ok((_, driver, _, _)) => shared.driver.contains(&driver),
             // Not bound yet: the class says whose it will be.
             Err(_) => vs
                 .spec
                 .volume_snapshot_class_name
                 .as_deref()
                 .and_then(|c| stores.classes.get(&ObjectRef::new(c)))
-                .is_some_and(|class| class.driver == shared.driver),
+                .is_some_and(|class| shared.driver.contains(&class.driver)),
         },
         None => false,
     }
@@ -189,7 +189,7 @@ async fn make_content(
             return Ok(Next::Done);
         }
     };
-    if driver != shared.driver {
+    if !shared.driver.contains(&driver) {
         return Ok(Next::Done);
     }
     let classes = stores.classes.state();

@@ -24,13 +24,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # Run: what the node plugin executes on the host's devices and mounts
 # (mount/umount, blkid, mkfs.ext4/ext3, mkfs.xfs, resize2fs, xfs_growfs, mount.nfs with
 # /etc/protocols), and CA certificates for the AWS APIs. The packages are listed once,
-# in image/runtime-packages; tests/e2e/image builds the same image without a registry
-# from that list, this stage's Debian release and its ENTRYPOINT.
+# in image/runtime-packages, and what they pull in that nothing runs (python3 and ICU,
+# for xfs_scrub) in image/runtime-excludes; tests/e2e/image builds the same image
+# without a registry from those lists, this stage's Debian release and its ENTRYPOINT.
 FROM debian:${DEBIAN}-slim
 RUN --mount=type=bind,source=image/runtime-packages,target=/tmp/runtime-packages \
+    --mount=type=bind,source=image/runtime-excludes,target=/tmp/runtime-excludes \
     apt-get update \
     && sed -e 's/#.*//' /tmp/runtime-packages \
        | DEBIAN_FRONTEND=noninteractive xargs apt-get install -y --no-install-recommends \
+    && sed -e 's/#.*//' /tmp/runtime-excludes | xargs dpkg --purge --force-depends \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/stowage /usr/local/bin/stowage
 ENTRYPOINT ["/usr/local/bin/stowage"]

@@ -1,6 +1,7 @@
 //! The runtime image is described once: the Dockerfile's runtime stage (Debian release,
 //! ENTRYPOINT, where the binary goes) and `image/runtime-packages` (the packages it
-//! installs). `tests/e2e/image`, which builds the same image without a registry, reads
+//! installs; `image/runtime-excludes`, what they pull in that is removed again).
+//! `tests/e2e/image`, which builds the same image without a registry, reads
 //! both; these tests check that it reads them as the Dockerfile means them, and that
 //! the list holds what the node plugin runs.
 //!
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const PACKAGE_FILE: &str = "image/runtime-packages";
+const EXCLUDE_FILE: &str = "image/runtime-excludes";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,7 +21,12 @@ fn repo() -> PathBuf {
 
 /// The package names of `image/runtime-packages` (comments and blanks dropped).
 fn listed_packages() -> Vec<String> {
-    std::fs::read_to_string(repo().join(PACKAGE_FILE))
+    list(PACKAGE_FILE)
+}
+
+/// The package names of a list file (comments and blanks dropped).
+fn list(file: &str) -> Vec<String> {
+    std::fs::read_to_string(repo().join(file))
         .unwrap()
         .lines()
         .map(|line| line.split('#').next().unwrap())
@@ -138,7 +145,17 @@ fn dockerfile_and_registry_free_image_agree() {
             && install.contains("xargs apt-get install -y --no-install-recommends"),
         "the runtime stage installs the list file and only it: {install}"
     );
-    for package in listed_packages() {
+    assert!(
+        install.contains(&format!(
+            "--mount=type=bind,source={EXCLUDE_FILE},target=/tmp/runtime-excludes"
+        )) && install.contains("/tmp/runtime-excludes | xargs dpkg --purge --force-depends"),
+        "the runtime stage removes the exclude list, after the install: {install}"
+    );
+    assert!(
+        install.find("apt-get install") < install.find("dpkg --purge"),
+        "removed after the install: {install}"
+    );
+    for package in listed_packages().into_iter().chain(list(EXCLUDE_FILE)) {
         let named = install
             .split(|c: char| c.is_whitespace() || c == '/')
             .any(|word| word == package);
@@ -157,12 +174,12 @@ fn dockerfile_and_registry_free_image_agree() {
         stage.copies
     );
     let dockerignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
-    assert!(
-        dockerignore
-            .lines()
-            .any(|l| l.trim() == format!("!{PACKAGE_FILE}")),
-        ".dockerignore keeps {PACKAGE_FILE} in the build context"
-    );
+    for file in [PACKAGE_FILE, EXCLUDE_FILE] {
+        assert!(
+            dockerignore.lines().any(|l| l.trim() == format!("!{file}")),
+            ".dockerignore keeps {file} in the build context"
+        );
+    }
 
     let script = script_config();
     assert_eq!(script["release"], stage.release, "Debian release");
@@ -171,6 +188,18 @@ fn dockerfile_and_registry_free_image_agree() {
         listed_packages().join(" "),
         "the script's packages"
     );
+    assert_eq!(
+        script["excludes"],
+        list(EXCLUDE_FILE).join(" "),
+        "the script's excludes"
+    );
+    let listed: BTreeSet<String> = listed_packages().into_iter().collect();
+    for package in list(EXCLUDE_FILE) {
+        assert!(
+            !listed.contains(&package),
+            "{package} is both installed and removed"
+        );
+    }
     let entrypoint: Vec<String> = serde_json::from_str(&script["entrypoint"]).unwrap();
     assert_eq!(entrypoint, stage.entrypoint, "entrypoint");
     assert_eq!(script["binary_path"], binary, "where the binary goes");
@@ -240,5 +269,13 @@ fn the_build_stage_copies_what_the_build_reads() {
             "the build stage does not copy {part}: {copies:?}"
         );
         assert!(repo().join(part).exists(), "{part} is not in the tree");
+        // The build context holds it: `.dockerignore` excludes everything else.
+        let dockerignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+        assert!(
+            dockerignore
+                .lines()
+                .any(|l| l.trim() == format!("!{part}") || l.trim() == format!("!{part}/")),
+            ".dockerignore keeps {part} out of the build context"
+        );
     }
 }

@@ -1785,3 +1785,86 @@ async fn a_volume_attributes_class_reaches_ec2_and_the_claims_status() {
     .await;
     assert_eq!(csi_calls(&stowage, "ControllerModifyVolume").await, 1.0);
 }
+
+/// A restart among volumes that need nothing is quiet (#23): stowage started again
+/// against bound claims and their PVs (as it and the PV controller left them) lists and
+/// watches them and then writes nothing — no finalizer, no status, no event — and calls
+/// no CSI Controller method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_among_bound_volumes_writes_nothing() {
+    const N: u64 = 30;
+    let test = "a_restart_among_bound_volumes_writes_nothing";
+    let cluster = Cluster::start(test).await;
+    let Some(fake) = cluster.fake_or_skip(test, FAULTS) else {
+        return;
+    };
+    let mut first = Stowage::start(&cluster, "first", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    let names: Vec<String> = (0..N).map(|i| format!("data-db-{i}")).collect();
+    for name in &names {
+        cluster.create_claim(&simple_claim(name, &class)).await;
+    }
+    cluster.wait_all_bound(&names).await;
+    wait_for("two events per claim", || async move {
+        let events = fake.objects("events.events.k8s.io").len() as u64;
+        if events >= 2 * N {
+            Ok(())
+        } else {
+            Err(format!("{events} events"))
+        }
+    })
+    .await;
+    wait_quiet(&cluster, Duration::from_secs(1)).await;
+    let data = first.data.clone();
+    first.kill();
+
+    let before = fake.calls();
+    let second = Stowage::start_with_data(&cluster, "second", &data, &[], &[]).await;
+    let lists = |resource: &'static str| {
+        let before = before
+            .get(&("list".to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        async move {
+            if fake.calls_of("list", resource) > before {
+                Ok(())
+            } else {
+                Err(format!("no new list of {resource}"))
+            }
+        }
+    };
+    for resource in [
+        "persistentvolumeclaims",
+        "persistentvolumes",
+        "volumeattachments",
+    ] {
+        wait_for(&format!("the restarted loops list {resource}"), || {
+            lists(resource)
+        })
+        .await;
+    }
+    // Every key the informers handed over has been looked at well within this.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = writes_between(&before, &fake.calls());
+    assert!(writes.is_empty(), "writes after a restart: {writes:?}");
+    let metrics = second.metrics().await;
+    let controller_calls: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("csi_sidecar_operations_seconds_count{")
+                && l.contains("/csi.v1.Controller/")
+                && !l.contains("ControllerGetCapabilities")
+        })
+        .collect();
+    assert!(
+        controller_calls.is_empty(),
+        "CSI calls after a restart: {controller_calls:?}"
+    );
+    assert_eq!(
+        cluster.our_pvs().await.len() as u64,
+        N,
+        "every PV still there"
+    );
+}

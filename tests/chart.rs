@@ -636,6 +636,26 @@ fn driver_name_sockets_and_paths_agree_with_the_code() {
             );
         }
 
+        // Snapshot classes: a default is per driver name, so each has an NFS twin.
+        for class in r.of_kind("VolumeSnapshotClass") {
+            let name = class["metadata"]["name"].as_str().unwrap();
+            if class["driver"] == driver {
+                if let Some(nfs) = nfs_name {
+                    let twin = r
+                        .named("VolumeSnapshotClass", &format!("{name}-nfs"))
+                        .unwrap_or_else(|| panic!("{case}: no NFS twin of {name}"));
+                    assert_eq!(twin["driver"], nfs, "{case}: {name}-nfs");
+                    assert_eq!(twin["deletionPolicy"], class["deletionPolicy"], "{case}");
+                    assert_eq!(
+                        twin["metadata"]["annotations"], class["metadata"]["annotations"],
+                        "{case}: {name}-nfs is default as {name} is"
+                    );
+                }
+            } else {
+                assert_eq!(class["driver"].as_str(), nfs_name, "{case}: {name}");
+            }
+        }
+
         // Node plugin: the socket is the code's default for the driver, under the kubelet
         // directory, which is shared with Bidirectional propagation.
         let daemonset = r.one("DaemonSet");

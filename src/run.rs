@@ -140,6 +140,40 @@ async fn spawn_csi_thread(
     }
 }
 
+/// The CSI services one socket serves as `driver_name`: Identity with the capabilities
+/// of `backends`, Controller when `controller`, Node when `node` is given.
+fn csi_services(
+    driver_name: &str,
+    backends: &Backends,
+    controller: bool,
+    node: Option<NodeConfig>,
+    (mounter, metrics): (&Arc<dyn Mounter>, &Arc<Metrics>),
+) -> Services {
+    let info = PluginInfo {
+        name: driver_name.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    Services {
+        identity: IdentityService::new(
+            info,
+            controller,
+            backends.any_attach(),
+            backends.any_expand(),
+            Arc::clone(metrics),
+        ),
+        controller: controller
+            .then(|| ControllerService::new(backends.clone(), Arc::clone(metrics))),
+        node: node.map(|node| {
+            NodeService::new(
+                node,
+                backends.clone(),
+                Arc::clone(mounter),
+                Arc::clone(metrics),
+            )
+        }),
+    }
+}
+
 /// Bind and serve a plan.
 pub async fn start(plan: Plan) -> anyhow::Result<Running> {
     let metrics = Metrics::new(&plan.driver_name);
@@ -154,30 +188,13 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
             })
             .collect()
     });
-    let info = PluginInfo {
-        name: plan.driver_name.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
-    let services = Services {
-        identity: IdentityService::new(
-            info,
-            plan.controller,
-            plan.backends.any_attach(),
-            plan.backends.any_expand(),
-            Arc::clone(&metrics),
-        ),
-        controller: plan
-            .controller
-            .then(|| ControllerService::new(plan.backends.clone(), Arc::clone(&metrics))),
-        node: plan.node.clone().map(|node| {
-            NodeService::new(
-                node,
-                plan.backends.clone(),
-                Arc::clone(&plan.mounter),
-                Arc::clone(&metrics),
-            )
-        }),
-    };
+    let services = csi_services(
+        &plan.driver_name,
+        &plan.backends,
+        plan.controller,
+        plan.node.clone(),
+        (&plan.mounter, &metrics),
+    );
     let (stop, rx) = watch::channel(false);
     let activity = Activity::default();
     let (http, http_addr) = match plan.http_addr {
@@ -206,28 +223,17 @@ pub async fn start(plan: Plan) -> anyhow::Result<Running> {
                     .map(Arc::clone)
                     .collect(),
             );
-            let services = Services {
-                identity: IdentityService::new(
-                    PluginInfo {
-                        name: nfs.driver_name.clone(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                    },
-                    false,
-                    false,
-                    backends.any_expand(),
-                    Arc::clone(&metrics),
-                ),
-                controller: None,
-                node: Some(NodeService::new(
-                    NodeConfig {
-                        max_volumes: 0,
-                        ..node.clone()
-                    },
-                    backends,
-                    Arc::clone(&plan.mounter),
-                    Arc::clone(&metrics),
-                )),
+            let node = NodeConfig {
+                max_volumes: 0,
+                ..node.clone()
             };
+            let services = csi_services(
+                &nfs.driver_name,
+                &backends,
+                false,
+                Some(node),
+                (&plan.mounter, &metrics),
+            );
             let done = spawn_csi_thread(nfs.socket.clone(), services, rx).await?;
             health::add_probe_health_check(&metrics, nfs.socket.clone());
             Some((nfs.socket.clone(), done))

@@ -217,14 +217,7 @@ fn a_stop_is_not_held_by_loops_waiting_for_a_silent_api_server() {
     });
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    let config = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config", "preferences": {},
-        "clusters": [{"name": "silent", "cluster": {"server": url}}],
-        "users": [{"name": "silent", "user": {"token": "t"}}],
-        "contexts": [{"name": "silent", "context": {"cluster": "silent", "user": "silent"}}],
-        "current-context": "silent",
-    });
-    std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap()).unwrap();
+    fake_kube::write_kubeconfig(&kubeconfig, &url);
     let socket = dir.path().join("csi.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args([

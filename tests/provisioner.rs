@@ -957,6 +957,20 @@ fn writes_between(before: &Calls, after: &Calls) -> BTreeMap<(String, String), u
         .collect()
 }
 
+/// Wait until the fake holds two events per claim for `claims` claims: Provisioning +
+/// ProvisioningSucceeded, published in the background.
+async fn wait_provisioning_events(fake: &common::fake_kube::FakeKube, claims: u64) {
+    wait_for("two events per claim", || async move {
+        let events = fake.objects("events.events.k8s.io").len() as u64;
+        if events >= 2 * claims {
+            Ok(())
+        } else {
+            Err(format!("{events} events"))
+        }
+    })
+    .await;
+}
+
 /// Wait until the fake has seen no write for `quiet`.
 async fn wait_quiet(cluster: &Cluster, quiet: Duration) {
     let fake = cluster.fake();
@@ -1026,16 +1040,7 @@ async fn api_writes_per_claim_stay_bounded() {
         cluster.create_claim(&simple_claim(name, &class)).await;
     }
     let bound = cluster.wait_all_bound(&names).await;
-    // Events are published in the background: Provisioning + ProvisioningSucceeded.
-    wait_for("two events per claim", || async move {
-        let events = fake.objects("events.events.k8s.io").len() as u64;
-        if events >= 2 * N {
-            Ok(())
-        } else {
-            Err(format!("{events} events"))
-        }
-    })
-    .await;
+    wait_provisioning_events(fake, N).await;
     wait_quiet(&cluster, Duration::from_secs(2)).await;
     let after = fake.calls();
     let mut writes = writes_between(&before, &after);
@@ -1807,15 +1812,7 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
         cluster.create_claim(&simple_claim(name, &class)).await;
     }
     cluster.wait_all_bound(&names).await;
-    wait_for("two events per claim", || async move {
-        let events = fake.objects("events.events.k8s.io").len() as u64;
-        if events >= 2 * N {
-            Ok(())
-        } else {
-            Err(format!("{events} events"))
-        }
-    })
-    .await;
+    wait_provisioning_events(fake, N).await;
     wait_quiet(&cluster, Duration::from_secs(1)).await;
     let data = first.data.clone();
     first.kill();

@@ -379,15 +379,7 @@ impl FakeKube {
 
     /// Writes a kubeconfig (JSON, which kube reads as YAML) pointing at this server.
     pub fn write_kubeconfig(&self, path: &std::path::Path) {
-        let config = json!({
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-            "contexts": [{"name": "fake",
-                          "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
-            "current-context": "fake",
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        write_kubeconfig(path, &self.url);
     }
 
     /// Requests of the stand-ins ([`crate::common::stand_ins`]) by (verb, resource).
@@ -529,6 +521,19 @@ impl Drop for FakeKube {
 /// Not `Client::try_from(config)`: that builds a rustls config even for `http://`, which
 /// panics in this crate (rustls has both the ring and aws-lc-rs providers compiled in and
 /// no process default is installed).
+/// A kubeconfig at `path` for the API server at `url` (plain HTTP, a bearer token).
+pub fn write_kubeconfig(path: &std::path::Path, url: &str) {
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": "fake", "cluster": {"server": url}}],
+        "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+        "contexts": [{"name": "fake",
+                      "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
+        "current-context": "fake",
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
 pub fn http_client(config: kube::Config) -> kube::Client {
     http_client_as(config, false)
 }

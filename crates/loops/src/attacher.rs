@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt as _};
 use serde_json::{Value, json};
 
@@ -37,7 +36,7 @@ fn api(shared: &Context) -> Api<VolumeAttachment> {
 
 /// Reconcile the VolumeAttachment `name`.
 pub async fn reconcile(shared: Arc<Context>, name: String) -> anyhow::Result<Next> {
-    let Some(va) = shared.attachments.get(&ObjectRef::new(&name)) else {
+    let Some(va) = shared.attachments.get(&name) else {
         return Ok(Next::Done);
     };
     if !shared.driver.contains(&va.spec.attacher) {
@@ -221,7 +220,7 @@ fn attached_pv(shared: &Context, va: &VolumeAttachment) -> Result<Arc<Persistent
         .ok_or("VolumeAttachment has no spec.source.persistentVolumeName (inline volumes are not supported)")?;
     shared
         .volumes
-        .get(&ObjectRef::new(pv_name))
+        .get(pv_name)
         .ok_or_else(|| format!("PV {pv_name} not found"))
 }
 

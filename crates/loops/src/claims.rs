@@ -26,6 +26,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 use serde_json::json;
 
+use crate::cache::UNBOUND;
 use crate::context::{Context, Next, finalizers_without, hash_map, is_api};
 use crate::csi_client::capability;
 use crate::informer;
@@ -64,7 +65,7 @@ fn volumes(shared: &Context) -> Api<PersistentVolume> {
 
 /// Reconcile the claim `namespace/name`.
 pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next> {
-    let Some(pvc) = informer::get(&shared.claims, &key) else {
+    let Some(pvc) = shared.claims.get(&key) else {
         return Ok(Next::Done);
     };
     let finalizer = provisioning_finalizer(&shared.driver.main);
@@ -97,7 +98,10 @@ pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next
             Err(anyhow::anyhow!(message))
         }
         Decision::Provision => {
-            if let Some(pv) = shared.volumes.find(|pv| rules::is_prebound_to(pv, &pvc)) {
+            if let Some(pv) = shared
+                .volumes
+                .find_tagged(&key, |pv| rules::is_prebound_to(pv, &pvc))
+            {
                 tracing::debug!(claim = %key, pv = %pv.name_any(), "a PV is pre-bound to the claim; the PV controller binds it");
                 return Ok(Next::Done);
             }
@@ -307,7 +311,7 @@ async fn protect_clone_source(shared: &Context, pvc: &PersistentVolumeClaim) -> 
     let Some(key) = clone_source_key(pvc) else {
         return Ok(());
     };
-    let Some(source) = informer::get(&shared.claims, &key) else {
+    let Some(source) = shared.claims.get(&key) else {
         return Ok(());
     };
     if has_finalizer(&source, CLONE_FINALIZER) {
@@ -335,13 +339,13 @@ async fn release_clone_source(shared: &Context, pvc: &PersistentVolumeClaim) -> 
     let Some(key) = clone_source_key(pvc) else {
         return Ok(());
     };
-    let Some(source) = informer::get(&shared.claims, &key) else {
+    let Some(source) = shared.claims.get(&key) else {
         return Ok(());
     };
     if !has_finalizer(&source, CLONE_FINALIZER) {
         return Ok(());
     }
-    let others = shared.claims.state().into_iter().any(|other| {
+    let others = shared.claims.tagged(UNBOUND).into_iter().any(|other| {
         other.metadata.uid != pvc.metadata.uid
             && clone_source_key(&other).as_deref() == Some(key.as_str())
             && other
@@ -379,7 +383,7 @@ async fn existing_pv(
     name: &str,
     pvc: &PersistentVolumeClaim,
 ) -> anyhow::Result<Option<PersistentVolume>> {
-    let Some(pv) = shared.volumes.get(&ObjectRef::new(name)) else {
+    let Some(pv) = shared.volumes.get(name) else {
         return Ok(None);
     };
     check_pv_is_for(&pv, pvc)?;
@@ -680,13 +684,15 @@ fn content_source(
         }
         rules::SourceKind::Claim => {
             let key = format!("{namespace}/{}", source.name);
-            let source_pvc = informer::get(&shared.claims, &key)
+            let source_pvc = shared
+                .claims
+                .get(&key)
                 .ok_or_else(|| format!("the source claim {key} does not exist"))?;
             let source_pv = source_pvc
                 .spec
                 .as_ref()
                 .and_then(|s| s.volume_name.as_deref())
-                .and_then(|name| shared.volumes.get(&ObjectRef::new(name)));
+                .and_then(|name| shared.volumes.get(name));
             let volume_id = rules::clone_source_handle(
                 pvc,
                 &source_pvc,

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde_json::json;
 
+use crate::cache::Cache;
 use crate::csi_client::Csi;
 use crate::events::Events;
 use crate::informer::Expectations;
@@ -200,10 +201,10 @@ pub struct Context {
     /// The driver names whose objects are the loops' (the CSI driver's own first).
     pub driver: DriverNames,
     pub settings: Settings,
-    pub claims: Store<PersistentVolumeClaim>,
-    pub volumes: Store<PersistentVolume>,
+    pub claims: Cache<PersistentVolumeClaim>,
+    pub volumes: Cache<PersistentVolume>,
     pub classes: Store<StorageClass>,
-    pub attachments: Store<VolumeAttachment>,
+    pub attachments: Cache<VolumeAttachment>,
     /// The snapshot objects' caches; `None` where the API server serves no
     /// `snapshot.storage.k8s.io/v1` (the snapshot loops then have nothing to do).
     pub snapshot_stores: Option<crate::snapshots::SnapshotStores>,

@@ -33,6 +33,7 @@ use stowage_api::proto::csi::controller_server::{Controller, ControllerServer};
 use stowage_api::proto::csi::identity_server::{Identity, IdentityServer};
 use tonic::{Code, Status};
 
+use crate::cache::Cache;
 use crate::csi_client::Csi;
 use crate::events::Events;
 use crate::queue::Backoff;
@@ -647,13 +648,14 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
         .expect("connect to the fake driver");
     let client = api.client();
     let metrics = LoopMetrics::register(&Metrics::new(DRIVER));
+    let names = DriverNames::new(DRIVER, NFS_DRIVER);
     let context = Arc::new(Context {
         expect: LoopExpectations::default(),
         first_seen: Mutex::default(),
         events: Events::start(client.clone(), DRIVER, metrics.events_dropped.clone()),
         client,
         csi,
-        driver: DriverNames::new(DRIVER, NFS_DRIVER),
+        driver: names.clone(),
         settings: Settings {
             loops: vec![Loop::Provisioner, Loop::Attacher, Loop::Resizer],
             backoff: Backoff {
@@ -665,10 +667,10 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
             annotation_grace: Duration::ZERO,
             nfs_driver_name: Some(NFS_DRIVER.into()),
         },
-        claims: store(&caches.claims),
-        volumes: store(&caches.volumes),
+        claims: Cache::of(&caches.claims, names.clone()),
+        volumes: Cache::of(&caches.volumes, names.clone()),
         classes: store(&caches.classes),
-        attachments: store(&caches.attachments),
+        attachments: Cache::of(&caches.attachments, names),
         snapshot_stores: Some(crate::snapshots::SnapshotStores {
             snapshots: store(&caches.snapshots),
             contents: store(&caches.contents),

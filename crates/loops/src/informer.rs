@@ -1,6 +1,8 @@
-//! Context informers: one list+watch per resource type, a kube-runtime reflector store
-//! that every loop reads, and handlers called for each object seen (added, changed,
-//! listed again after a re-watch, or deleted) that queue work.
+//! Context informers: one list+watch per resource type, a cache that every loop reads
+//! (a kube-runtime reflector store of whole objects for the few — classes, snapshot
+//! objects — and a compact [`Cache`] for the many: claims, PVs, attachments), and
+//! handlers called for each object seen (added, changed, listed again after a
+//! re-watch, or deleted) that queue work.
 //!
 //! Owns only watching and caching; handlers must be cheap (they queue keys).
 
@@ -9,7 +11,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -17,44 +19,64 @@ use kube::{Api, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
+use crate::cache::{Cache, Compact};
+use stowage_api::keys::DriverNames;
+
 /// Called with each object seen and whether it was deleted.
 pub type Handler<K> = Arc<dyn Fn(&K, bool) + Send + Sync>;
 
 /// A running informer: its store and the task that feeds it.
-pub struct Informer<K: Resource + 'static>
-where
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    pub store: Store<K>,
+pub struct Informer<S> {
+    pub store: S,
     pub task: JoinHandle<()>,
 }
 
-/// Start watching `api`, dropping managed fields (they are most of an object's size
-/// and no loop reads them), and call every handler for every event.
-pub fn start<K>(api: Api<K>, config: watcher::Config, handlers: Vec<Handler<K>>) -> Informer<K>
+/// The watch of `api`, managed fields dropped as objects arrive (they are most of an
+/// object's size and no loop reads them).
+fn watch<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = watcher::Result<Event<K>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .modify(|object: &mut K| object.managed_fields_mut().clear())
+        .default_backoff()
+}
+
+/// Call every handler for an applied or deleted object.
+fn dispatch<K>(handlers: &[Handler<K>], event: &Event<K>) {
+    match event {
+        Event::Apply(object) | Event::InitApply(object) => {
+            for handler in handlers {
+                handler(object, false);
+            }
+        }
+        Event::Delete(object) => {
+            for handler in handlers {
+                handler(object, true);
+            }
+        }
+        Event::Init | Event::InitDone => {}
+    }
+}
+
+/// Start watching `api` into a store of whole objects, calling every handler for every
+/// event.
+pub fn start<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    handlers: Vec<Handler<K>>,
+) -> Informer<Store<K>>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + std::hash::Hash + Eq + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher::watcher(api, config)
-        .modify(|object: &mut K| object.managed_fields_mut().clear())
-        .default_backoff();
+    let stream = watch(api, config);
     let task = tokio::spawn(async move {
         let mut events = std::pin::pin!(reflector::reflector(writer, stream));
         while let Some(event) = events.next().await {
             match event {
-                Ok(Event::Apply(object) | Event::InitApply(object)) => {
-                    for handler in &handlers {
-                        handler(&object, false);
-                    }
-                }
-                Ok(Event::Delete(object)) => {
-                    for handler in &handlers {
-                        handler(&object, true);
-                    }
-                }
-                Ok(Event::Init | Event::InitDone) => {}
+                Ok(event) => dispatch(&handlers, &event),
                 Err(e) => {
                     tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch failed; retrying")
                 }
@@ -62,6 +84,42 @@ where
         }
     });
     Informer { store, task }
+}
+
+/// Start watching `api` into a compact [`Cache`] (what is kept depends on whether an
+/// object is of `drivers`), calling every handler with the whole object of each event
+/// after the cache holds it.
+pub fn start_compact<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    drivers: DriverNames,
+    handlers: Vec<Handler<K>>,
+) -> Informer<Cache<K>>
+where
+    K: Compact + Debug,
+{
+    let (cache, writer) = Cache::new(drivers);
+    let stream = watch(api, config);
+    let task = tokio::spawn(async move {
+        let mut events = std::pin::pin!(stream);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    match &event {
+                        Event::Init => writer.list_started(),
+                        Event::InitApply(object) | Event::Apply(object) => writer.apply(object),
+                        Event::Delete(object) => writer.delete(object),
+                        Event::InitDone => writer.list_done(),
+                    }
+                    dispatch(&handlers, &event);
+                }
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying")
+                }
+            }
+        }
+    });
+    Informer { store: cache, task }
 }
 
 /// What a loop knows about the cache after its own work, per queue key:

@@ -9,7 +9,8 @@
 //! - [`kube_client`]: the Kubernetes client (config, QPS limit, request counts).
 //! - [`csi_client`]: the CSI client of the loops (call bound, timeouts, final vs
 //!   in-progress) and its unix-socket channel.
-//! - [`informer`], [`queue`]: shared watches + caches, and per-key work queues.
+//! - [`informer`], [`cache`], [`queue`]: shared watches, the compact caches of claims,
+//!   PVs and attachments, and per-key work queues.
 //! - [`claims`] (provision, restore, clone), [`volumes`] (release + delete),
 //!   [`attacher`], [`resizer`] (expand, VolumeAttributesClass), [`snapshots`]
 //!   (VolumeSnapshotContent ↔ CSI; VolumeSnapshot ↔ content): one reconciler each,
@@ -28,6 +29,7 @@
 
 pub mod activity;
 pub mod attacher;
+pub mod cache;
 pub mod claims;
 pub mod context;
 pub mod csi_client;

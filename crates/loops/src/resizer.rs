@@ -61,7 +61,7 @@ fn storage_of(
 
 /// Reconcile the claim `namespace/name` for expansion.
 pub async fn reconcile(shared: Arc<Context>, key: String) -> anyhow::Result<Next> {
-    let Some(pvc) = informer::get(&shared.claims, &key) else {
+    let Some(pvc) = shared.claims.get(&key) else {
         return Ok(Next::Done);
     };
     if let Some(next) = modify(&shared, &pvc).await? {
@@ -121,9 +121,7 @@ fn modify_target(
     }) {
         return None;
     }
-    let pv = shared
-        .volumes
-        .get(&ObjectRef::new(spec.volume_name.as_deref()?))?;
+    let pv = shared.volumes.get(spec.volume_name.as_deref()?)?;
     let ours = pv
         .spec
         .as_ref()
@@ -276,7 +274,7 @@ fn resize_target(
         .ok_or("no volumeName")?;
     let pv = shared
         .volumes
-        .get(&ObjectRef::new(&volume))
+        .get(&volume)
         .ok_or("its PV is not in the cache")?;
     let csi = pv
         .spec
@@ -294,10 +292,10 @@ fn resize_target(
 /// ordered, so a claim's grown request can be seen while its PV is not yet cached.
 pub fn claim_waiting_for(
     pv: &PersistentVolume,
-    claims: &kube::runtime::reflector::Store<PersistentVolumeClaim>,
+    claims: &crate::cache::Cache<PersistentVolumeClaim>,
 ) -> Option<String> {
     let key = informer::claim_key_of(pv)?;
-    let pvc = informer::get(claims, &key)?;
+    let pvc = claims.get(&key)?;
     let bound_here = pvc.spec.as_ref()?.volume_name.as_deref() == Some(pv.name_any().as_str());
     (bound_here && controller_step(&pvc).is_some()).then_some(key)
 }
@@ -651,7 +649,6 @@ mod reconcile_tests {
 
     #[test]
     fn a_pv_brings_back_only_its_own_claim_waiting_for_an_expansion() {
-        use crate::fixtures::store;
         use k8s_openapi::api::core::v1::ObjectReference;
         let bound_to = |pv: &str, claim: &str| {
             let mut pv = provisioned_pv(pv, "vol-1", "Delete", "Bound");
@@ -662,7 +659,12 @@ mod reconcile_tests {
             });
             pv
         };
-        let claims = |caches: Caches| store(&caches.claims);
+        let claims = |caches: Caches| {
+            crate::cache::Cache::of(
+                &caches.claims,
+                stowage_api::keys::DriverNames::new(DRIVER, ""),
+            )
+        };
         let waiting = claims(grown(None, None));
         assert_eq!(
             claim_waiting_for(&bound_to("pvc-1", "data"), &waiting).as_deref(),

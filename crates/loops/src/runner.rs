@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
-use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::activity::Activity;
+use crate::cache::{Cache, UNBOUND};
 use crate::context::*;
 use crate::csi_client::Csi;
 use crate::events::Events;
@@ -75,7 +75,7 @@ impl Loops {
             attachment_handlers.push(observe_and_queue(&expect.attachments, &attach_q));
         }
         // The claims cache, for handlers of other resources (set once it exists).
-        let claims_store: Arc<std::sync::OnceLock<Store<PersistentVolumeClaim>>> = Arc::default();
+        let claims_store: Arc<std::sync::OnceLock<Cache<PersistentVolumeClaim>>> = Arc::default();
         if runs(Loop::Resizer) {
             claim_handlers.push(observe_and_queue(&expect.resizes, &resize_q));
             // A grown claim whose PV was not cached yet looks again when the PV is (a
@@ -102,10 +102,8 @@ impl Loops {
             Arc::new(move |class, _| {
                 let Some(store) = claims.get() else { return };
                 let name = class.name_any();
-                for pvc in store.state() {
-                    if rules::claim_class(&pvc) == Some(name.as_str())
-                        && pvc.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
-                    {
+                for pvc in store.tagged(UNBOUND) {
+                    if rules::claim_class(&pvc) == Some(name.as_str()) {
                         q.add_forced(&informer::key(pvc.as_ref()));
                     }
                 }
@@ -162,7 +160,7 @@ impl Loops {
                     let Some(store) = claims.get() else { return };
                     let namespace = vs.metadata.namespace.as_deref().unwrap_or_default();
                     let name = vs.metadata.name.as_deref().unwrap_or_default();
-                    for pvc in store.state() {
+                    for pvc in store.tagged(UNBOUND) {
                         if snapshot_controller::restores_from(&pvc, namespace, name) {
                             q.add_forced(&informer::key(pvc.as_ref()));
                         }
@@ -174,15 +172,17 @@ impl Loops {
         // Pages of 100: a list of thousands of objects never sits in memory at once
         // as JSON and parsed copies (the largest transient allocation of the loops).
         let config = watcher::Config::default().page_size(100);
-        let claims = informer::start(
+        let claims = informer::start_compact(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             config.clone(),
+            driver.clone(),
             claim_handlers,
         );
         let _ = claims_store.set(claims.store.clone());
-        let volumes = informer::start(
+        let volumes = informer::start_compact(
             Api::<PersistentVolume>::all(client.clone()),
             config.clone(),
+            driver.clone(),
             volume_handlers,
         );
         let classes = informer::start(
@@ -190,20 +190,21 @@ impl Loops {
             config.clone(),
             vec![class_handler],
         );
-        let attachments = informer::start(
+        let attachments = informer::start_compact(
             Api::<VolumeAttachment>::all(client.clone()),
             config.clone(),
+            driver.clone(),
             attachment_handlers,
         );
         let mut tasks = vec![claims.task, volumes.task, classes.task, attachments.task];
-        for store in [
-            claims.store.wait_until_ready().await,
-            volumes.store.wait_until_ready().await,
-            classes.store.wait_until_ready().await,
-            attachments.store.wait_until_ready().await,
-        ] {
-            store.map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
-        }
+        claims.store.wait_until_ready().await?;
+        volumes.store.wait_until_ready().await?;
+        classes
+            .store
+            .wait_until_ready()
+            .await
+            .map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
+        attachments.store.wait_until_ready().await?;
         let snapshot_stores = if snapshot_api {
             let vs = informer::start(
                 Api::<VolumeSnapshot>::all(client.clone()),
@@ -356,15 +357,15 @@ fn observe_and_queue<K: kube::Resource>(expectations: &Expectations, queue: &Que
 type CachedVersion = fn(&Context, &str) -> Option<String>;
 
 fn claim_version(shared: &Context, key: &str) -> Option<String> {
-    informer::get(&shared.claims, key).and_then(|o| o.metadata.resource_version.clone())
+    shared.claims.version(key)
 }
 
 fn volume_version(shared: &Context, key: &str) -> Option<String> {
-    informer::get(&shared.volumes, key).and_then(|o| o.metadata.resource_version.clone())
+    shared.volumes.version(key)
 }
 
 fn attachment_version(shared: &Context, key: &str) -> Option<String> {
-    informer::get(&shared.attachments, key).and_then(|o| o.metadata.resource_version.clone())
+    shared.attachments.version(key)
 }
 
 fn snapshot_version(shared: &Context, key: &str) -> Option<String> {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource as _, ResourceExt as _};
 
 use crate::context::{Context, Next, is_api};
@@ -30,7 +29,7 @@ fn phase(pv: &PersistentVolume) -> Option<&str> {
 /// Reconcile the PV `name`: one step per call (a step that writes returns
 /// [`Next::Again`] and the next one starts from the cache that shows the write).
 pub async fn reconcile(shared: Arc<Context>, name: String) -> anyhow::Result<Next> {
-    let Some(pv) = shared.volumes.get(&ObjectRef::new(&name)) else {
+    let Some(pv) = shared.volumes.get(&name) else {
         return Ok(Next::Done);
     };
     if !rules::is_ours(&pv, &shared.driver) {
@@ -123,9 +122,7 @@ async fn drop_finalizer(shared: &Context, mut pv: PersistentVolume) -> anyhow::R
 async fn delete(shared: &Context, pv: &PersistentVolume) -> anyhow::Result<Next> {
     let started = Instant::now();
     let name = pv.name_any();
-    let attached = shared
-        .attachments
-        .find(|va| va.spec.source.persistent_volume_name.as_deref() == Some(name.as_str()));
+    let attached = shared.attachments.find_tagged(&name, |_| true);
     if let Some(va) = attached {
         tracing::debug!(pv = %name, attachment = %va.name_any(), "waiting for the VolumeAttachment to go before DeleteVolume");
         return Ok(Next::After(Duration::from_secs(5)));

@@ -27,6 +27,7 @@ use serde_json::json;
 
 use super::types::*;
 use super::{SnapshotStores, content_name, pick_class};
+use crate::cache::UNBOUND;
 use crate::context::{Context, Next, finalizers_without, is_api, patch_status_guarded};
 use crate::informer::{self, Expect};
 
@@ -76,7 +77,9 @@ fn source_volume(
     claim_name: &str,
 ) -> Result<(Arc<PersistentVolumeClaim>, String, String, Option<String>), String> {
     let namespace = vs.namespace().unwrap_or_default();
-    let pvc = informer::get(&shared.claims, &format!("{namespace}/{claim_name}"))
+    let pvc = shared
+        .claims
+        .get(&format!("{namespace}/{claim_name}"))
         .ok_or_else(|| format!("claim {namespace}/{claim_name} does not exist"))?;
     let pv_name = pvc
         .spec
@@ -84,12 +87,9 @@ fn source_volume(
         .and_then(|s| s.volume_name.clone())
         .filter(|v| !v.is_empty())
         .ok_or_else(|| format!("claim {namespace}/{claim_name} is not bound yet"))?;
-    let pv = shared
-        .volumes
-        .get(&ObjectRef::new(&pv_name))
-        .ok_or_else(|| {
-            format!("PV {pv_name} of claim {namespace}/{claim_name} is not known yet")
-        })?;
+    let pv = shared.volumes.get(&pv_name).ok_or_else(|| {
+        format!("PV {pv_name} of claim {namespace}/{claim_name} is not known yet")
+    })?;
     let spec = pv.spec.as_ref();
     let csi = spec
         .and_then(|s| s.csi.as_ref())
@@ -424,9 +424,7 @@ async fn deleted(
     let name = vs.name_any();
     if let Some(claim) = shared
         .claims
-        .state()
-        .into_iter()
-        .find(|pvc| restores_from(pvc, &namespace, &name))
+        .find_tagged(UNBOUND, |pvc| restores_from(pvc, &namespace, &name))
     {
         // The claim's binding brings this back.
         tracing::info!(snapshot = %informer::key(vs), claim = %informer::key(claim.as_ref()), "deleted VolumeSnapshot kept while a claim is restored from it");
@@ -518,7 +516,7 @@ async fn release_claim(
         return Ok(());
     };
     let namespace = vs.namespace().unwrap_or_default();
-    let Some(pvc) = informer::get(&shared.claims, &format!("{namespace}/{claim}")) else {
+    let Some(pvc) = shared.claims.get(&format!("{namespace}/{claim}")) else {
         return Ok(());
     };
     if !pvc.finalizers().iter().any(|f| f == FINALIZER_PVC_SOURCE) {

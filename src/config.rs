@@ -536,6 +536,51 @@ pub enum BenchKind {
     /// claims at once, reports time to all Bound, claims/s, Kubernetes API calls per
     /// claim and the controller's peak RSS, then deletes them.
     Provision(ProvisionArgs),
+    /// A restart among N existing volumes: fills the cluster with N bound claim/PV
+    /// pairs (directly, as provisioning and binding leave them), starts `stowage local
+    /// --kubeconfig`, reports time to synced, RSS, writes and CSI calls meanwhile, and a
+    /// new claim's time to PV; optionally the same for external-provisioner.
+    Scale(ScaleArgs),
+}
+
+/// `stowage bench scale`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScaleArgs {
+    /// The cluster to measure against.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// Bound claim/PV pairs present (created when missing; existing ones are kept).
+    #[arg(long, default_value_t = 1000)]
+    pub volumes: usize,
+    /// PVs of another CSI driver present (created when missing).
+    #[arg(long, default_value_t = 0)]
+    pub other_volumes: usize,
+    /// Namespace of the claims (created when missing).
+    #[arg(long, default_value = "stowage-scale")]
+    pub namespace: String,
+    /// Only fill (stop kube-controller-manager meanwhile: it marks a claim Lost when
+    /// its cache lacks the claim's PV), then exit.
+    #[arg(long, conflicts_with = "clean")]
+    pub fill_only: bool,
+    /// Delete everything the bench filled, then exit.
+    #[arg(long)]
+    pub clean: bool,
+    /// Also measure this csi-provisioner binary (with --hostpathplugin serving the
+    /// same driver name) on the same cluster.
+    #[arg(long, requires = "hostpathplugin")]
+    pub csi_provisioner: Option<PathBuf>,
+    /// The hostpathplugin binary behind --csi-provisioner.
+    #[arg(long, requires = "csi_provisioner")]
+    pub hostpathplugin: Option<PathBuf>,
+    /// Append each result as a JSON line to this file.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// Draw RSS against volumes, from every row of --results, into this SVG file.
+    #[arg(long, requires = "results")]
+    pub svg: Option<PathBuf>,
+    /// Extra flags for the measured `stowage local`.
+    #[arg(long = "controller-arg", allow_hyphen_values = true)]
+    pub controller_args: Vec<String>,
 }
 
 /// `stowage bench provision`.

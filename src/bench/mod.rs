@@ -6,7 +6,8 @@
 //! and a bare unix-socket echo, so what the backend, gRPC and the kernel each add on top
 //! of the wire show. The series take turns sample by sample, so they all see the same
 //! server state.
-//! Benchmarks live here, never as timed assertions in tests.
+//! `provision` (claims to Bound) and `scale` (a restart among N volumes) measure the
+//! loops against a cluster. Benchmarks live here, never as timed assertions in tests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use anyhow::Context as _;
 
 use std::net::IpAddr;
 
-use crate::config::{BenchArgs, BenchKind, ProvisionArgs};
+use crate::config::{BenchArgs, BenchKind, ProvisionArgs, ScaleArgs};
 use crate::run::{Plan, start};
 use stowage_api::proto::csi::{
     self as proto, controller_client::ControllerClient, identity_client::IdentityClient,
@@ -31,6 +32,7 @@ use stowage_nfs::client::{ClientConfig, NfsClient, NfsTarget};
 use stowage_nfs::server::EmbeddedServer;
 
 pub mod provision;
+pub mod scale;
 
 /// What `stowage bench` measures, resolved from its flags (clap refuses the flags of
 /// one kind given to another: `--volumes` without `--ebs-endpoint`, …).
@@ -47,12 +49,15 @@ pub enum Bench {
     Ebs { endpoint: String, volumes: usize },
     /// Claims → Bound against a cluster.
     Provision(ProvisionArgs),
+    /// A restart among N existing volumes.
+    Scale(ScaleArgs),
 }
 
 impl Bench {
     pub fn of(args: &BenchArgs) -> Bench {
         match (&args.what, &args.ebs_endpoint) {
             (Some(BenchKind::Provision(provision)), _) => Bench::Provision(provision.clone()),
+            (Some(BenchKind::Scale(scale)), _) => Bench::Scale(scale.clone()),
             (None, Some(endpoint)) => Bench::Ebs {
                 endpoint: endpoint.clone(),
                 volumes: args.volumes,
@@ -69,6 +74,7 @@ impl Bench {
 pub async fn run(bench: Bench) -> anyhow::Result<()> {
     let (server, count, warmup) = match bench {
         Bench::Provision(provision) => return provision::run(provision).await,
+        Bench::Scale(scale) => return scale::run(scale).await,
         Bench::Ebs { endpoint, volumes } => return ebs(&endpoint, volumes).await,
         Bench::Nfs {
             server,

@@ -23,32 +23,35 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::config::ProvisionArgs;
 
-const CLASS: &str = "stowage-bench";
+pub(super) const CLASS: &str = "stowage-bench";
 const LABEL: &str = "stowage.dev/bench";
 
-/// The measured controller process.
-struct Controller {
-    child: tokio::process::Child,
+/// The measured controller process (`stowage local --kubeconfig`).
+pub(super) struct Controller {
+    pub(super) child: tokio::process::Child,
     metrics: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Controller {
-    async fn start(args: &ProvisionArgs) -> anyhow::Result<Controller> {
+    pub(super) async fn start(
+        kubeconfig: &std::path::Path,
+        controller_args: &[String],
+    ) -> anyhow::Result<Controller> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let exe = std::env::current_exe()?;
         let child = tokio::process::Command::new(exe)
             .arg("local")
             .arg("--kubeconfig")
-            .arg(&args.kubeconfig)
+            .arg(kubeconfig)
             .arg("--endpoint")
             .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--http-addr")
             .arg(port.to_string())
-            .args(&args.controller_args)
+            .args(controller_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -64,25 +67,16 @@ impl Controller {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
 
     /// (VmHWM, VmRSS) in bytes.
-    fn memory(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
-        (field("VmHWM:"), field("VmRSS:"))
+    pub(super) fn memory(&self) -> (u64, u64) {
+        memory_of(self.pid())
     }
 
-    async fn scrape(&self) -> anyhow::Result<String> {
+    pub(super) async fn scrape(&self) -> anyhow::Result<String> {
         let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
@@ -93,7 +87,7 @@ impl Controller {
     }
 
     /// Kubernetes API requests by verb, and whether the loops run (leader).
-    async fn requests(&self) -> anyhow::Result<(BTreeMap<String, f64>, bool)> {
+    pub(super) async fn requests(&self) -> anyhow::Result<(BTreeMap<String, f64>, bool)> {
         let text = self.scrape().await?;
         let mut by_verb = BTreeMap::new();
         let mut leader = false;
@@ -118,6 +112,19 @@ impl Controller {
         }
         Ok((by_verb, leader))
     }
+}
+
+/// (VmHWM, VmRSS) of a process, in bytes.
+pub(super) fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Requests per claim between two scrapes, and by verb: (7.01, "create 3.00, patch 4.01").
@@ -191,7 +198,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let client = stowage_loops::kube_client::client(config, 0.0, 1, Default::default())?;
     ensure_class_and_namespace(&client, &args.namespace).await?;
 
-    let controller = Controller::start(&args).await?;
+    let controller = Controller::start(&args.kubeconfig, &args.controller_args).await?;
     let ready_by = Instant::now() + Duration::from_secs(60);
     let before = loop {
         match controller.requests().await {
@@ -338,7 +345,10 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ensure_class_and_namespace(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+pub(super) async fn ensure_class_and_namespace(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     if namespaces.get_opt(namespace).await?.is_none() {
         let object = Namespace {

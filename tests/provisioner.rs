@@ -1864,4 +1864,31 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
         N,
         "every PV still there"
     );
+
+    // The loops have no periodic resync; what stands for one is the relist after a
+    // watch expires (410 Gone): it must be as quiet.
+    let before_relist = fake.calls();
+    fake.compact();
+    for resource in [
+        "persistentvolumeclaims",
+        "persistentvolumes",
+        "volumeattachments",
+    ] {
+        let listed = before_relist
+            .get(&("list".to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        wait_for(&format!("the loops list {resource} again"), || async move {
+            if fake.calls_of("list", resource) > listed {
+                Ok(())
+            } else {
+                Err(format!("no new list of {resource}"))
+            }
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = writes_between(&before_relist, &fake.calls());
+    assert!(writes.is_empty(), "writes after a relist: {writes:?}");
+    drop(second);
 }

@@ -22,7 +22,8 @@
 //!   stop/start matching a selector are sent as DELETED/ADDED. `timeoutSeconds` ends the
 //!   stream; with `allowWatchBookmarks` a BOOKMARK is sent every second. A watcher that
 //!   lags behind the fan-out has its stream ended (never silently loses events).
-//!   [`FakeKube::lag_watches`] delays one resource's events to the code under test.
+//!   [`FakeKube::lag_watches`] delays one resource's events to the code under test;
+//!   [`FakeKube::compact`] expires every watch (410 on the re-watch, then a relist).
 //! - update: optimistic concurrency on `metadata.resourceVersion` (empty = unconditional),
 //!   409 Conflict with the real message; a no-op update writes nothing (no new
 //!   resourceVersion, no event). `uid` (422 if changed), `creationTimestamp`,
@@ -469,6 +470,19 @@ impl FakeKube {
     pub fn break_watches(&self) {
         let _st = self.shared.lock();
         let _ = self.shared.tx.send(Msg::Break);
+    }
+
+    /// Compacts the watch history as etcd compaction does, and ends every open watch:
+    /// each client's re-watch from its last resourceVersion is answered 410 Expired, so
+    /// it lists again (what a real compaction, or a long disconnect, makes it do).
+    pub fn compact(&self) {
+        {
+            let mut st = self.shared.lock();
+            st.rv += 1;
+            st.evicted_rv = st.rv;
+            st.history.clear();
+        }
+        self.break_watches();
     }
 
     /// Current objects of a resource (`plural`, or `plural.group` e.g.

@@ -1892,3 +1892,40 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
     assert!(writes.is_empty(), "writes after a relist: {writes:?}");
     drop(second);
 }
+
+/// Where the API server streams lists (WatchList), the informers use it: no list
+/// request at start or after a watch expires, and claims are provisioned as with pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn informers_stream_their_lists_where_the_api_server_can() {
+    let test = "informers_stream_their_lists_where_the_api_server_can";
+    let cluster = Cluster::start(test).await;
+    let Some(fake) = cluster.fake_or_skip(test, FAULTS) else {
+        return;
+    };
+    fake.stream_lists();
+    let _stowage = Stowage::start(&cluster, "stream", &[]).await;
+    let class = cluster
+        .create_class("stowage-nfs", "Delete", &[], false)
+        .await;
+    cluster
+        .create_claim(&simple_claim("data-db-0", &class))
+        .await;
+    cluster.wait_all_bound(&["data-db-0".to_owned()]).await;
+    fake.compact();
+    cluster
+        .create_claim(&simple_claim("data-db-1", &class))
+        .await;
+    cluster.wait_all_bound(&["data-db-1".to_owned()]).await;
+    for resource in [
+        "persistentvolumeclaims",
+        "persistentvolumes",
+        "volumeattachments",
+        "storageclasses",
+    ] {
+        assert_eq!(
+            fake.calls_of("list", resource),
+            0,
+            "{resource} listed although the API server streams"
+        );
+    }
+}

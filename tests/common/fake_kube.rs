@@ -18,7 +18,9 @@
 //! - Watch: newline-delimited JSON events; a bounded history ([`HISTORY`] events) replays
 //!   events after an older `resourceVersion`, older than the history → `ERROR` 410
 //!   Expired. `resourceVersion` absent or `"0"` → ADDED for current objects first;
-//!   `sendInitialEvents=true` adds the `k8s.io/initial-events-end` BOOKMARK. Objects that
+//!   `sendInitialEvents=true` adds the `k8s.io/initial-events-end` BOOKMARK once
+//!   [`FakeKube::stream_lists`] is on, else is refused (ERROR 500, as a real API server
+//!   on an etcd without RequestWatchProgress). Objects that
 //!   stop/start matching a selector are sent as DELETED/ADDED. `timeoutSeconds` ends the
 //!   stream; with `allowWatchBookmarks` a BOOKMARK is sent every second. A watcher that
 //!   lags behind the fan-out has its stream ended (never silently loses events).
@@ -292,6 +294,8 @@ struct Store {
     faults: Vec<Fault>,
     /// Per resource (plural): how late events reach the watches of the code under test.
     watch_lag: BTreeMap<String, Duration>,
+    /// Whether watches with `sendInitialEvents` are served (see [`FakeKube::stream_lists`]).
+    stream_lists: bool,
     closed: bool,
 }
 
@@ -330,6 +334,7 @@ impl FakeKube {
                 object_writes: BTreeMap::new(),
                 faults: Vec::new(),
                 watch_lag: BTreeMap::new(),
+                stream_lists: false,
                 closed: false,
             }),
             tx,
@@ -470,6 +475,14 @@ impl FakeKube {
     pub fn break_watches(&self) {
         let _st = self.shared.lock();
         let _ = self.shared.tx.send(Msg::Break);
+    }
+
+    /// Serve streamed lists (`sendInitialEvents=true`), as an API server whose storage
+    /// has RequestWatchProgress (etcd 3.5+ with the WatchList feature) does. Off by
+    /// default: such a watch then gets the ERROR event the e2e cluster's API server
+    /// sends (its etcd lacks the feature), and clients list in pages.
+    pub fn stream_lists(&self) {
+        self.shared.lock().stream_lists = true;
     }
 
     /// Compacts the watch history as etcd compaction does, and ends every open watch:
@@ -1552,6 +1565,13 @@ fn watch(sh: &Arc<Shared>, filter: Filter, q: &Query, lag: Option<Duration>) -> 
         let rx = sh.tx.subscribe();
         match since {
             _ if st.closed => (rx, true),
+            _ if q.flag("sendInitialEvents") && !st.stream_lists => {
+                // What kube-apiserver 1.36 on an etcd without RequestWatchProgress says.
+                let msg = "a watch stream was requested by the client but the required storage \
+                           feature RequestWatchProgress is disabled";
+                lines.push(event_line("ERROR", &err(500, "InternalError", msg).body()));
+                (rx, true)
+            }
             None => {
                 let objs = st.objects[filter.res]
                     .values()

@@ -30,7 +30,7 @@ use crate::cache::UNBOUND;
 use crate::context::{Context, Next, finalizers_without, hash_map, is_api};
 use crate::csi_client::capability;
 use crate::informer;
-use crate::informer::Expect;
+use crate::informer::{EXPECTATION_TTL, Expect};
 use crate::rules::{self, Decision};
 use stowage_api::convert::volume_from_proto;
 use stowage_api::proto::csi as proto;
@@ -163,8 +163,9 @@ async fn provision(
 ) -> anyhow::Result<Next> {
     let started = Instant::now();
     let name = rules::pv_name(pvc).map_err(anyhow::Error::msg)?;
-    if existing_pv(shared, &name, pvc).await?.is_some() {
-        // Made before a crash or a failed finalizer write: the PV controller binds it.
+    if existing_pv(shared, &name, pvc).await?.is_some() || created_uncached(shared, &name) {
+        // Made before a crash or a failed finalizer write, or just made and not in the
+        // cache yet: the PV controller binds it.
         return settle(shared, pvc, finalizer).await;
     }
     let class_name = class.name_any();
@@ -234,6 +235,7 @@ async fn provision(
     let pv = rules::build_pv(&pvc, class, &shared.settings.identity, &volume, requested)
         .map_err(anyhow::Error::msg)?;
     create_pv(shared, &pv, &pvc).await?;
+    remember_created(shared, &name);
     shared.metrics.succeeded("provision", started);
     shared.events.normal(
         pvc.object_ref(&()),
@@ -386,8 +388,28 @@ async fn existing_pv(
     let Some(pv) = shared.volumes.get(name) else {
         return Ok(None);
     };
+    lock(&shared.created_pvs).remove(name);
     check_pv_is_for(&pv, pvc)?;
     Ok(Some((*pv).clone()))
+}
+
+/// Note a PV this process created, until the PV cache shows it (or
+/// [`EXPECTATION_TTL`] passes: a missed event must not block the claim).
+fn remember_created(shared: &Context, name: &str) {
+    let mut created = lock(&shared.created_pvs);
+    created.retain(|_, at| at.elapsed() < EXPECTATION_TTL);
+    created.insert(name.to_owned(), Instant::now());
+}
+
+/// Did this process create the PV `name` so lately that the cache may not show it?
+fn created_uncached(shared: &Context, name: &str) -> bool {
+    lock(&shared.created_pvs)
+        .get(name)
+        .is_some_and(|at| at.elapsed() < EXPECTATION_TTL)
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn check_pv_is_for(pv: &PersistentVolume, pvc: &PersistentVolumeClaim) -> anyhow::Result<()> {

@@ -196,6 +196,9 @@ pub struct Context {
     pub expect: LoopExpectations,
     /// When each unbound claim (by uid) was first looked at.
     pub first_seen: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// PVs the provisioner created that the PV cache may not show yet (by name), so a
+    /// claim looked at again meanwhile is not provisioned a second time.
+    pub created_pvs: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     pub client: kube::Client,
     pub csi: Csi,
     /// The driver names whose objects are the loops' (the CSI driver's own first).

@@ -652,6 +652,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
     let context = Arc::new(Context {
         expect: LoopExpectations::default(),
         first_seen: Mutex::default(),
+        created_pvs: Mutex::default(),
         events: Events::start(client.clone(), DRIVER, metrics.events_dropped.clone()),
         client,
         csi,

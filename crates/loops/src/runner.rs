@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::runtime::watcher;
@@ -169,9 +170,7 @@ impl Loops {
             }
         }
 
-        // Pages of 100: a list of thousands of objects never sits in memory at once
-        // as JSON and parsed copies (the largest transient allocation of the loops).
-        let config = watcher::Config::default().page_size(100);
+        let config = list_config(&client).await;
         let claims = informer::start_compact(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             config.clone(),
@@ -243,6 +242,7 @@ impl Loops {
         let shared = Arc::new(Context {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
+            created_pvs: std::sync::Mutex::default(),
             events: Events::start(client.clone(), &driver.main, metrics.events_dropped.clone()),
             client,
             csi,
@@ -376,6 +376,43 @@ fn snapshot_version(shared: &Context, key: &str) -> Option<String> {
 fn content_version(shared: &Context, key: &str) -> Option<String> {
     let stores = shared.snapshot_stores.as_ref()?;
     informer::get(&stores.contents, key).and_then(|o| o.metadata.resource_version.clone())
+}
+
+/// How the informers list: streamed as watch events where the API server supports it
+/// (WatchList, `sendInitialEvents`: the server sends the objects one by one from its
+/// watch cache, no list response is built on either side), else in pages of 100 (a
+/// list of thousands of objects never sits in memory at once as JSON and parsed copies).
+/// Support is asked once, by a streamed watch of StorageClasses that must end its
+/// initial events within 5 s.
+async fn list_config(client: &kube::Client) -> watcher::Config {
+    let streaming = watcher::Config::default().streaming_lists();
+    let probe = watcher::watcher(Api::<StorageClass>::all(client.clone()), streaming.clone());
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut events = std::pin::pin!(probe);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the watch ended".to_owned())
+    })
+    .await;
+    match ended {
+        Ok(Ok(())) => {
+            tracing::info!("informers list by streaming (WatchList)");
+            streaming
+        }
+        Ok(Err(e)) => {
+            tracing::info!(reason = %e, "the API server does not stream lists; informers list in pages");
+            watcher::Config::default().page_size(100)
+        }
+        Err(_) => {
+            tracing::info!("no streamed list within 5 s; informers list in pages");
+            watcher::Config::default().page_size(100)
+        }
+    }
 }
 
 /// Does the API server serve `snapshot.storage.k8s.io/v1` (are the CRDs installed)?

@@ -617,6 +617,7 @@ async fn thousand_claims_and_expired_resource_version() {
 #[tokio::test]
 async fn reflectors_converge_after_break_watches() {
     let fk = FakeKube::start().await;
+    fk.stream_lists();
     let api = Api::<Pvc>::all(fk.client());
     let ns = Api::<Pvc>::namespaced(fk.client(), "a");
     let pp = PostParams::default();
@@ -885,4 +886,35 @@ async fn kubeconfig_points_at_the_fake() {
         "default"
     );
     fk.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_streamed_list_is_refused_until_turned_on() {
+    let fk = FakeKube::start().await;
+    let api = Api::<Pvc>::all(fk.client());
+    let mut events = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let message = loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("an event");
+        match event {
+            Ok(watcher::Event::Init) => {}
+            Ok(other) => panic!("served although streams are off: {other:?}"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(message.contains("RequestWatchProgress"), "{message}");
+    fk.stream_lists();
+    let mut events = watcher(api, watcher::Config::default().streaming_lists()).boxed();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream goes on")
+            .expect("served");
+        if matches!(event, watcher::Event::InitDone) {
+            break;
+        }
+    }
 }

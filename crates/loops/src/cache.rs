@@ -36,8 +36,6 @@ pub enum Keep {
 /// An annotation nobody reads and that can be as large as the object (a copy of it).
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-const TYPE: [(&str, Keep); 2] = [("apiVersion", Keep::All), ("kind", Keep::All)];
-
 /// The metadata every loop reads of an object it acts on (no labels, owner references,
 /// timestamps other than the deletion's, or managed fields: no loop reads them).
 const META: Keep = Keep::Only(&[
@@ -50,27 +48,45 @@ const META: Keep = Keep::Only(&[
     ("annotations", Keep::AllBut(&[LAST_APPLIED])),
 ]);
 
+// `apiVersion` and `kind` are dropped too: the types know them (decoding accepts
+// objects without them).
+
 const CLAIM: Keep = Keep::Only(&[
-    TYPE[0],
-    TYPE[1],
     ("metadata", META),
     ("spec", Keep::All),
     ("status", Keep::All),
 ]);
 
+/// The claim a PV names: no loop reads its `apiVersion`, `kind` or `resourceVersion`.
+const CLAIM_REF: Keep = Keep::Only(&[
+    ("namespace", Keep::All),
+    ("name", Keep::All),
+    ("uid", Keep::All),
+]);
+
 const VOLUME: Keep = Keep::Only(&[
-    TYPE[0],
-    TYPE[1],
     ("metadata", META),
-    ("spec", Keep::All),
+    (
+        "spec",
+        Keep::Only(&[
+            ("accessModes", Keep::All),
+            ("capacity", Keep::All),
+            ("claimRef", CLAIM_REF),
+            ("csi", Keep::All),
+            ("mountOptions", Keep::All),
+            ("nodeAffinity", Keep::All),
+            ("persistentVolumeReclaimPolicy", Keep::All),
+            ("storageClassName", Keep::All),
+            ("volumeAttributesClassName", Keep::All),
+            ("volumeMode", Keep::All),
+        ]),
+    ),
     ("status", Keep::Only(&[("phase", Keep::All)])),
 ]);
 
 /// A PV of another driver: what `rules::is_ours` and pre-binding (`is_prebound_to`)
 /// read, so such a PV is known as not ours and a claim pre-bound to it is left alone.
 const OTHER_VOLUME: Keep = Keep::Only(&[
-    TYPE[0],
-    TYPE[1],
     (
         "metadata",
         Keep::Only(&[
@@ -90,14 +106,7 @@ const OTHER_VOLUME: Keep = Keep::Only(&[
         Keep::Only(&[
             ("accessModes", Keep::All),
             ("capacity", Keep::All),
-            (
-                "claimRef",
-                Keep::Only(&[
-                    ("namespace", Keep::All),
-                    ("name", Keep::All),
-                    ("uid", Keep::All),
-                ]),
-            ),
+            ("claimRef", CLAIM_REF),
             ("csi", Keep::Only(&[("driver", Keep::All)])),
             ("persistentVolumeReclaimPolicy", Keep::All),
             ("storageClassName", Keep::All),
@@ -108,8 +117,6 @@ const OTHER_VOLUME: Keep = Keep::Only(&[
 ]);
 
 const ATTACHMENT: Keep = Keep::Only(&[
-    TYPE[0],
-    TYPE[1],
     ("metadata", META),
     ("spec", Keep::All),
     ("status", Keep::All),
@@ -117,8 +124,6 @@ const ATTACHMENT: Keep = Keep::Only(&[
 
 /// An attachment of another attacher: enough for a deletion to reach its PV's loop.
 const OTHER_ATTACHMENT: Keep = Keep::Only(&[
-    TYPE[0],
-    TYPE[1],
     (
         "metadata",
         Keep::Only(&[
@@ -414,6 +419,18 @@ impl<K: Compact> Writer<K> {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.cache.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Hand the heap's free pages back to the kernel. The first lists parse every object
+/// whole before it is compacted; glibc's allocator keeps the freed pages of those
+/// (in the middle of its arenas) unless asked. Called once the caches are synced.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own arenas and releases free
+    // pages; it touches no memory the program holds.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -204,6 +204,7 @@ impl Loops {
             .await
             .map_err(|_| anyhow::anyhow!("an informer stopped before its first list"))?;
         attachments.store.wait_until_ready().await?;
+        crate::cache::return_free_memory();
         let snapshot_stores = if snapshot_api {
             let vs = informer::start(
                 Api::<VolumeSnapshot>::all(client.clone()),

@@ -225,7 +225,9 @@ fn the_volume_loop_reads_of_volumes_and_attachments_survive() {
         "/spec/csi/driver",
         "/spec/csi/volumeHandle",
         "/spec/persistentVolumeReclaimPolicy",
-        "/spec/claimRef",
+        "/spec/claimRef/namespace",
+        "/spec/claimRef/name",
+        "/spec/claimRef/uid",
         "/status/phase",
     ];
     keeps(volume(DRIVER), "pvc-c-1", &fields);
@@ -354,6 +356,7 @@ fn what_no_loop_reads_is_dropped_and_other_drivers_cost_little() {
         "/metadata/managedFields",
         "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration",
         "/status/lastPhaseTransitionTime",
+        "/spec/claimRef/resourceVersion",
     ] {
         assert_eq!(ours.pointer(dropped), None, "{dropped} is read by no loop");
     }

@@ -453,13 +453,15 @@ async fn probe(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     claims.delete(name, &DeleteParams::default()).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // The PV goes once kube-controller-manager has marked it Released, which a
+    // controller-manager just started among 100,000 PVs may take minutes to get to.
+    let deadline = Instant::now() + Duration::from_secs(600);
     while volumes.get_opt(&pv_name).await?.is_some() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the probe's PV {pv_name} was not deleted within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if Instant::now() > deadline {
+            tracing::warn!(pv = %pv_name, "the probe's PV was not deleted within 600 s; delete it by hand");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(appeared)
 }

@@ -292,7 +292,7 @@ impl<K: Compact> Cache<K> {
     /// The object behind a queue key.
     pub fn get(&self, key: &str) -> Option<Arc<K>> {
         let inner = self.read();
-        inner.objects.get(key).map(decode)
+        inner.objects.get(key).and_then(|e| decode(key, e))
     }
 
     /// The resourceVersion of the object behind a key (no decoding).
@@ -306,9 +306,9 @@ impl<K: Compact> Cache<K> {
         let inner = self.read();
         inner
             .objects
-            .values()
-            .filter(|e| e.tag.as_deref() == Some(tag))
-            .map(decode)
+            .iter()
+            .filter(|(_, e)| e.tag.as_deref() == Some(tag))
+            .filter_map(|(key, e)| decode(key, e))
             .collect()
     }
 
@@ -353,11 +353,17 @@ impl<K: Compact> Cache<K> {
 #[error("the informer stopped before its first list")]
 pub struct CacheClosed;
 
-fn decode<K: DeserializeOwned>(entry: &Entry) -> Arc<K> {
-    Arc::new(
-        serde_json::from_slice(&entry.json)
-            .expect("a compact object decodes: it was encoded from its own type"),
-    )
+/// The object of an entry. It was encoded from its own type, so this fails only if a
+/// `Keep` rule dropped a field the type cannot do without: then the object is missing
+/// to the loops (and says so) rather than a panic in a worker.
+fn decode<K: DeserializeOwned>(key: &str, entry: &Entry) -> Option<Arc<K>> {
+    match serde_json::from_slice(&entry.json) {
+        Ok(object) => Some(Arc::new(object)),
+        Err(e) => {
+            tracing::error!(%key, error = %e, "a cached object does not decode; a Keep rule drops a field its type needs");
+            None
+        }
+    }
 }
 
 impl<K: Compact> Writer<K> {

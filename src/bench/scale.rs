@@ -715,3 +715,63 @@ pub fn chart(rows: &[Measured]) -> String {
     svg += "</svg>\n";
     svg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(driver: &str, volumes: usize, rss_mb: f64) -> Measured {
+        Measured {
+            driver: driver.into(),
+            volumes,
+            other_volumes: 0,
+            synced_s: None,
+            first_pv_s: 0.1,
+            start_to_first_pv_s: 0.1,
+            rss_mb,
+            peak_rss_mb: rss_mb,
+            writes: None,
+            csi_calls: None,
+        }
+    }
+
+    #[test]
+    fn the_chart_draws_a_line_per_driver_through_its_rows() {
+        let rows = [
+            row("stowage", 1000, 35.0),
+            row("external-provisioner", 1000, 75.0),
+            row("stowage", 50000, 190.0),
+            row("external-provisioner", 50000, 800.0),
+        ];
+        let svg = chart(&rows);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        let lines: Vec<&str> = svg.lines().filter(|l| l.starts_with("<polyline")).collect();
+        assert_eq!(lines.len(), 2, "one line per driver");
+        for line in &lines {
+            assert_eq!(line.matches(',').count(), 2, "two points each: {line}");
+        }
+        assert!(svg.contains(">stowage</text>") && svg.contains(">external-provisioner</text>"));
+        // The largest value sits below the top of the plot, the smallest above the axis.
+        let ys: Vec<f64> = svg
+            .lines()
+            .filter(|l| l.starts_with("<circle"))
+            .filter_map(|l| l.split("cy=\"").nth(1)?.split('"').next()?.parse().ok())
+            .collect();
+        assert_eq!(ys.len(), 4);
+        assert!(ys.iter().all(|y| (30.0..=350.0).contains(y)), "{ys:?}");
+    }
+
+    #[test]
+    fn writes_and_calls_count_only_writes_and_real_csi_calls() {
+        let metrics = "\
+stowage_kube_api_requests_total{verb=\"list\",resource=\"persistentvolumes\"} 3
+stowage_kube_api_requests_total{verb=\"patch\",resource=\"persistentvolumeclaims\"} 2
+stowage_kube_api_requests_total{verb=\"update\",resource=\"leases\"} 9
+stowage_kube_api_requests_total{verb=\"create\",resource=\"events\"} 1
+csi_sidecar_operations_seconds_count{driver_name=\"d\",method_name=\"/csi.v1.Identity/Probe\",grpc_status_code=\"OK\"} 4
+csi_sidecar_operations_seconds_count{driver_name=\"d\",method_name=\"/csi.v1.Controller/ControllerGetCapabilities\",grpc_status_code=\"OK\"} 1
+csi_sidecar_operations_seconds_count{driver_name=\"d\",method_name=\"/csi.v1.Controller/CreateVolume\",grpc_status_code=\"OK\"} 5
+";
+        assert_eq!(writes_and_calls(metrics), (3, 5));
+    }
+}

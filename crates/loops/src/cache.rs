@@ -223,7 +223,8 @@ struct Entry {
     /// The compact JSON of the object.
     json: Box<[u8]>,
     version: Box<str>,
-    tag: Option<Box<str>>,
+    /// The [`Compact::tag`]'s fingerprint (callers re-check what they select).
+    tag: Option<u64>,
     /// The list (see [`Inner::epoch`]) that last saw the object.
     epoch: u32,
 }
@@ -301,13 +302,15 @@ impl<K: Compact> Cache<K> {
         inner.objects.get(key).map(|e| e.version.to_string())
     }
 
-    /// Every object with this tag (see [`Compact::tag`]).
+    /// Every object with this tag (see [`Compact::tag`]; tags are kept as 64-bit
+    /// fingerprints, so a caller that must not meet another tag's object checks it).
     pub fn tagged(&self, tag: &str) -> Vec<Arc<K>> {
+        let tag = fingerprint(tag);
         let inner = self.read();
         inner
             .objects
             .iter()
-            .filter(|(_, e)| e.tag.as_deref() == Some(tag))
+            .filter(|(_, e)| e.tag == Some(tag))
             .filter_map(|(key, e)| decode(key, e))
             .collect()
     }
@@ -395,7 +398,7 @@ impl<K: Compact> Writer<K> {
                 .clone()
                 .unwrap_or_default()
                 .into_boxed_str(),
-            tag: object.tag().map(String::into_boxed_str),
+            tag: object.tag().as_deref().map(fingerprint),
             epoch: 0,
         };
         let mut inner = self.write();
@@ -439,6 +442,8 @@ pub fn return_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+use crate::informer::fingerprint;
 
 fn key_of<K: Resource>(object: &K) -> Option<String> {
     object.meta().name.as_ref()?;

@@ -51,6 +51,23 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// The queue drained: give back the room a burst took (a start among 50,000
+    /// objects queues each once; the empty tables would otherwise keep megabytes).
+    fn release_spare_capacity(&mut self) {
+        const KEEP: usize = 1024;
+        if self.ready.capacity() > KEEP {
+            self.ready.shrink_to(KEEP);
+        }
+        if self.queued.capacity() > KEEP {
+            self.queued.shrink_to(KEEP);
+        }
+        if self.forced.capacity() > KEEP && self.forced.len() < KEEP {
+            self.forced.shrink_to(KEEP);
+        }
+    }
+}
+
 /// A cloneable handle on one queue.
 #[derive(Clone)]
 pub struct Queue {
@@ -173,7 +190,9 @@ impl Queue {
                 if let Some(key) = state.ready.pop_front() {
                     state.queued.remove(&key);
                     state.active.insert(key.clone());
-                    if !state.ready.is_empty() {
+                    if state.ready.is_empty() {
+                        state.release_spare_capacity();
+                    } else {
                         self.ready.notify_one();
                     }
                     return Some(key);

@@ -122,7 +122,9 @@ async fn drop_finalizer(shared: &Context, mut pv: PersistentVolume) -> anyhow::R
 async fn delete(shared: &Context, pv: &PersistentVolume) -> anyhow::Result<Next> {
     let started = Instant::now();
     let name = pv.name_any();
-    let attached = shared.attachments.find_tagged(&name, |_| true);
+    let attached = shared.attachments.find_tagged(&name, |va| {
+        va.spec.source.persistent_volume_name.as_deref() == Some(name.as_str())
+    });
     if let Some(va) = attached {
         tracing::debug!(pv = %name, attachment = %va.name_any(), "waiting for the VolumeAttachment to go before DeleteVolume");
         return Ok(Next::After(Duration::from_secs(5)));

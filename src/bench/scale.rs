@@ -73,27 +73,13 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let other = count(&client, "other").await?;
-    let mut results = vec![measure_stowage(&client, &args, other).await?];
+    measure_stowage(&client, &args, other).await?;
     match (&args.csi_provisioner, &args.hostpathplugin) {
         (Some(provisioner), Some(plugin)) => {
-            results.push(measure_external(&client, &args, other, provisioner, plugin).await?)
+            measure_external(&client, &args, other, provisioner, plugin).await?
         }
         (None, None) => {}
         _ => anyhow::bail!("--csi-provisioner and --hostpathplugin go together"),
-    }
-    for m in &results {
-        print(m);
-    }
-    if let Some(path) = &args.results {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        for m in &results {
-            writeln!(file, "{}", serde_json::to_string(m)?)?;
-        }
     }
     if let Some(svg) = &args.svg {
         let path = args
@@ -103,6 +89,22 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
         let rows = read_results(path)?;
         std::fs::write(svg, chart(&rows)).with_context(|| format!("writing {}", svg.display()))?;
         println!("  chart of {} rows: {}", rows.len(), svg.display());
+    }
+    Ok(())
+}
+
+/// Print a result and append it to `--results`: as soon as it is measured, before the
+/// probe's cleanup (which waits for kube-controller-manager).
+fn report(m: &Measured, args: &ScaleArgs) -> anyhow::Result<()> {
+    print(m);
+    if let Some(path) = &args.results {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(file, "{}", serde_json::to_string(m)?)?;
     }
     Ok(())
 }
@@ -430,10 +432,12 @@ fn probe_claim(name: &str) -> PersistentVolumeClaim {
     }
 }
 
-/// Create a probe claim and wait for a PV naming it; then delete the claim and wait
-/// for the PV to go (the measured provisioner still runs and deletes its volume).
-/// Returns when the PV appeared.
-async fn probe(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<Instant> {
+/// Create a probe claim and wait for a PV naming it: when it appeared, and its name.
+async fn probe(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(Instant, String)> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let claim = claims
@@ -452,18 +456,31 @@ async fn probe(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Re
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    Ok((appeared, pv_name))
+}
+
+/// Delete the probe claim and wait for its PV to go (the measured provisioner still
+/// runs and deletes its volume).
+async fn drop_probe(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    pv_name: &str,
+) -> anyhow::Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
     claims.delete(name, &DeleteParams::default()).await?;
     // The PV goes once kube-controller-manager has marked it Released, which a
     // controller-manager just started among 100,000 PVs may take minutes to get to.
     let deadline = Instant::now() + Duration::from_secs(600);
-    while volumes.get_opt(&pv_name).await?.is_some() {
+    while volumes.get_opt(pv_name).await?.is_some() {
         if Instant::now() > deadline {
             tracing::warn!(pv = %pv_name, "the probe's PV was not deleted within 600 s; delete it by hand");
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(appeared)
+    Ok(())
 }
 
 /// Writes (create/update/patch/delete, Leases aside) and CSI calls (identity and
@@ -508,7 +525,7 @@ async fn measure_stowage(
     client: &kube::Client,
     args: &ScaleArgs,
     other_volumes: usize,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let controller = Controller::start(&args.kubeconfig, &args.controller_args).await?;
     let synced = loop {
@@ -526,27 +543,28 @@ async fn measure_stowage(
     let (writes, csi_calls) = writes_and_calls(&controller.scrape().await?);
     let (peak, rss) = controller.memory();
     let asked = Instant::now();
-    let appeared = probe(
-        client,
-        &args.namespace,
-        &format!("probe-{}", std::process::id()),
-    )
-    .await?;
+    let probe_name = format!("probe-{}", std::process::id());
+    let (appeared, pv_name) = probe(client, &args.namespace, &probe_name).await?;
+    report(
+        &Measured {
+            driver: "stowage".to_owned(),
+            volumes: args.volumes,
+            other_volumes,
+            synced_s: Some(synced.as_secs_f64()),
+            first_pv_s: (appeared - asked).as_secs_f64(),
+            start_to_first_pv_s: synced.as_secs_f64() + (appeared - asked).as_secs_f64(),
+            rss_mb: rss as f64 / 1e6,
+            peak_rss_mb: peak as f64 / 1e6,
+            writes: Some(writes),
+            csi_calls: Some(csi_calls),
+        },
+        args,
+    )?;
+    drop_probe(client, &args.namespace, &probe_name, &pv_name).await?;
     let mut controller = controller;
     let _ = controller.child.start_kill();
     let _ = controller.child.wait().await;
-    Ok(Measured {
-        driver: "stowage".to_owned(),
-        volumes: args.volumes,
-        other_volumes,
-        synced_s: Some(synced.as_secs_f64()),
-        first_pv_s: (appeared - asked).as_secs_f64(),
-        start_to_first_pv_s: synced.as_secs_f64() + (appeared - asked).as_secs_f64(),
-        rss_mb: rss as f64 / 1e6,
-        peak_rss_mb: peak as f64 / 1e6,
-        writes: Some(writes),
-        csi_calls: Some(csi_calls),
-    })
+    Ok(())
 }
 
 /// A child process killed when dropped.
@@ -566,7 +584,7 @@ async fn measure_external(
     other_volumes: usize,
     provisioner: &Path,
     plugin: &Path,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("csi.sock");
     let mut plugin = spawn(
@@ -594,31 +612,32 @@ async fn measure_external(
         ],
     )?;
     let pid = child.id().unwrap_or(0);
-    let appeared = probe(
-        client,
-        &args.namespace,
-        &format!("probe-ep-{}", std::process::id()),
-    )
-    .await?;
+    let probe_name = format!("probe-ep-{}", std::process::id());
+    let (appeared, pv_name) = probe(client, &args.namespace, &probe_name).await?;
     // Its caches are synced by now (it provisioned); let the heap settle as stowage's did.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (peak, rss) = memory_of(pid);
+    report(
+        &Measured {
+            driver: "external-provisioner".to_owned(),
+            volumes: args.volumes,
+            other_volumes,
+            synced_s: None,
+            first_pv_s: (appeared - started).as_secs_f64(),
+            start_to_first_pv_s: (appeared - started).as_secs_f64(),
+            rss_mb: rss as f64 / 1e6,
+            peak_rss_mb: peak as f64 / 1e6,
+            writes: None,
+            csi_calls: None,
+        },
+        args,
+    )?;
+    drop_probe(client, &args.namespace, &probe_name, &pv_name).await?;
     let _ = child.start_kill();
     let _ = child.wait().await;
     let _ = plugin.start_kill();
     let _ = plugin.wait().await;
-    Ok(Measured {
-        driver: "external-provisioner".to_owned(),
-        volumes: args.volumes,
-        other_volumes,
-        synced_s: None,
-        first_pv_s: (appeared - started).as_secs_f64(),
-        start_to_first_pv_s: (appeared - started).as_secs_f64(),
-        rss_mb: rss as f64 / 1e6,
-        peak_rss_mb: peak as f64 / 1e6,
-        writes: None,
-        csi_calls: None,
-    })
+    Ok(())
 }
 
 fn read_results(path: &Path) -> anyhow::Result<Vec<Measured>> {

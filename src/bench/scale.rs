@@ -70,7 +70,7 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
     ensure_class_and_namespace(&client, &args.namespace).await?;
     fill(&client, &args).await?;
     if args.fill_only {
-        return Ok(());
+        return draw(&args);
     }
     let other = count(&client, "other").await?;
     measure_stowage(&client, &args, other).await?;
@@ -81,6 +81,12 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
         (None, None) => {}
         _ => anyhow::bail!("--csi-provisioner and --hostpathplugin go together"),
     }
+    draw(&args)
+}
+
+/// Draw `--svg` from the rows of `--results` (also after `--fill-only`: with
+/// `--volumes 0` that only redraws the chart).
+fn draw(args: &ScaleArgs) -> anyhow::Result<()> {
     if let Some(svg) = &args.svg {
         let path = args
             .results

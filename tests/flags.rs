@@ -78,6 +78,13 @@ fn sample(id: &str) -> Option<&'static [&'static str]> {
         "namespace" => &["--namespace", "other"],
         "controller_args" => &["--controller-arg", "--kube-api-qps=1"],
         "keep" => &["--keep"],
+        "other_volumes" => &["--other-volumes", "5"],
+        "fill_only" => &["--fill-only"],
+        "clean" => &["--clean"],
+        "csi_provisioner" => &["--csi-provisioner", "/p", "--hostpathplugin", "/h"],
+        "hostpathplugin" => &["--hostpathplugin", "/h", "--csi-provisioner", "/p"],
+        "results" => &["--results", "/r"],
+        "svg" => &["--results", "/r", "--svg", "/s"],
         _ => return None,
     })
 }
@@ -100,7 +107,7 @@ fn configurations(path: &[&str]) -> Vec<Vec<&'static str>> {
             vec!["--nfs-server", "10.0.0.1", "--nfs-share", "/x"],
         ],
         ["bench"] => vec![vec![], vec!["--ebs-endpoint", "http://127.0.0.1:2"]],
-        ["bench", "provision"] => vec![vec!["--kubeconfig", "/k"]],
+        ["bench", "provision"] | ["bench", "scale"] => vec![vec!["--kubeconfig", "/k"]],
         ["gc"] => vec![vec![], vec!["--backend", "nfs,ebs", "--delete"]],
         ["explain"] => vec![vec!["pvc/data-db-0"]],
         _ => vec![vec![]],

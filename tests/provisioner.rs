@@ -604,6 +604,17 @@ async fn provisioning_retries_through_api_failures() {
         "{calls:?}"
     );
     assert_eq!(count("patch", "persistentvolumes/status"), 0, "{calls:?}");
+    // The volume was made once: the PV's failed creations are retried without the driver.
+    let metrics = stowage.metrics().await;
+    let creates: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("csi_sidecar_operations_seconds_count{")
+                && l.contains("/csi.v1.Controller/CreateVolume")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(creates, 1.0, "CreateVolume calls (3 PV creations failed)");
 }
 
 /// The finalizer of a deleted PV comes off through conflicts (on a real cluster

@@ -168,6 +168,11 @@ async fn provision(
         // cache yet: the PV controller binds it.
         return settle(shared, pvc, finalizer).await;
     }
+    let unsaved = lock(&shared.unsaved_pvs).remove(&name);
+    if let Some(pv) = unsaved.filter(|pv| check_pv_is_for(pv, pvc).is_ok()) {
+        // CreateVolume made the volume on an earlier attempt; only its PV is missing.
+        return save_pv(shared, pvc, pv, finalizer, started).await;
+    }
     let class_name = class.name_any();
     let request = match create_request(shared, pvc, class, &name).await {
         Ok(request) => request,
@@ -234,7 +239,24 @@ async fn provision(
     }
     let pv = rules::build_pv(&pvc, class, &shared.settings.identity, &volume, requested)
         .map_err(anyhow::Error::msg)?;
-    create_pv(shared, &pv, &pvc).await?;
+    save_pv(shared, &pvc, pv, finalizer, started).await
+}
+
+/// Create the PV of the volume CreateVolume made for `pvc`, then let the claim go. A PV
+/// that cannot be created now is kept for the claim's next attempt, which saves it
+/// without calling the driver again.
+async fn save_pv(
+    shared: &Context,
+    pvc: &PersistentVolumeClaim,
+    pv: PersistentVolume,
+    finalizer: &str,
+    started: Instant,
+) -> anyhow::Result<Next> {
+    let name = pv.name_any();
+    if let Err(e) = create_pv(shared, &pv, pvc).await {
+        lock(&shared.unsaved_pvs).insert(name, pv);
+        return Err(e);
+    }
     remember_created(shared, &name);
     shared.metrics.succeeded("provision", started);
     shared.events.normal(
@@ -243,8 +265,8 @@ async fn provision(
         format!("Successfully provisioned volume {name}"),
     );
     // The volume has its PV: the claim may go now, and the PV controller binds it.
-    remove_finalizer(shared, &pvc, finalizer).await?;
-    release_clone_source(shared, &pvc).await?;
+    remove_finalizer(shared, pvc, finalizer).await?;
+    release_clone_source(shared, pvc).await?;
     Ok(Next::Done)
 }
 
@@ -554,6 +576,7 @@ async fn abandon(
     finalizer: &str,
 ) -> anyhow::Result<Next> {
     let name = rules::pv_name(pvc).map_err(anyhow::Error::msg)?;
+    lock(&shared.unsaved_pvs).remove(&name);
     let has_pv = match volumes(shared).get_opt(&name).await? {
         Some(pv) => check_pv_is_for(&pv, pvc).is_ok(),
         None => false,

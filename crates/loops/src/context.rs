@@ -199,6 +199,10 @@ pub struct Context {
     /// PVs the provisioner created that the PV cache may not show yet (by name), so a
     /// claim looked at again meanwhile is not provisioned a second time.
     pub created_pvs: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// PVs built for volumes CreateVolume made whose creation failed (API server away):
+    /// the claim's next attempt creates the PV without calling the driver again, as
+    /// external-provisioner's volume store does.
+    pub unsaved_pvs: std::sync::Mutex<std::collections::HashMap<String, PersistentVolume>>,
     pub client: kube::Client,
     pub csi: Csi,
     /// The driver names whose objects are the loops' (the CSI driver's own first).

@@ -244,6 +244,7 @@ impl Loops {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
             created_pvs: std::sync::Mutex::default(),
+            unsaved_pvs: std::sync::Mutex::default(),
             events: Events::start(client.clone(), &driver.main, metrics.events_dropped.clone()),
             client,
             csi,

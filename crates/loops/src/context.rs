@@ -178,6 +178,10 @@ impl LoopMetrics {
     }
 }
 
+/// See [`Context::unsaved_pvs`].
+pub type UnsavedPvs =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, PersistentVolume>>>;
+
 /// Each loop's expectations of the cache after its own writes.
 #[derive(Clone, Default)]
 pub struct LoopExpectations {
@@ -201,8 +205,9 @@ pub struct Context {
     pub created_pvs: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// PVs built for volumes CreateVolume made whose creation failed (API server away):
     /// the claim's next attempt creates the PV without calling the driver again, as
-    /// external-provisioner's volume store does.
-    pub unsaved_pvs: std::sync::Mutex<std::collections::HashMap<String, PersistentVolume>>,
+    /// external-provisioner's volume store does. Kept by the process across leadership
+    /// terms (a lost Lease while the API server is away must not forget them).
+    pub unsaved_pvs: UnsavedPvs,
     pub client: kube::Client,
     pub csi: Csi,
     /// The driver names whose objects are the loops' (the CSI driver's own first).

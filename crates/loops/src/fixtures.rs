@@ -653,7 +653,7 @@ pub async fn fixture(caches: Caches, driver: FakeDriver) -> Fixture {
         expect: LoopExpectations::default(),
         first_seen: Mutex::default(),
         created_pvs: Mutex::default(),
-        unsaved_pvs: Mutex::default(),
+        unsaved_pvs: Arc::default(),
         events: Events::start(client.clone(), DRIVER, metrics.events_dropped.clone()),
         client,
         csi,

@@ -37,6 +37,7 @@ impl Loops {
         csi: Csi,
         settings: Settings,
         (metrics, activity): (LoopMetrics, Activity),
+        unsaved_pvs: UnsavedPvs,
     ) -> anyhow::Result<Loops> {
         let driver = DriverNames::new(
             csi.caps.driver_name.clone(),
@@ -244,7 +245,7 @@ impl Loops {
             expect: expect.clone(),
             first_seen: std::sync::Mutex::default(),
             created_pvs: std::sync::Mutex::default(),
-            unsaved_pvs: std::sync::Mutex::default(),
+            unsaved_pvs,
             events: Events::start(client.clone(), &driver.main, metrics.events_dropped.clone()),
             client,
             csi,
@@ -515,6 +516,7 @@ pub async fn run(
     election: Option<leader::Election>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let unsaved_pvs = UnsavedPvs::default();
     let stopped = |metrics: &LoopMetrics| {
         metrics.leader.set(0);
         activity.set_leading(false);
@@ -522,7 +524,13 @@ pub async fn run(
     // A start waits for the informers' first lists, which never come while the API
     // server is away: a stop must not wait for it.
     let Some(election) = election else {
-        let started = Loops::start(client, csi, settings, (metrics.clone(), activity.clone()));
+        let started = Loops::start(
+            client,
+            csi,
+            settings,
+            (metrics.clone(), activity.clone()),
+            unsaved_pvs,
+        );
         let loops = tokio::select! {
             loops = started => loops?,
             _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -543,6 +551,7 @@ pub async fn run(
             csi.clone(),
             settings.clone(),
             (metrics.clone(), activity.clone()),
+            unsaved_pvs.clone(),
         );
         let loops = tokio::select! {
             loops = started => Some(loops),

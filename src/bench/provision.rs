@@ -168,6 +168,22 @@ async fn quiet(
     Ok((changed, last))
 }
 
+/// The spec of a bench claim: one access mode, `size`, on the bench's StorageClass.
+pub(super) fn claim_spec(access_mode: &str, size: &str) -> PersistentVolumeClaimSpec {
+    PersistentVolumeClaimSpec {
+        access_modes: Some(vec![access_mode.to_owned()]),
+        storage_class_name: Some(CLASS.to_owned()),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(size.to_owned()),
+            )])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    }
+}
+
 fn claim(name: &str, run: &str) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
@@ -175,18 +191,7 @@ fn claim(name: &str, run: &str) -> PersistentVolumeClaim {
             labels: Some(BTreeMap::from([(LABEL.to_owned(), run.to_owned())])),
             ..ObjectMeta::default()
         },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteMany".to_owned()]),
-            storage_class_name: Some(CLASS.to_owned()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity("1Gi".into()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(claim_spec("ReadWriteMany", "1Gi")),
         status: None,
     }
 }

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{
-    CSIPersistentVolumeSource, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeSpec, VolumeResourceRequirements,
+    CSIPersistentVolumeSource, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -28,7 +27,7 @@ use kube::{Api, ResourceExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::provision::{CLASS, Controller, ensure_class_and_namespace, memory_of};
+use super::provision::{CLASS, Controller, claim_spec, ensure_class_and_namespace, memory_of};
 use crate::config::ScaleArgs;
 use stowage_api::keys::DEFAULT_DRIVER_NAME;
 use stowage_loops::rules;
@@ -242,18 +241,7 @@ async fn fill_pair(
             finalizers: Some(vec!["kubernetes.io/pvc-protection".to_owned()]),
             ..ObjectMeta::default()
         },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteMany".to_owned()]),
-            storage_class_name: Some(CLASS.to_owned()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity("1Gi".into()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(claim_spec("ReadWriteMany", "1Gi")),
         status: None,
     };
     let claim = claims
@@ -364,48 +352,36 @@ async fn clean(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
     let params = ListParams::default().labels(LABEL).limit(500);
     let pv_names = list_names(volumes.clone(), params.clone()).await?;
     let claim_names = list_names(claims.clone(), params).await?;
-    let unprotect = json!({"metadata": {"finalizers": null}});
     let started = Instant::now();
-    futures::stream::iter(pv_names.iter())
-        .map(|name| {
-            let volumes = volumes.clone();
-            let unprotect = unprotect.clone();
-            async move {
-                volumes
-                    .patch(name, &PatchParams::default(), &Patch::Merge(unprotect))
-                    .await?;
-                volumes
-                    .delete(name, &DeleteParams::default())
-                    .await
-                    .map(drop)
-            }
-        })
-        .buffer_unordered(FILL_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
-    futures::stream::iter(claim_names.iter())
-        .map(|name| {
-            let claims = claims.clone();
-            let unprotect = unprotect.clone();
-            async move {
-                claims
-                    .patch(name, &PatchParams::default(), &Patch::Merge(unprotect))
-                    .await?;
-                claims
-                    .delete(name, &DeleteParams::default())
-                    .await
-                    .map(drop)
-            }
-        })
-        .buffer_unordered(FILL_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
+    unprotect_and_delete(&volumes, &pv_names).await?;
+    unprotect_and_delete(&claims, &claim_names).await?;
     println!(
         "deleted {} PVs and {} claims in {:.1} s",
         pv_names.len(),
         claim_names.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Drop the finalizers of the named objects, then delete them.
+async fn unprotect_and_delete<K>(api: &Api<K>, names: &HashSet<String>) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let unprotect = json!({"metadata": {"finalizers": null}});
+    futures::stream::iter(names)
+        .map(|name| {
+            let unprotect = &unprotect;
+            async move {
+                api.patch(name, &PatchParams::default(), &Patch::Merge(unprotect))
+                    .await?;
+                api.delete(name, &DeleteParams::default()).await.map(drop)
+            }
+        })
+        .buffer_unordered(FILL_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(())
 }
 
@@ -422,18 +398,7 @@ fn probe_claim(name: &str) -> PersistentVolumeClaim {
             )])),
             ..ObjectMeta::default()
         },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
-            storage_class_name: Some(CLASS.to_owned()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity("1Mi".into()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(claim_spec("ReadWriteOnce", "1Mi")),
         status: None,
     }
 }

@@ -1830,29 +1830,7 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
 
     let before = fake.calls();
     let second = Stowage::start_with_data(&cluster, "second", &data, &[], &[]).await;
-    let lists = |resource: &'static str| {
-        let before = before
-            .get(&("list".to_owned(), resource.to_owned()))
-            .copied()
-            .unwrap_or(0);
-        async move {
-            if fake.calls_of("list", resource) > before {
-                Ok(())
-            } else {
-                Err(format!("no new list of {resource}"))
-            }
-        }
-    };
-    for resource in [
-        "persistentvolumeclaims",
-        "persistentvolumes",
-        "volumeattachments",
-    ] {
-        wait_for(&format!("the restarted loops list {resource}"), || {
-            lists(resource)
-        })
-        .await;
-    }
+    wait_listed_again(fake, &before).await;
     // Every key the informers handed over has been looked at well within this.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let writes = writes_between(&before, &fake.calls());
@@ -1880,12 +1858,25 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
     // watch expires (410 Gone): it must be as quiet.
     let before_relist = fake.calls();
     fake.compact();
+    wait_listed_again(fake, &before_relist).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = writes_between(&before_relist, &fake.calls());
+    assert!(writes.is_empty(), "writes after a relist: {writes:?}");
+    drop(second);
+}
+
+/// Wait until the loops have listed claims, PVs and attachments again since `before`
+/// (a restart's first lists, or the relists after their watches expired).
+async fn wait_listed_again(
+    fake: &common::fake_kube::FakeKube,
+    before: &BTreeMap<(String, String), u64>,
+) {
     for resource in [
         "persistentvolumeclaims",
         "persistentvolumes",
         "volumeattachments",
     ] {
-        let listed = before_relist
+        let listed = before
             .get(&("list".to_owned(), resource.to_owned()))
             .copied()
             .unwrap_or(0);
@@ -1898,10 +1889,6 @@ async fn a_restart_among_bound_volumes_writes_nothing() {
         })
         .await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let writes = writes_between(&before_relist, &fake.calls());
-    assert!(writes.is_empty(), "writes after a relist: {writes:?}");
-    drop(second);
 }
 
 /// Where the API server streams lists (WatchList), the informers use it: no list

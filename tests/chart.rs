@@ -1163,7 +1163,7 @@ fn expected_grants(role: &str, secrets: bool) -> Grants {
         "leader-election" => grants(&[(
             "coordination.k8s.io",
             &["leases"],
-            &["get", "create", "update", "patch"],
+            &["get", "list", "watch", "create", "update", "patch"],
         )]),
         other => panic!("no expectation for role {other}"),
     };

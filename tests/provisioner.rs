@@ -868,6 +868,22 @@ async fn leader_gauge(stowage: &Stowage) -> Option<f64> {
     metric(&text, "stowage_leader", &[])
 }
 
+/// `Ok` when `stowage` says it leads and the Lease (in `namespace`) names `identity`.
+async fn leads(
+    cluster: &Cluster,
+    namespace: &str,
+    stowage: &Stowage,
+    identity: &str,
+) -> Result<(), String> {
+    let gauge = leader_gauge(stowage).await;
+    let holder = lease_holder(cluster, namespace).await;
+    if gauge == Some(1.0) && holder.as_deref() == Some(identity) {
+        Ok(())
+    } else {
+        Err(format!("stowage_leader={gauge:?}; Lease holder {holder:?}"))
+    }
+}
+
 /// The namespace of the leader-election Lease in tests.
 fn lease_namespace(cluster: &Cluster) -> String {
     if cluster.is_fake() {
@@ -934,22 +950,54 @@ async fn leader_election_runs_one_replica_and_hands_over_when_it_dies() {
 
     replicas[leader].kill();
     let killed = Instant::now();
-    let replicas_ref = &replicas;
-    let identity = ["replica-a", "replica-b"][follower];
-    wait_for("the other replica to take over", || async move {
-        let gauge = leader_gauge(&replicas_ref[follower]).await;
-        let holder = lease_holder(cluster_ref, ns).await;
-        if gauge == Some(1.0) && holder.as_deref() == Some(identity) {
-            Ok(())
-        } else {
-            Err(format!("stowage_leader={gauge:?}; Lease holder {holder:?}"))
-        }
+    let (replicas_ref, identity) = (&replicas, ["replica-a", "replica-b"][follower]);
+    wait_for("the other replica to take over", || {
+        leads(cluster_ref, ns, &replicas_ref[follower], identity)
     })
     .await;
     println!("takeover after SIGKILL: {:?}", killed.elapsed());
     cluster.create_claim(&simple_claim("after", &class)).await;
     let (_, pv_after) = cluster.wait_bound("after").await;
     assert_eq!(replicas[follower].volume_dirs(), [pv_after.name_any()]);
+}
+
+/// A waiting replica sees the leader's renewals as they happen (it watches the Lease), so
+/// it leads within the lease duration of the last renewal. Replica b reads the Lease only
+/// every 10 s: reading alone, it could not lead before its second read after the kill
+/// (the first sees renewals it had not seen, so starts the 2 s lease over), ≥ 9.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_replica_leads_within_the_lease_duration_of_the_last_renewal() {
+    let cluster = Cluster::start("leader_takeover").await;
+    let namespace = lease_namespace(&cluster);
+    let flags_a = election_flags(&namespace, "replica-a", "2s", "1500ms");
+    let mut flags_b = election_flags(&namespace, "replica-b", "2s", "1500ms");
+    *flags_b.last_mut().unwrap() = "10s".to_owned();
+    let mut a = Stowage::start(&cluster, "replica-a", &as_strs(&flags_a)).await;
+    let (cluster_ref, ns, a_ref) = (&cluster, namespace.as_str(), &a);
+    wait_for("replica a to lead", || {
+        leads(cluster_ref, ns, a_ref, "replica-a")
+    })
+    .await;
+    let b = Stowage::start(&cluster, "replica-b", &as_strs(&flags_b)).await;
+    let b_ref = &b;
+    wait_for("replica b to wait", || async move {
+        match leader_gauge(b_ref).await {
+            Some(0.0) => Ok(()),
+            other => Err(format!("stowage_leader={other:?}")),
+        }
+    })
+    .await;
+    a.kill();
+    let killed = Instant::now();
+    wait_for("replica b to lead", || {
+        leads(cluster_ref, ns, b_ref, "replica-b")
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "replica b led {took:?} after the SIGKILL: it waited for its 10 s reads, not the 2 s lease"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

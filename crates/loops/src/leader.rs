@@ -5,6 +5,12 @@
 //! give up leadership when renewals have failed for the renew deadline; on shutdown,
 //! hand the Lease back so the other replica takes over at once.
 //!
+//! A waiting replica watches the Lease as well as reading it every retry period: it
+//! sees each renewal when it happens, and tries again the moment the last one seen
+//! expires (or the Lease is handed back or deleted). So a killed leader is replaced
+//! within the lease duration of its last renewal, not that plus two retry periods
+//! (one before the last renewal is seen, one after it expires) as with polling alone.
+//!
 //! In a pod, the leader also names its pod as the Lease's owner: when the pod is
 //! deleted without having handed the Lease back (its RBAC deleted before it, as `helm
 //! uninstall` does; a node lost), the garbage collector deletes the Lease, and the next
@@ -14,10 +20,13 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease as LeaseObject, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use tokio::time::Instant;
 
 use crate::context::is_api;
@@ -57,12 +66,18 @@ impl PodOwner {
 /// What identifies one state of the Lease: holder and renew time.
 type Record = (Option<String>, Option<String>);
 
+/// The last record seen, when it was first seen, and the duration it claims.
+struct Observed {
+    record: Record,
+    at: Instant,
+    duration: Duration,
+}
+
 /// This replica's view of the Lease.
 pub struct Lease {
     api: Api<LeaseObject>,
     election: Election,
-    /// The last record seen (holder, renew time) and when it was first seen.
-    observed: Option<(Record, Instant)>,
+    observed: Option<Observed>,
 }
 
 fn now() -> MicroTime {
@@ -88,25 +103,35 @@ impl Lease {
             spec.holder_identity.clone(),
             spec.renew_time.as_ref().map(|t| t.0.to_string()),
         );
-        if self
-            .observed
-            .as_ref()
-            .is_none_or(|(seen, _)| *seen != record)
-        {
-            self.observed = Some((record, Instant::now()));
-        }
-    }
-
-    fn expired(&self, lease: &LeaseObject) -> bool {
-        let spec = lease.spec.clone().unwrap_or_default();
         let duration = spec
             .lease_duration_seconds
             .and_then(|s| u64::try_from(s).ok())
             .map_or(self.election.lease_duration, Duration::from_secs);
-        match &self.observed {
-            Some((_, at)) => at.elapsed() > duration,
-            None => false,
+        match &mut self.observed {
+            Some(seen) if seen.record == record => seen.duration = duration,
+            _ => {
+                self.observed = Some(Observed {
+                    record,
+                    at: Instant::now(),
+                    duration,
+                })
+            }
         }
+    }
+
+    fn expired(&self) -> bool {
+        self.observed
+            .as_ref()
+            .is_some_and(|seen| seen.at.elapsed() > seen.duration)
+    }
+
+    /// When a waiting replica tries next: when the record it last saw expires, or
+    /// after the retry period, whichever is first.
+    fn next_attempt(&self) -> Instant {
+        let poll = Instant::now() + self.election.retry_period;
+        self.observed.as_ref().map_or(poll, |seen| {
+            poll.min(seen.at + seen.duration + Duration::from_millis(1))
+        })
     }
 
     /// One attempt to take or renew; `Ok(true)` when we hold the Lease afterwards.
@@ -143,7 +168,7 @@ impl Lease {
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let mine = holder.as_deref() == Some(me.as_str());
-        if holder.is_some() && !mine && !self.expired(&current) {
+        if holder.is_some() && !mine && !self.expired() {
             return Ok(false);
         }
         let mut next = current.clone();
@@ -176,6 +201,11 @@ impl Lease {
     /// Wait until this replica holds the Lease.
     pub async fn acquire(&mut self) -> anyhow::Result<()> {
         tracing::info!(lease = %format!("{}/{}", self.election.namespace, self.election.name), identity = %self.election.identity, "waiting for the leader Lease");
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={}", self.election.name));
+        let mut changes = watcher::watcher(self.api.clone(), config)
+            .default_backoff()
+            .boxed();
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
@@ -187,7 +217,30 @@ impl Lease {
                     tracing::warn!(error = %e, "leader election: reading or writing the Lease failed")
                 }
             }
-            tokio::time::sleep(self.election.retry_period).await;
+            let wake = tokio::time::sleep_until(self.next_attempt());
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    () = &mut wake => break,
+                    Some(change) = changes.next() => match change {
+                        Ok(Event::Apply(lease) | Event::InitApply(lease)) => {
+                            self.observe(&lease);
+                            let free = lease
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.holder_identity.as_deref())
+                                .is_none_or(str::is_empty);
+                            if free {
+                                break;
+                            }
+                            wake.as_mut().reset(self.next_attempt());
+                        }
+                        Ok(Event::Delete(_)) => break,
+                        Ok(Event::Init | Event::InitDone) => {}
+                        Err(e) => tracing::debug!(error = %e, "watching the leader Lease failed; reading it every retry period"),
+                    },
+                }
+            }
         }
     }
 

@@ -215,6 +215,10 @@ impl NfsClient {
     /// or `to`'s parent doesn't.
     pub async fn rename(&self, from: &[&str], to: &[&str]) -> Result<(), NfsError> {
         self.forget(from);
+        self.retry_stale(|| self.rename_once(from, to)).await
+    }
+
+    async fn rename_once(&self, from: &[&str], to: &[&str]) -> Result<(), NfsError> {
         validate_non_root(from)?;
         validate_non_root(to)?;
         let (from_parent, from_name) = from.split_at(from.len() - 1);
@@ -260,8 +264,8 @@ impl NfsClient {
         validate_non_root(to)?;
         let (from_parent, from_name) = from.split_at(from.len() - 1);
         let (to_parent, to_name) = to.split_at(to.len() - 1);
-        let from_path = join(from);
-        let result = async {
+        self.retry_stale(|| async move {
+            let from_path = join(from);
             let mut conn = self.lease().await?;
             let from_dir = conn.walk_dir(from_parent).await?;
             let to_dir = conn.walk_dir(to_parent).await?;
@@ -278,12 +282,11 @@ impl NfsClient {
                 nfsstat3::NFS3ERR_NOENT => Err(NfsError::NotFound { path: from_path }),
                 other => Err(status_error("RENAME", &from_path, other)),
             }
-        }
-        .await;
-        self.stale_checked(result)
+        })
+        .await
     }
 
-    /// [`create_dir`](Self::create_dir) once, without the stale-handle retry.
+    /// [`create_dir`](Self::create_dir) once, without the STALE retry.
     async fn create_dir_once(
         &self,
         path: &[&str],
@@ -399,14 +402,15 @@ impl NfsClient {
         mode: u32,
         owner: Option<(u32, u32)>,
     ) -> Result<Attr, NfsError> {
-        self.stale_checked(self.create_dir_once(path, mode, owner).await)
+        self.retry_stale(|| self.create_dir_once(path, mode, owner))
+            .await
     }
 
     /// `RMDIR` one empty directory. `NotFound` if it (or a parent) is missing;
     /// a non-empty directory is `Server { status: "NFS3ERR_NOTEMPTY" }`.
     pub async fn remove_dir(&self, path: &[&str]) -> Result<(), NfsError> {
         self.forget(path);
-        self.stale_checked(self.remove_dir_once(path).await)
+        self.retry_stale(|| self.remove_dir_once(path)).await
     }
 
     /// Create the symbolic link `path` pointing at `target` (any bytes but NUL, at
@@ -420,7 +424,7 @@ impl NfsClient {
                 join(path)
             )));
         }
-        let result = async {
+        self.retry_stale(|| async move {
             let (parent, name) = path.split_at(path.len() - 1);
             let display = join(path);
             let mut conn = self.lease().await?;
@@ -447,15 +451,14 @@ impl NfsClient {
                 nfsstat3::NFS3_OK => Ok(()),
                 stat => Err(status_error("SYMLINK", &display, stat)),
             }
-        }
-        .await;
-        self.stale_checked(result)
+        })
+        .await
     }
 
     /// The target of symbolic link `path`; `None` if it doesn't exist.
     pub async fn readlink(&self, path: &[&str]) -> Result<Option<String>, NfsError> {
         validate_non_root(path)?;
-        let result = async {
+        self.retry_stale(|| async move {
             let (parent, name) = path.split_at(path.len() - 1);
             let display = join(path);
             let mut conn = self.lease().await?;
@@ -485,16 +488,15 @@ impl NfsClient {
                 Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT, _)) => Ok(None),
                 Nfs3Result::Err((stat, _)) => Err(status_error("READLINK", &display, stat)),
             }
-        }
-        .await;
-        self.stale_checked(result)
+        })
+        .await
     }
 
     /// `REMOVE` one non-directory entry (file, symlink); one that is not there (or
     /// whose directory is not) counts as removed.
     pub async fn remove_file(&self, path: &[&str]) -> Result<(), NfsError> {
         validate_non_root(path)?;
-        let result = async {
+        self.retry_stale(|| async move {
             let (parent, name) = path.split_at(path.len() - 1);
             let mut conn = self.lease().await?;
             match conn.walk_dir(parent).await {
@@ -505,8 +507,7 @@ impl NfsClient {
                 Err(NfsError::NotFound { .. }) => Ok(()),
                 Err(e) => Err(e),
             }
-        }
-        .await;
-        self.stale_checked(result)
+        })
+        .await
     }
 }

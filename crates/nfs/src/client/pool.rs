@@ -5,7 +5,8 @@
 use super::*;
 
 /// Handles of directories already walked to, by path (`a/b`). Directory handles are
-/// server-wide, so every connection shares them; a STALE answer clears the cache.
+/// server-wide, so every connection shares them; a STALE answer clears the cache
+/// (and the operation is tried once more, see [`NfsClient::retry_stale`]).
 pub(super) type DirCache = Arc<Mutex<HashMap<String, nfs_fh3>>>;
 
 pub(super) struct Inner {
@@ -81,20 +82,37 @@ impl NfsClient {
             .retain(|k, _| k != &prefix && !k.starts_with(&below));
     }
 
-    /// A STALE answer means a cached handle outlived its directory (removed or
-    /// replaced behind our back): forget them all; the next call walks again.
-    pub(super) fn stale_checked<T>(&self, result: Result<T, NfsError>) -> Result<T, NfsError> {
-        if let Err(NfsError::Server { status, .. }) = &result
-            && status.contains("STALE")
-        {
-            tracing::info!(export = %self.inner.target, "stale directory handle; clearing the handle cache");
-            self.inner
-                .dirs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
+    /// Run `op`, which walks from cached directory handles. A STALE answer means a
+    /// cached handle outlived its directory (removed and made again behind our back,
+    /// or a server restarted with new handles): forget them all and run `op` once
+    /// more, walking afresh. A call the server answered STALE did not happen, so the
+    /// second run is safe; a directory that is really gone is `NotFound` then.
+    pub(super) async fn retry_stale<T, Fut>(
+        &self,
+        mut op: impl FnMut() -> Fut,
+    ) -> Result<T, NfsError>
+    where
+        Fut: Future<Output = Result<T, NfsError>>,
+    {
+        let result = op().await;
+        if !is_stale(&result) {
+            return result;
         }
-        result
+        tracing::info!(export = %self.inner.target, "stale directory handle; clearing the handle cache and trying again");
+        self.forget_all();
+        let again = op().await;
+        if is_stale(&again) {
+            self.forget_all();
+        }
+        again
+    }
+
+    fn forget_all(&self) {
+        self.inner
+            .dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Take an idle connection that is still alive, or open a new one.
@@ -197,4 +215,8 @@ impl NfsClient {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+fn is_stale<T>(result: &Result<T, NfsError>) -> bool {
+    matches!(result, Err(NfsError::Server { status, .. }) if status.contains("STALE"))
 }

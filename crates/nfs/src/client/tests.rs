@@ -552,6 +552,45 @@ async fn create_dir_and_remove_dir_are_single_calls() {
     assert_eq!(names(&client, &[]).await, ["f"]);
 }
 
+/// Handles of an earlier server are STALE (the embedded server's, like a kernel
+/// server's after an export moved): after a server restart the next call that walks
+/// through a cached directory handle forgets the cache and succeeds on a fresh walk,
+/// instead of failing once.
+#[tokio::test]
+async fn a_restarted_server_s_stale_handles_are_walked_again_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let any_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let first = crate::server::EmbeddedServer::start(data.clone(), any_port)
+        .await
+        .expect("start the embedded server");
+    let addr = first.local_addr();
+    let target = NfsTarget {
+        server: addr.ip(),
+        share: first.export_path().to_owned(),
+        port: Some(addr.port()),
+    };
+    let client = NfsClient::new(target, ClientConfig::default());
+    client
+        .create_dir_all(&["d"], 0o755, None)
+        .await
+        .expect("create_dir_all");
+    client
+        .create_dir(&["d", "first"], 0o755, None)
+        .await
+        .expect("create_dir through a fresh walk");
+    first.shutdown().await;
+    let second = crate::server::EmbeddedServer::start(data.clone(), addr)
+        .await
+        .expect("start the embedded server again on the same port");
+    client
+        .create_dir(&["d", "second"], 0o755, None)
+        .await
+        .expect("create_dir through the cached (now stale) handle of `d`");
+    assert_eq!(names(&client, &["d"]).await, ["first", "second"]);
+    second.shutdown().await;
+}
+
 #[tokio::test]
 async fn fsstat_reports_the_export() {
     let server = memfs(|c| c.add_dir("/rw/d")).await;

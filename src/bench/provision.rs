@@ -1,6 +1,7 @@
 //! `stowage bench provision`: how fast claims become Bound against a real cluster.
 //! Starts `stowage local --kubeconfig` as a child (the controller measured), creates N
-//! claims at once on a stowage StorageClass, and reports the seconds to all Bound,
+//! claims at once on a stowage StorageClass, and reports the seconds to every claim's
+//! PV (stowage's share) and to all Bound (kube-controller-manager binds after the PV),
 //! claims/s, the controller's Kubernetes API requests per claim (from its /metrics)
 //! and its RSS (peak and with all PVs present); then deletes the claims and reports
 //! the time until every PV is gone.
@@ -218,9 +219,11 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &args.namespace);
     let selector = format!("{LABEL}={run_id}");
 
-    // Watch for Bound before creating, so no transition is missed.
+    // Watch for PVs and Bound before creating, so no transition is missed.
     let watch_config = watcher::Config::default().labels(&selector);
     let mut bound_events = Box::pin(watcher::watcher(claims.clone(), watch_config));
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let mut pv_events = Box::pin(watcher::watcher(volumes.clone(), Default::default()));
     let names: Vec<String> = (0..args.claims)
         .map(|i| format!("bench-{run_id}-{i}"))
         .collect();
@@ -240,35 +243,55 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let created = started.elapsed();
+    let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
     let mut bound: HashSet<String> = HashSet::new();
     let mut uids: HashSet<String> = HashSet::new();
+    let mut with_pv: HashSet<String> = HashSet::new();
+    let mut all_pvs = None;
     let deadline = Duration::from_secs(300);
-    while bound.len() < args.claims {
-        let event = tokio::time::timeout(
-            deadline.saturating_sub(started.elapsed()),
-            bound_events.next(),
-        )
-        .await
-        .with_context(|| {
+    while bound.len() < args.claims || all_pvs.is_none() {
+        let waiting = || {
             format!(
-                "only {} of {} claims Bound after {deadline:?}",
-                bound.len(),
-                args.claims
+                "after {deadline:?}: {} of {} claims with a PV, {} Bound",
+                with_pv.len(),
+                args.claims,
+                bound.len()
             )
-        })?;
-        match event {
-            Some(Ok(watcher::Event::Apply(pvc) | watcher::Event::InitApply(pvc))) => {
-                if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
-                    uids.insert(format!("pvc-{}", pvc.uid().unwrap_or_default()));
-                    bound.insert(pvc.name_any());
+        };
+        let left = deadline.saturating_sub(started.elapsed());
+        tokio::select! {
+            event = bound_events.next() => match event {
+                Some(Ok(watcher::Event::Apply(pvc) | watcher::Event::InitApply(pvc))) => {
+                    if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                        uids.insert(format!("pvc-{}", pvc.uid().unwrap_or_default()));
+                        bound.insert(pvc.name_any());
+                    }
                 }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "watch error"),
-            None => anyhow::bail!("the claim watch ended"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error"),
+                None => anyhow::bail!("the claim watch ended"),
+            },
+            event = pv_events.next() => match event {
+                Some(Ok(watcher::Event::Apply(pv) | watcher::Event::InitApply(pv))) => {
+                    let claim = pv.spec.and_then(|s| s.claim_ref).unwrap_or_default();
+                    if claim.namespace.as_deref() == Some(args.namespace.as_str())
+                        && claim.name.as_deref().is_some_and(|n| wanted.contains(n))
+                    {
+                        with_pv.extend(claim.name);
+                        if with_pv.len() == args.claims && all_pvs.is_none() {
+                            all_pvs = Some(started.elapsed());
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error"),
+                None => anyhow::bail!("the PV watch ended"),
+            },
+            () = tokio::time::sleep(left) => anyhow::bail!(waiting()),
         }
     }
     let all_bound = started.elapsed();
+    let all_pvs = all_pvs.unwrap_or(all_bound);
     let (after, _) = controller.requests().await?;
     let (peak, rss) = controller.memory();
     let n = args.claims as f64;
@@ -277,6 +300,10 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         args.claims
     );
     println!("  created in            {:>8.3} s", created.as_secs_f64());
+    println!(
+        "  all PVs after         {:>8.3} s   (stowage's share: claim → PV)",
+        all_pvs.as_secs_f64()
+    );
     println!(
         "  all Bound after       {:>8.3} s   ({:.0} claims/s)",
         all_bound.as_secs_f64(),
@@ -299,7 +326,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     );
 
     if !args.keep {
-        let volumes: Api<PersistentVolume> = Api::all(client.clone());
+        drop(pv_events);
         let mut pv_events = Box::pin(watcher::watcher(volumes, watcher::Config::default()));
         let deleting = Instant::now();
         futures::stream::iter(names.iter().cloned())

@@ -565,13 +565,8 @@ pub struct ScaleArgs {
     /// Delete everything the bench filled, then exit.
     #[arg(long)]
     pub clean: bool,
-    /// Also measure this csi-provisioner binary (with --hostpathplugin serving the
-    /// same driver name) on the same cluster.
-    #[arg(long, requires = "hostpathplugin")]
-    pub csi_provisioner: Option<PathBuf>,
-    /// The hostpathplugin binary behind --csi-provisioner.
-    #[arg(long, requires = "csi_provisioner")]
-    pub hostpathplugin: Option<PathBuf>,
+    #[command(flatten)]
+    pub external: ExternalProvisionerArgs,
     /// Append each result as a JSON line to this file.
     #[arg(long)]
     pub results: Option<PathBuf>,
@@ -581,6 +576,19 @@ pub struct ScaleArgs {
     /// Extra flags for the measured `stowage local`.
     #[arg(long = "controller-arg", allow_hyphen_values = true)]
     pub controller_args: Vec<String>,
+}
+
+/// external-provisioner for the benches to compare with: csi-provisioner with
+/// hostpathplugin behind it, serving stowage's driver name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ExternalProvisionerArgs {
+    /// Measure this csi-provisioner binary too (`bench scale`) or instead of stowage
+    /// (`bench provision`), with --hostpathplugin serving the same driver name.
+    #[arg(long, requires = "hostpathplugin")]
+    pub csi_provisioner: Option<PathBuf>,
+    /// The hostpathplugin binary behind --csi-provisioner.
+    #[arg(long, requires = "csi_provisioner")]
+    pub hostpathplugin: Option<PathBuf>,
 }
 
 /// `stowage bench provision`.
@@ -601,6 +609,8 @@ pub struct ProvisionArgs {
     /// Keep the claims and PVs instead of deleting them at the end.
     #[arg(long)]
     pub keep: bool,
+    #[command(flatten)]
+    pub external: ExternalProvisionerArgs,
 }
 
 /// The name that makes the binary a kubectl plugin (`kubectl stowage explain …`).

@@ -4,9 +4,12 @@
 //! PV (stowage's share) and to all Bound (kube-controller-manager binds after the PV),
 //! claims/s, the controller's Kubernetes API requests per claim (from its /metrics)
 //! and its RSS (peak and with all PVs present); then deletes the claims and reports
-//! the time until every PV is gone.
+//! the time until every PV is gone. With `--csi-provisioner` and `--hostpathplugin`
+//! the same for external-provisioner instead (hostpathplugin serving stowage's driver
+//! name; no request counts: it has no such metrics).
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -22,7 +25,9 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::config::ProvisionArgs;
+use super::scale::{drop_probe, probe};
+use crate::config::{ExternalProvisionerArgs, ProvisionArgs};
+use stowage_api::keys::DEFAULT_DRIVER_NAME;
 
 pub(super) const CLASS: &str = "stowage-bench";
 const LABEL: &str = "stowage.dev/bench";
@@ -66,6 +71,20 @@ impl Controller {
             metrics: port,
             _dir: dir,
         })
+    }
+
+    /// Wait until its loops run; the request counts then.
+    pub(super) async fn ready(&self, within: Duration) -> anyhow::Result<BTreeMap<String, f64>> {
+        let ready_by = Instant::now() + within;
+        loop {
+            match self.requests().await {
+                Ok((requests, true)) => return Ok(requests),
+                _ if Instant::now() > ready_by => {
+                    anyhow::bail!("the controller did not start its loops within {within:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     pub(super) fn pid(&self) -> u32 {
@@ -116,6 +135,96 @@ impl Controller {
 }
 
 /// (VmHWM, VmRSS) of a process, in bytes.
+/// The csi-provisioner and hostpathplugin binaries to compare with, if given.
+pub(super) fn external_binaries(
+    args: &ExternalProvisionerArgs,
+) -> anyhow::Result<Option<(&Path, &Path)>> {
+    match (&args.csi_provisioner, &args.hostpathplugin) {
+        (Some(provisioner), Some(plugin)) => Ok(Some((provisioner, plugin))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("--csi-provisioner and --hostpathplugin go together"),
+    }
+}
+
+/// A child process killed when dropped.
+fn spawn(program: &Path, args: &[String]) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+/// hostpathplugin serving stowage's driver name on a socket of its own; once started,
+/// csi-provisioner in front of it. Both are killed when this is dropped.
+pub(super) struct External {
+    plugin: tokio::process::Child,
+    provisioner: Option<tokio::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl External {
+    pub(super) async fn start_plugin(plugin: &Path) -> anyhow::Result<External> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("csi.sock");
+        let plugin = spawn(
+            plugin,
+            &[
+                format!("-drivername={DEFAULT_DRIVER_NAME}"),
+                format!("-endpoint=unix://{}", socket.display()),
+                "-nodeid=stowage-bench".to_owned(),
+                format!("-statedir={}", dir.path().join("state").display()),
+                "-enable-topology=false".to_owned(),
+            ],
+        )?;
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            anyhow::ensure!(Instant::now() < ready_by, "hostpathplugin made no socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(External {
+            plugin,
+            provisioner: None,
+            dir,
+        })
+    }
+
+    pub(super) fn start_provisioner(
+        mut self,
+        kubeconfig: &Path,
+        provisioner: &Path,
+    ) -> anyhow::Result<External> {
+        self.provisioner = Some(spawn(
+            provisioner,
+            &[
+                format!(
+                    "--csi-address={}",
+                    self.dir.path().join("csi.sock").display()
+                ),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--leader-election=false".to_owned(),
+            ],
+        )?);
+        Ok(self)
+    }
+
+    /// The csi-provisioner's pid (0 before it is started).
+    pub(super) fn pid(&self) -> u32 {
+        self.provisioner.as_ref().and_then(|c| c.id()).unwrap_or(0)
+    }
+
+    pub(super) async fn stop(mut self) {
+        if let Some(mut provisioner) = self.provisioner.take() {
+            let _ = provisioner.start_kill();
+            let _ = provisioner.wait().await;
+        }
+        let _ = self.plugin.start_kill();
+        let _ = self.plugin.wait().await;
+    }
+}
+
 pub(super) fn memory_of(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -204,18 +313,26 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let client = stowage_loops::kube_client::client(config, 0.0, 1, Default::default())?;
     ensure_class_and_namespace(&client, &args.namespace).await?;
 
-    let controller = Controller::start(&args.kubeconfig, &args.controller_args).await?;
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    let before = loop {
-        match controller.requests().await {
-            Ok((requests, true)) => break requests,
-            _ if Instant::now() > ready_by => {
-                anyhow::bail!("the controller did not start its loops within 60 s")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+    let run_id = format!("{}", std::process::id());
+    let measured = match external_binaries(&args.external)? {
+        None => {
+            Measured::Stowage(Controller::start(&args.kubeconfig, &args.controller_args).await?)
+        }
+        Some((provisioner, plugin)) => {
+            let external = External::start_plugin(plugin)
+                .await?
+                .start_provisioner(&args.kubeconfig, provisioner)?;
+            // Ready once it has provisioned a claim (its caches synced).
+            let probe_name = format!("probe-{run_id}");
+            let (_, pv_name) = probe(&client, &args.namespace, &probe_name).await?;
+            drop_probe(&client, &args.namespace, &probe_name, &pv_name).await?;
+            Measured::External(external)
         }
     };
-    let run_id = format!("{}", std::process::id());
+    let before = match &measured {
+        Measured::Stowage(controller) => Some(controller.ready(Duration::from_secs(60)).await?),
+        Measured::External(_) => None,
+    };
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &args.namespace);
     let selector = format!("{LABEL}={run_id}");
 
@@ -292,16 +409,18 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     }
     let all_bound = started.elapsed();
     let all_pvs = all_pvs.unwrap_or(all_bound);
-    let (after, _) = controller.requests().await?;
-    let (peak, rss) = controller.memory();
     let n = args.claims as f64;
+    let who = match &measured {
+        Measured::Stowage(_) => "stowage",
+        Measured::External(_) => "external-provisioner (csi-provisioner + hostpathplugin)",
+    };
     println!(
-        "stowage bench provision: {} claims (StorageClass {CLASS}, embedded NFS export)",
+        "stowage bench provision: {} claims (StorageClass {CLASS}), {who}",
         args.claims
     );
     println!("  created in            {:>8.3} s", created.as_secs_f64());
     println!(
-        "  all PVs after         {:>8.3} s   (stowage's share: claim → PV)",
+        "  all PVs after         {:>8.3} s   (the provisioner's share: claim → PV)",
         all_pvs.as_secs_f64()
     );
     println!(
@@ -309,20 +428,27 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         all_bound.as_secs_f64(),
         n / all_bound.as_secs_f64()
     );
-    let (total, detail) = per_claim(&before, &after, n);
-    println!("  API requests / claim  {total:>8.2}     by all Bound ({detail})");
-    // Events are published behind the binds: wait until the controller goes quiet.
-    let (settled_at, settled) = quiet(&controller, after).await?;
-    let (total, detail) = per_claim(&before, &settled, n);
+    if let (Measured::Stowage(controller), Some(before)) = (&measured, before) {
+        let (after, _) = controller.requests().await?;
+        let (total, detail) = per_claim(&before, &after, n);
+        println!("  API requests / claim  {total:>8.2}     by all Bound ({detail})");
+        // Events are published behind the binds: wait until the controller goes quiet.
+        let (settled_at, settled) = quiet(controller, after).await?;
+        let (total, detail) = per_claim(&before, &settled, n);
+        println!(
+            "  API requests / claim  {total:>8.2}     with the events, all sent after {:.3} s ({detail})",
+            (settled_at - started).as_secs_f64()
+        );
+    }
+    let pid = match &measured {
+        Measured::Stowage(controller) => controller.pid(),
+        Measured::External(external) => external.pid(),
+    };
+    let (peak, rss) = memory_of(pid);
     println!(
-        "  API requests / claim  {total:>8.2}     with the events, all sent after {:.3} s ({detail})",
-        (settled_at - started).as_secs_f64()
-    );
-    println!(
-        "  controller RSS        {:>8.1} MB now, {:.1} MB peak (pid {})",
+        "  provisioner RSS       {:>8.1} MB now, {:.1} MB peak (pid {pid})",
         rss as f64 / 1e6,
         peak as f64 / 1e6,
-        controller.pid()
     );
 
     if !args.keep {
@@ -371,10 +497,20 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             deleting.elapsed().as_secs_f64()
         );
     }
-    let mut controller = controller;
-    let _ = controller.child.start_kill();
-    let _ = controller.child.wait().await;
+    match measured {
+        Measured::Stowage(mut controller) => {
+            let _ = controller.child.start_kill();
+            let _ = controller.child.wait().await;
+        }
+        Measured::External(external) => external.stop().await,
+    }
     Ok(())
+}
+
+/// The provisioner a run measures.
+enum Measured {
+    Stowage(Controller),
+    External(External),
 }
 
 pub(super) async fn ensure_class_and_namespace(

@@ -27,7 +27,10 @@ use kube::{Api, ResourceExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::provision::{CLASS, Controller, claim_spec, ensure_class_and_namespace, memory_of};
+use super::provision::{
+    CLASS, Controller, External, claim_spec, ensure_class_and_namespace, external_binaries,
+    memory_of,
+};
 use crate::config::ScaleArgs;
 use stowage_api::keys::DEFAULT_DRIVER_NAME;
 use stowage_loops::rules;
@@ -73,12 +76,8 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
     }
     let other = count(&client, "other").await?;
     measure_stowage(&client, &args, other).await?;
-    match (&args.csi_provisioner, &args.hostpathplugin) {
-        (Some(provisioner), Some(plugin)) => {
-            measure_external(&client, &args, other, provisioner, plugin).await?
-        }
-        (None, None) => {}
-        _ => anyhow::bail!("--csi-provisioner and --hostpathplugin go together"),
+    if let Some((provisioner, plugin)) = external_binaries(&args.external)? {
+        measure_external(&client, &args, other, provisioner, plugin).await?
     }
     draw(&args)
 }
@@ -387,7 +386,7 @@ where
 
 /// A new claim, annotated for the driver as kube-controller-manager would (so the
 /// measurement does not wait for it).
-fn probe_claim(name: &str) -> PersistentVolumeClaim {
+pub(super) fn probe_claim(name: &str) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -404,7 +403,7 @@ fn probe_claim(name: &str) -> PersistentVolumeClaim {
 }
 
 /// Create a probe claim and wait for a PV naming it: when it appeared, and its name.
-async fn probe(
+pub(super) async fn probe(
     client: &kube::Client,
     namespace: &str,
     name: &str,
@@ -432,7 +431,7 @@ async fn probe(
 
 /// Delete the probe claim and wait for its PV to go (the measured provisioner still
 /// runs and deletes its volume).
-async fn drop_probe(
+pub(super) async fn drop_probe(
     client: &kube::Client,
     namespace: &str,
     name: &str,
@@ -538,17 +537,6 @@ async fn measure_stowage(
     Ok(())
 }
 
-/// A child process killed when dropped.
-fn spawn(program: &Path, args: &[String]) -> anyhow::Result<tokio::process::Child> {
-    tokio::process::Command::new(program)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))
-}
-
 async fn measure_external(
     client: &kube::Client,
     args: &ScaleArgs,
@@ -556,33 +544,10 @@ async fn measure_external(
     provisioner: &Path,
     plugin: &Path,
 ) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("csi.sock");
-    let mut plugin = spawn(
-        plugin,
-        &[
-            format!("-drivername={DEFAULT_DRIVER_NAME}"),
-            format!("-endpoint=unix://{}", socket.display()),
-            "-nodeid=bench-scale".to_owned(),
-            format!("-statedir={}", dir.path().join("state").display()),
-            "-enable-topology=false".to_owned(),
-        ],
-    )?;
-    let ready_by = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        anyhow::ensure!(Instant::now() < ready_by, "hostpathplugin made no socket");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let plugin = External::start_plugin(plugin).await?;
     let started = Instant::now();
-    let mut child = spawn(
-        provisioner,
-        &[
-            format!("--csi-address={}", socket.display()),
-            format!("--kubeconfig={}", args.kubeconfig.display()),
-            "--leader-election=false".to_owned(),
-        ],
-    )?;
-    let pid = child.id().unwrap_or(0);
+    let external = plugin.start_provisioner(&args.kubeconfig, provisioner)?;
+    let pid = external.pid();
     let probe_name = format!("probe-ep-{}", std::process::id());
     let (appeared, pv_name) = probe(client, &args.namespace, &probe_name).await?;
     // Its caches are synced by now (it provisioned); let the heap settle as stowage's did.
@@ -604,10 +569,7 @@ async fn measure_external(
         args,
     )?;
     drop_probe(client, &args.namespace, &probe_name, &pv_name).await?;
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    let _ = plugin.start_kill();
-    let _ = plugin.wait().await;
+    external.stop().await;
     Ok(())
 }
 

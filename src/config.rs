@@ -589,6 +589,13 @@ pub struct ExternalProvisionerArgs {
     /// The hostpathplugin binary behind --csi-provisioner.
     #[arg(long, requires = "csi_provisioner")]
     pub hostpathplugin: Option<PathBuf>,
+    /// Extra flags for csi-provisioner (e.g. `--kube-api-qps=200`: its default is 5).
+    #[arg(
+        long = "csi-provisioner-arg",
+        allow_hyphen_values = true,
+        requires = "csi_provisioner"
+    )]
+    pub csi_provisioner_args: Vec<String>,
 }
 
 /// `stowage bench provision`.

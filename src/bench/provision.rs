@@ -195,18 +195,18 @@ impl External {
         mut self,
         kubeconfig: &Path,
         provisioner: &Path,
+        extra: &[String],
     ) -> anyhow::Result<External> {
-        self.provisioner = Some(spawn(
-            provisioner,
-            &[
-                format!(
-                    "--csi-address={}",
-                    self.dir.path().join("csi.sock").display()
-                ),
-                format!("--kubeconfig={}", kubeconfig.display()),
-                "--leader-election=false".to_owned(),
-            ],
-        )?);
+        let mut args = vec![
+            format!(
+                "--csi-address={}",
+                self.dir.path().join("csi.sock").display()
+            ),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--leader-election=false".to_owned(),
+        ];
+        args.extend_from_slice(extra);
+        self.provisioner = Some(spawn(provisioner, &args)?);
         Ok(self)
     }
 
@@ -319,9 +319,11 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             Measured::Stowage(Controller::start(&args.kubeconfig, &args.controller_args).await?)
         }
         Some((provisioner, plugin)) => {
-            let external = External::start_plugin(plugin)
-                .await?
-                .start_provisioner(&args.kubeconfig, provisioner)?;
+            let external = External::start_plugin(plugin).await?.start_provisioner(
+                &args.kubeconfig,
+                provisioner,
+                &args.external.csi_provisioner_args,
+            )?;
             // Ready once it has provisioned a claim (its caches synced).
             let probe_name = format!("probe-{run_id}");
             let (_, pv_name) = probe(&client, &args.namespace, &probe_name).await?;

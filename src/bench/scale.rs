@@ -546,7 +546,11 @@ async fn measure_external(
 ) -> anyhow::Result<()> {
     let plugin = External::start_plugin(plugin).await?;
     let started = Instant::now();
-    let external = plugin.start_provisioner(&args.kubeconfig, provisioner)?;
+    let external = plugin.start_provisioner(
+        &args.kubeconfig,
+        provisioner,
+        &args.external.csi_provisioner_args,
+    )?;
     let pid = external.pid();
     let probe_name = format!("probe-ep-{}", std::process::id());
     let (appeared, pv_name) = probe(client, &args.namespace, &probe_name).await?;

@@ -80,6 +80,15 @@ pub struct Lease {
     observed: Option<Observed>,
 }
 
+/// The Lease's holder; `None` when it is free (no holder, or handed back).
+fn holder_of(lease: &LeaseObject) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
 fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
@@ -165,14 +174,13 @@ impl Lease {
             };
         };
         self.observe(&current);
-        let spec = current.spec.clone().unwrap_or_default();
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let mine = holder.as_deref() == Some(me.as_str());
+        let holder = holder_of(&current);
+        let mine = holder == Some(me.as_str());
         if holder.is_some() && !mine && !self.expired() {
             return Ok(false);
         }
         let mut next = current.clone();
-        let mut spec = spec;
+        let mut spec = current.spec.clone().unwrap_or_default();
         if !mine {
             spec.acquire_time = Some(now());
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
@@ -225,12 +233,7 @@ impl Lease {
                     Some(change) = changes.next() => match change {
                         Ok(Event::Apply(lease) | Event::InitApply(lease)) => {
                             self.observe(&lease);
-                            let free = lease
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.holder_identity.as_deref())
-                                .is_none_or(str::is_empty);
-                            if free {
+                            if holder_of(&lease).is_none() {
                                 break;
                             }
                             wake.as_mut().reset(self.next_attempt());

@@ -34,7 +34,7 @@ const LABEL: &str = "stowage.dev/bench";
 
 /// The measured controller process (`stowage local --kubeconfig`).
 pub(super) struct Controller {
-    pub(super) child: tokio::process::Child,
+    child: tokio::process::Child,
     metrics: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -73,18 +73,22 @@ impl Controller {
         })
     }
 
-    /// Wait until its loops run; the request counts then.
+    /// Wait until its loops run (asked every 20 ms); the request counts then.
     pub(super) async fn ready(&self, within: Duration) -> anyhow::Result<BTreeMap<String, f64>> {
         let ready_by = Instant::now() + within;
         loop {
             match self.requests().await {
                 Ok((requests, true)) => return Ok(requests),
                 _ if Instant::now() > ready_by => {
-                    anyhow::bail!("the controller did not start its loops within {within:?}")
+                    anyhow::bail!("stowage did not start its loops within {within:?}")
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+
+    pub(super) async fn stop(mut self) {
+        kill(&mut self.child).await;
     }
 
     pub(super) fn pid(&self) -> u32 {
@@ -144,6 +148,12 @@ pub(super) fn external_binaries(
         (None, None) => Ok(None),
         _ => anyhow::bail!("--csi-provisioner and --hostpathplugin go together"),
     }
+}
+
+/// Kill a child process and reap it.
+async fn kill(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }
 
 /// A child process killed when dropped.
@@ -217,11 +227,9 @@ impl External {
 
     pub(super) async fn stop(mut self) {
         if let Some(mut provisioner) = self.provisioner.take() {
-            let _ = provisioner.start_kill();
-            let _ = provisioner.wait().await;
+            kill(&mut provisioner).await;
         }
-        let _ = self.plugin.start_kill();
-        let _ = self.plugin.wait().await;
+        kill(&mut self.plugin).await;
     }
 }
 
@@ -442,10 +450,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             (settled_at - started).as_secs_f64()
         );
     }
-    let pid = match &measured {
-        Measured::Stowage(controller) => controller.pid(),
-        Measured::External(external) => external.pid(),
-    };
+    let pid = measured.pid();
     let (peak, rss) = memory_of(pid);
     println!(
         "  provisioner RSS       {:>8.1} MB now, {:.1} MB peak (pid {pid})",
@@ -499,13 +504,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             deleting.elapsed().as_secs_f64()
         );
     }
-    match measured {
-        Measured::Stowage(mut controller) => {
-            let _ = controller.child.start_kill();
-            let _ = controller.child.wait().await;
-        }
-        Measured::External(external) => external.stop().await,
-    }
+    measured.stop().await;
     Ok(())
 }
 
@@ -513,6 +512,22 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
 enum Measured {
     Stowage(Controller),
     External(External),
+}
+
+impl Measured {
+    fn pid(&self) -> u32 {
+        match self {
+            Measured::Stowage(controller) => controller.pid(),
+            Measured::External(external) => external.pid(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Measured::Stowage(controller) => controller.stop().await,
+            Measured::External(external) => external.stop().await,
+        }
+    }
 }
 
 pub(super) async fn ensure_class_and_namespace(

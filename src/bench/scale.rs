@@ -498,16 +498,8 @@ async fn measure_stowage(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let controller = Controller::start(&args.kubeconfig, &args.controller_args).await?;
-    let synced = loop {
-        if let Ok((_, true)) = controller.requests().await {
-            break started.elapsed();
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "stowage did not start its loops within 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    controller.ready(Duration::from_secs(600)).await?;
+    let synced = started.elapsed();
     // Whatever a restart would write is written right after the sync: give it 2 s.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (writes, csi_calls) = writes_and_calls(&controller.scrape().await?);
@@ -531,9 +523,7 @@ async fn measure_stowage(
         args,
     )?;
     drop_probe(client, &args.namespace, &probe_name, &pv_name).await?;
-    let mut controller = controller;
-    let _ = controller.child.start_kill();
-    let _ = controller.child.wait().await;
+    controller.stop().await;
     Ok(())
 }
 
